@@ -1,0 +1,50 @@
+# One command sets up and runs the demo (`make run`), one runs the tests (`make test`).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/swarm/v1/*.proto)
+GEN_STAMP := gen/swarm/v1/.generated
+NODE_STAMP := clients/node/node_modules/.installed
+
+.PHONY: install protos run test lint bench clean
+
+install: $(STAMP) $(GEN_STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	mkdir -p gen/swarm/v1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Generated code is not committed: it is made here from protos/, the only source of truth.
+protos $(GEN_STAMP): $(STAMP) $(PROTOS)
+	rm -rf gen/swarm && mkdir -p gen/swarm/v1
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --python_out=gen --grpc_python_out=gen \
+		--mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch gen/swarm/__init__.py gen/swarm/v1/__init__.py gen/swarm/py.typed $(GEN_STAMP)
+
+# The Node.js client and the buf CLI (used by the tests) come from the npm registry.
+$(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(BIN)/swarm up --workers 3 --demo
+
+test: install $(NODE_STAMP)
+	$(BIN)/pytest -q
+
+lint: install $(NODE_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	clients/node/node_modules/.bin/buf lint
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) gen clients/node/node_modules

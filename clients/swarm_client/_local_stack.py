@@ -1,0 +1,162 @@
+"""`swarm up`: one orchestrator and K workers as child processes on free ports; Ctrl-C stops them all.
+
+The services are started as programs (their console scripts), never imported: a client does not
+depend on the services' code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+
+LISTENING = re.compile(r"listening on \S+:(\d+)")
+DEMO_IDEA = (
+    "Plan the launch of a community bike-sharing service in a mid-sized city: demand, stations, "
+    "bikes, pricing, partnerships, operations and risks."
+)
+DEMO_SIM_LATENCY_MS = "2500"
+
+err = Console(stderr=True)
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def _program(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(f"{name} is not installed (run `make install`)")
+    return found
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+    address: str = ""
+
+
+@dataclass
+class LocalStack:
+    log_dir: Path
+    env: dict[str, str]
+    children: list[Child] = field(default_factory=list)
+
+    def start(self, name: str, program: str, args: list[str], timeout_s: float = 30.0) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        log_file = log_path.open("wb")
+        popen = subprocess.Popen(
+            [_program(program), *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+        )
+        child = Child(name, popen, log_path, log_file)
+        self.children.append(child)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = LISTENING.search(log_path.read_text(errors="replace"))
+            if match:
+                child.address = f"127.0.0.1:{match.group(1)}"
+                return child
+            if popen.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        raise StackError(f"{name} did not start; last lines of {log_path}:\n" + "\n".join(tail))
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Orchestrator first (it drains), then the workers; SIGKILL after the grace."""
+        for child in reversed(self.children):
+            if child.popen.poll() is None:
+                child.popen.send_signal(signal.SIGTERM)
+            try:
+                child.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                child.popen.kill()
+                child.popen.wait()
+            child.log_file.close()
+
+
+def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> int:
+    env = dict(os.environ)
+    if args.demo:
+        env.setdefault("SWARM_SIM_LATENCY_MS", DEMO_SIM_LATENCY_MS)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="swarm-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(log_dir, env)
+    listen = args.listen or ("127.0.0.1:0" if args.demo else "127.0.0.1:50051")
+    try:
+        workers = [
+            stack.start(
+                f"worker-{i}", "swarm-worker", ["--listen", "127.0.0.1:0", "--worker-id", f"worker-{i}"]
+            )
+            for i in range(1, args.workers + 1)
+        ]
+        orchestrator = stack.start(
+            "orchestrator",
+            "swarm-orchestrator",
+            ["--listen", listen, "--workers", ",".join(w.address for w in workers)],
+        )
+        provider = "anthropic" if env.get("ANTHROPIC_API_KEY") else "simulated (no ANTHROPIC_API_KEY set)"
+        err.print(
+            f"[bold green]local stack up[/]: orchestrator {orchestrator.address}, "
+            f"{len(workers)} workers ({', '.join(w.address for w in workers)}), provider {provider}; "
+            f"logs in {log_dir}"
+        )
+        if args.demo:
+            return run_demo(orchestrator.address, args.idea, args.agents)
+        err.print(
+            f"try: swarm --target {orchestrator.address} run 'your idea' --agents 5   (Ctrl-C stops the stack)"
+        )
+        _wait_for_signal_or_exit(stack)
+        return 0
+    except StackError as error:
+        err.print(f"swarm up: {error}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        err.print("stopping the local stack…")
+        stack.stop()
+
+
+def _wait_for_signal_or_exit(stack: LocalStack) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    while all(child.popen.poll() is None for child in stack.children):
+        time.sleep(0.5)
+    gone = [child.name for child in stack.children if child.popen.poll() is not None]
+    raise StackError(f"{', '.join(gone)} exited; see the logs")
+
+
+def add_up_command(commands: Any, run_demo: Callable[[str, str, int], int]) -> None:
+    parser = commands.add_parser("up", help="run a local stack: one orchestrator and K workers")
+    parser.add_argument("--workers", "-k", type=int, default=3, help="workers to start (default 3)")
+    parser.add_argument(
+        "--listen", default="", help="orchestrator address (default 127.0.0.1:50051; a free port with --demo)"
+    )
+    parser.add_argument("--log-dir", default="", help="where the services' logs go (default: a new temp dir)")
+    parser.add_argument("--demo", action="store_true", help="run a demo swarm with live progress, then stop")
+    parser.add_argument("--agents", type=int, default=5, help="demo: agents (default 5)")
+    parser.add_argument("--idea", default=DEMO_IDEA, help="demo: the idea")
+    parser.set_defaults(handler=lambda args: up(args, run_demo))

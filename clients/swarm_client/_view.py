@@ -1,0 +1,149 @@
+"""The live progress view of a swarm: a row per agent, an overall bar, the synthesis as it streams."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Group, RenderableType
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+from swarm.v1 import events_pb2
+
+_STATE_STYLE = {
+    "queued": "dim",
+    "running": "cyan",
+    "retrying": "yellow",
+    "done": "green",
+    "failed": "red",
+}
+
+
+@dataclass
+class AgentRow:
+    subtask: events_pb2.Subtask
+    state: str = "queued"
+    worker_id: str = ""
+    attempt: int = 0
+    chars: int = 0
+    output_tokens: int = 0
+    error: str = ""
+
+    @property
+    def tokens(self) -> str:
+        return (
+            f"{self.output_tokens:,}"
+            if self.output_tokens
+            else (f"~{self.chars // 4:,}" if self.chars else "")
+        )
+
+
+def describe_provider(provider: str) -> str:
+    if provider == "simulated":
+        return "simulated: no model is called (set ANTHROPIC_API_KEY and restart the services to use Claude)"
+    return provider
+
+
+class SwarmView:
+    """Folds events into what the user sees; `render()` draws it."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.swarm_id = ""
+        self.accepted = events_pb2.SwarmAccepted()
+        self.rows: dict[str, AgentRow] = {}
+        self.synthesis: list[str] = []
+        self.outcome: events_pb2.SwarmEvent | None = None
+        self.last_sequence = 0
+
+    @property
+    def done(self) -> int:
+        return sum(1 for row in self.rows.values() if row.state == "done")
+
+    def apply(self, event: events_pb2.SwarmEvent) -> None:
+        self.swarm_id = event.swarm_id
+        self.last_sequence = event.sequence
+        kind = event.WhichOneof("kind")
+        if kind == "accepted":
+            self.accepted = event.accepted
+        elif kind == "plan_created":
+            self.rows = {s.id: AgentRow(s) for s in event.plan_created.subtasks}
+        elif kind == "subtask_started":
+            row = self.rows[event.subtask_started.subtask_id]
+            row.state, row.worker_id, row.attempt = (
+                "running",
+                event.subtask_started.worker_id,
+                event.subtask_started.attempt,
+            )
+            row.chars = 0
+        elif kind == "subtask_delta":
+            self.rows[event.subtask_delta.subtask_id].chars += len(event.subtask_delta.text)
+        elif kind == "subtask_completed":
+            row = self.rows[event.subtask_completed.subtask_id]
+            row.state, row.output_tokens = "done", event.subtask_completed.usage.output_tokens
+        elif kind == "subtask_failed":
+            failed = event.subtask_failed
+            row = self.rows[failed.subtask_id]
+            row.state, row.error = ("retrying" if failed.will_retry else "failed"), failed.error
+        elif kind == "synthesis_delta":
+            self.synthesis.append(event.synthesis_delta.text)
+        elif kind in ("swarm_completed", "swarm_failed", "swarm_cancelled"):
+            self.outcome = event
+
+    def header(self) -> Text:
+        text = Text()
+        text.append("swarm ", style="bold")
+        text.append(self.swarm_id or "…", style="bold magenta")
+        if self.accepted.num_agents:
+            text.append(f" · {self.accepted.num_agents} agents · {self.accepted.model}")
+            text.append(
+                f"\nprovider: {describe_provider(self.accepted.provider)}",
+                style="yellow" if self.accepted.provider == "simulated" else "dim",
+            )
+        return text
+
+    def render(self) -> RenderableType:
+        parts: list[RenderableType] = [self.header()]
+        if not self.rows:
+            parts.append(Text("planning…", style="cyan"))
+            return Group(*parts)
+        table = Table(expand=False, box=None, padding=(0, 1), header_style="bold")
+        for column in ("#", "subtask", "state", "worker", "try", "tokens"):
+            table.add_column(column, justify="right" if column in ("#", "try", "tokens") else "left")
+        for index, row in enumerate(self.rows.values(), start=1):
+            title = row.subtask.title if len(row.subtask.title) <= 48 else row.subtask.title[:47] + "…"
+            state = Text(row.state, style=_STATE_STYLE[row.state])
+            table.add_row(str(index), title, state, row.worker_id, str(row.attempt or ""), row.tokens)
+        parts.append(table)
+        total = len(self.rows)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=total, completed=self.done, width=40),
+            Text(f"{self.done}/{total} subtasks · {time.monotonic() - self.started:.1f}s"),
+        )
+        parts.append(bar)
+        if self.synthesis and self.outcome is None:
+            tail = "".join(self.synthesis)[-1500:]
+            parts.append(Panel(Text(tail), title="synthesis (streaming)", border_style="cyan"))
+        return Group(*parts)
+
+    def summary(self) -> RenderableType:
+        """The final result and its cost, or why there is none."""
+        elapsed = time.monotonic() - self.started
+        if self.outcome is None:
+            return Text("the stream ended before the swarm did", style="red")
+        kind = self.outcome.WhichOneof("kind")
+        if kind == "swarm_completed":
+            usage = self.outcome.swarm_completed.usage
+            line = Text(
+                f"completed in {elapsed:.1f}s · {self.done}/{len(self.rows)} subtasks · "
+                f"{usage.input_tokens:,} input / {usage.output_tokens:,} output tokens · ${usage.cost_usd:.4f}",
+                style="bold green",
+            )
+            return Group(Panel(Markdown(self.outcome.swarm_completed.result), title="result"), line)
+        if kind == "swarm_failed":
+            return Text(f"swarm failed: {self.outcome.swarm_failed.error}", style="bold red")
+        return Text(f"swarm cancelled: {self.outcome.swarm_cancelled.reason}", style="bold yellow")

@@ -1,0 +1,192 @@
+"""`swarm-orchestrator`: flags and environment in, a serving OrchestratorService out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from orchestrator_service.orchestrator import Limits, Orchestrator
+from orchestrator_service.planner import Planner
+from orchestrator_service.scheduler import RetryPolicy, Scheduler
+from orchestrator_service.servicer import OrchestratorServicer
+from orchestrator_service.worker_pool import WorkerPool
+from swarm_common import logs
+from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
+from swarm_common.providers import (
+    DEFAULT_MODEL,
+    PROVIDER_CHOICES,
+    ProviderConfigError,
+    SimulatedSettings,
+    make_provider,
+)
+from swarm_common.serving import Service
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="swarm-orchestrator",
+        description="Plans swarms, runs their subtasks on the worker pool, synthesizes.",
+    )
+    env_flag(
+        parser,
+        "--listen",
+        "SWARM_LISTEN",
+        default="0.0.0.0:50051",
+        help="address to serve on (port 0 = pick a free one)",
+    )
+    env_flag(
+        parser,
+        "--workers",
+        "SWARM_WORKERS",
+        default="dns:///localhost:50052",
+        help="worker pool: dns:///HOST:PORT (every address is a worker) or HOST:PORT,HOST:PORT",
+    )
+    env_flag(
+        parser,
+        "--provider",
+        "SWARM_PROVIDER",
+        default="auto",
+        choices=PROVIDER_CHOICES,
+        help="model provider for planning and synthesis",
+    )
+    env_flag(parser, "--model", "CLAUDE_MODEL", default=DEFAULT_MODEL, help="default model")
+    env_flag(
+        parser,
+        "--max-agents",
+        "SWARM_MAX_AGENTS",
+        default=256,
+        type=positive_int,
+        help="largest num_agents accepted",
+    )
+    env_flag(
+        parser,
+        "--max-idea-bytes",
+        "SWARM_MAX_IDEA_BYTES",
+        default=64 * 1024,
+        type=positive_int,
+        help="largest idea accepted, in UTF-8 bytes",
+    )
+    env_flag(
+        parser,
+        "--subtask-timeout",
+        "SWARM_SUBTASK_TIMEOUT_S",
+        default=600.0,
+        type=non_negative_float,
+        help="seconds one attempt of a subtask may take before it is retried elsewhere",
+    )
+    env_flag(
+        parser,
+        "--max-attempts",
+        "SWARM_MAX_ATTEMPTS",
+        default=3,
+        type=positive_int,
+        help="attempts per subtask, on different workers where possible",
+    )
+    env_flag(
+        parser,
+        "--plan-attempts",
+        "SWARM_PLAN_ATTEMPTS",
+        default=3,
+        type=positive_int,
+        help="times the model is asked for a valid plan before the swarm fails",
+    )
+    env_flag(
+        parser,
+        "--refresh-interval",
+        "SWARM_REFRESH_INTERVAL_S",
+        default=10.0,
+        type=non_negative_float,
+        help="seconds between re-resolutions of the worker target",
+    )
+    env_flag(
+        parser,
+        "--no-worker-timeout",
+        "SWARM_NO_WORKER_TIMEOUT_S",
+        default=30.0,
+        type=non_negative_float,
+        help="seconds a subtask waits for any reachable worker before the swarm fails",
+    )
+    env_flag(
+        parser,
+        "--db",
+        "SWARM_DB",
+        default="swarms.db",
+        help="where swarms are kept (this version keeps them in memory; the flag is reserved)",
+    )
+    env_flag(
+        parser,
+        "--shutdown-grace",
+        "SWARM_SHUTDOWN_GRACE_S",
+        default=30.0,
+        type=non_negative_float,
+        help="seconds running swarms may take to finish after SIGTERM",
+    )
+    env_flag(parser, "--log-level", "SWARM_LOG_LEVEL", default="INFO", help="log level")
+    add_simulated_flags(parser)
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    log = logs.setup("orchestrator", args.log_level)
+    settings = SimulatedSettings(
+        latency_ms=args.sim_latency_ms,
+        chunks=args.sim_chunks,
+        failure_rate=args.sim_failure_rate,
+        rate_limit_rate=args.sim_rate_limit_rate,
+        bad_plans=args.sim_bad_plans,
+    )
+    provider = make_provider(args.provider, settings)
+    if provider.name == "simulated":
+        log.warning(
+            "provider simulated: no model is called and every answer is labelled [simulated]"
+            + (" (set ANTHROPIC_API_KEY to use Claude)" if args.provider == "auto" else ""),
+            extra={"provider": provider.name},
+        )
+    else:
+        log.info(f"provider anthropic, default model {args.model}", extra={"provider": provider.name})
+    pool = WorkerPool(
+        args.workers, refresh_interval_s=args.refresh_interval, no_worker_timeout_s=args.no_worker_timeout
+    )
+    orchestrator = Orchestrator(
+        Planner(provider, attempts=args.plan_attempts),
+        Scheduler(pool, RetryPolicy(max_attempts=args.max_attempts, subtask_timeout_s=args.subtask_timeout)),
+        default_model=args.model,
+        limits=Limits(max_agents=args.max_agents, max_idea_bytes=args.max_idea_bytes),
+    )
+    service = Service(
+        name="orchestrator",
+        service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name],
+        register=lambda server: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+            OrchestratorServicer(orchestrator), server
+        ),
+        listen=args.listen,
+        log=log,
+    )
+    await pool.start()
+    try:
+        await service.start()
+        await service.run_until_stopped(
+            grace_s=5.0, before_stop=lambda: orchestrator.drain(args.shutdown_grace)
+        )
+    finally:
+        await pool.close()
+        await provider.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except (ProviderConfigError, ValueError) as error:
+        print(f"swarm-orchestrator: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        print(f"swarm-orchestrator: cannot serve on {args.listen}: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

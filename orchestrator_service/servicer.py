@@ -1,0 +1,99 @@
+"""Translates OrchestratorService calls to and from the Orchestrator; domain errors become status codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from orchestrator_service.orchestrator import InvalidRequest, Orchestrator, ShuttingDown, SwarmNotFound
+
+# The request and response types are the method's own; the context is only passed through.
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
+    """INVALID_ARGUMENT with a google.rpc.BadRequest listing every field violation."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
+            for field, text in error.violations
+        ]
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
+    status.details.add().Pack(bad_request)
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self._orchestrator = orchestrator
+
+    async def RunSwarm(
+        self, request: orchestrator_pb2.RunSwarmRequest, context: Context
+    ) -> AsyncIterator[orchestrator_pb2.RunSwarmResponse]:
+        try:
+            swarm = self._orchestrator.start(
+                idea=request.idea,
+                num_agents=request.num_agents,
+                model=request.model,
+                request_id=request.request_id,
+            )
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        except ShuttingDown as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        try:
+            async for event in swarm.log.follow(0):
+                yield orchestrator_pb2.RunSwarmResponse(event=event)
+        finally:
+            # Reached on completion, on the client's cancellation (CancelledError or GeneratorExit)
+            # and on a broken connection alike; only an unfinished, attached swarm is cancelled.
+            if not request.detach and not swarm.finished:
+                swarm.cancel("the client cancelled RunSwarm")
+
+    async def WatchSwarm(
+        self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
+    ) -> AsyncIterator[orchestrator_pb2.WatchSwarmResponse]:
+        try:
+            events = self._orchestrator.watch(request.swarm_id, request.after_sequence)
+        except SwarmNotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        async for event in events:
+            yield orchestrator_pb2.WatchSwarmResponse(event=event)
+
+    async def GetSwarm(
+        self, request: orchestrator_pb2.GetSwarmRequest, context: Context
+    ) -> orchestrator_pb2.GetSwarmResponse:
+        try:
+            swarm = self._orchestrator.get(request.swarm_id)
+        except SwarmNotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return orchestrator_pb2.GetSwarmResponse(swarm=swarm.record.to_proto())
+
+    async def ListSwarms(
+        self, request: orchestrator_pb2.ListSwarmsRequest, context: Context
+    ) -> orchestrator_pb2.ListSwarmsResponse:
+        if request.page_size < 0:
+            await abort_invalid(context, InvalidRequest([("page_size", "must not be negative")]))
+        try:
+            swarms, token = self._orchestrator.list(
+                page_size=request.page_size, page_token=request.page_token, state=request.state
+            )
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        return orchestrator_pb2.ListSwarmsResponse(swarms=swarms, next_page_token=token)
+
+    async def CancelSwarm(
+        self, request: orchestrator_pb2.CancelSwarmRequest, context: Context
+    ) -> orchestrator_pb2.CancelSwarmResponse:
+        try:
+            swarm = await self._orchestrator.cancel(request.swarm_id, request.reason)
+        except SwarmNotFound as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        return orchestrator_pb2.CancelSwarmResponse(swarm=swarm.record.to_proto())

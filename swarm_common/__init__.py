@@ -1,0 +1,1 @@
+"""What both services share: model providers, prompts, pricing, configuration, logging, serving."""

@@ -1,0 +1,54 @@
+"""Model providers behind one interface, and the choice between them."""
+
+from __future__ import annotations
+
+import os
+
+from swarm_common.providers.base import PlanDraft, PlanRequest, Provider, StreamRequest, Usage
+from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PROVIDER_CHOICES",
+    "PlanDraft",
+    "PlanRequest",
+    "Provider",
+    "ProviderConfigError",
+    "SimulatedProvider",
+    "SimulatedSettings",
+    "StreamRequest",
+    "Usage",
+    "make_provider",
+    "resolve_provider_name",
+]
+
+# A current model that the installed SDK lists and does not mark deprecated (a test checks both).
+DEFAULT_MODEL = "claude-sonnet-5-5"
+PROVIDER_CHOICES = ("auto", "anthropic", "simulated")
+
+
+class ProviderConfigError(ValueError):
+    """The provider cannot be set up as asked; the message says what to change."""
+
+
+def resolve_provider_name(choice: str) -> str:
+    """`auto` is anthropic when ANTHROPIC_API_KEY is set, else simulated."""
+    if choice not in PROVIDER_CHOICES:
+        raise ProviderConfigError(f"unknown provider {choice!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
+    if choice == "auto":
+        return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "simulated"
+    return choice
+
+
+def make_provider(choice: str, simulated: SimulatedSettings | None = None) -> Provider:
+    name = resolve_provider_name(choice)
+    if name == "simulated":
+        return SimulatedProvider(simulated)
+    if not os.environ.get("ANTHROPIC_API_KEY"):
+        raise ProviderConfigError(
+            "--provider anthropic needs ANTHROPIC_API_KEY (behind a proxy that adds the key, "
+            "set it to any placeholder and point ANTHROPIC_BASE_URL at the proxy)"
+        )
+    from swarm_common.providers.anthropic import AnthropicProvider
+
+    return AnthropicProvider()

@@ -1,0 +1,126 @@
+"""The Anthropic Messages API through the official SDK's async client.
+
+The SDK's own retries (429, 529, 5xx, connection errors, honouring retry-after) stay on; what is
+left after them becomes a `ProviderError` with a short message that is safe to show a user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+
+from swarm_common import pricing, prompts
+from swarm_common.errors import (
+    AuthenticationFailed,
+    InvalidModelRequest,
+    Overloaded,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from swarm_common.providers.base import PlanDraft, PlanRequest, StreamRequest, Usage
+
+PLAN_MAX_TOKENS = 8192
+
+
+def _api_message(error: anthropic.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])[:300]
+    return f"HTTP {error.status_code}"
+
+
+def _retry_after(error: anthropic.APIStatusError) -> float | None:
+    value = error.response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate_error(error: anthropic.AnthropicError) -> ProviderError:
+    """The SDK's error classes, mapped onto ours by what a caller can do about them."""
+    if isinstance(error, anthropic.APIStatusError):
+        detail = _api_message(error)
+        status = error.status_code
+        if isinstance(error, anthropic.AuthenticationError | anthropic.PermissionDeniedError):
+            return AuthenticationFailed(
+                f"the model API rejected the credentials ({status}): check ANTHROPIC_API_KEY ({detail})"
+            )
+        if isinstance(error, anthropic.RateLimitError):
+            return RateLimited(f"the model API is rate limiting (429): {detail}", _retry_after(error))
+        if status == 529:
+            return Overloaded(f"the model API is overloaded (529): {detail}")
+        if status >= 500:
+            return ProviderUnavailable(f"the model API failed ({status}): {detail}")
+        return InvalidModelRequest(f"the model API rejected the request ({status}): {detail}")
+    if isinstance(error, anthropic.APITimeoutError):
+        return ProviderUnavailable("the model API did not answer in time")
+    if isinstance(error, anthropic.APIConnectionError):
+        return ProviderUnavailable("the model API could not be reached")
+    return ProviderUnavailable(f"the model call failed: {type(error).__name__}")
+
+
+def _usage(model: str, usage: Any) -> Usage:
+    input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
+    output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
+    return Usage(input_tokens, output_tokens, pricing.cost_usd(model, input_tokens, output_tokens))
+
+
+class AnthropicProvider:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        max_retries: int = 2,
+    ) -> None:
+        # api_key and base_url fall back to ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL inside the SDK.
+        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=max_retries)
+
+    @property
+    def name(self) -> str:
+        return "anthropic"
+
+    async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
+        try:
+            async with self._client.messages.stream(
+                model=request.model,
+                max_tokens=request.max_tokens,
+                system=request.system,
+                messages=[{"role": "user", "content": request.prompt}],
+                timeout=request.timeout_s,
+            ) as stream:
+                async for text in stream.text_stream:
+                    yield text
+                message = await stream.get_final_message()
+        except anthropic.AnthropicError as error:
+            raise translate_error(error) from None
+        yield _usage(request.model, message.usage)
+
+    async def plan(self, request: PlanRequest) -> PlanDraft:
+        try:
+            message = await self._client.messages.create(
+                model=request.model,
+                max_tokens=PLAN_MAX_TOKENS,
+                system=prompts.PLAN_SYSTEM,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": prompts.plan_prompt(request.idea, request.num_agents, request.feedback),
+                    }
+                ],
+                output_config={"format": {"type": "json_schema", "schema": prompts.PLAN_SCHEMA}},
+                timeout=request.timeout_s,
+            )
+        except anthropic.AnthropicError as error:
+            raise translate_error(error) from None
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return PlanDraft(text, _usage(request.model, message.usage))
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,138 @@
+"""A real provider for offline work: deterministic, clearly labelled text, streamed over a set latency.
+
+It serves demos, tests and benchmarks with no network and no key. Knobs make it fail or rate-limit
+for fault tests. Everything it writes starts with `[simulated]`, so nobody mistakes it for a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from swarm_common.errors import ProviderUnavailable, RateLimited
+from swarm_common.providers.base import PlanDraft, PlanRequest, StreamRequest, Usage
+
+LABEL = "[simulated]"
+
+_ASPECTS = (
+    "goals and scope",
+    "prior art and alternatives",
+    "architecture",
+    "data and interfaces",
+    "risks and mitigations",
+    "costs and resources",
+    "testing and validation",
+    "rollout plan",
+    "operations and monitoring",
+    "open questions",
+)
+_WORDS = [
+    "concrete",
+    "approach",
+    "measure",
+    "baseline",
+    "interface",
+    "latency",
+    "budget",
+    "owner",
+    "milestone",
+    "risk",
+    "evidence",
+    "users",
+    "constraint",
+    "prototype",
+    "review",
+    "metric",
+    "fallback",
+    "capacity",
+    "schedule",
+    "dependency",
+    "outcome",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatedSettings:
+    latency_ms: float = 300.0
+    # Output chunks per answer; the latency is spread evenly over them.
+    chunks: int = 8
+    # Probability that a streamed call fails (retryable) or is rate-limited, before any output.
+    failure_rate: float = 0.0
+    rate_limit_rate: float = 0.0
+    # The first this many plans are wrong (the wrong number of subtasks), to exercise re-asking.
+    bad_plans: int = 0
+    seed: int | None = None
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _answer(prompt: str) -> str:
+    """Deterministic text derived from the prompt: its first line, the headings it lists, filler."""
+    lines = prompt.splitlines()
+    subject = lines[0] if lines else ""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    filler = " ".join(_WORDS[b % len(_WORDS)] for b in digest[:24])
+    parts = [f"{LABEL} {subject}", "", f"Simulated notes: {filler}."]
+    headings = [line[4:] for line in lines if line.startswith("### ")]
+    if headings:
+        parts += ["", "Combines:"] + [f"- {heading}" for heading in headings]
+    return "\n".join(parts)
+
+
+def _split(text: str, pieces: int) -> list[str]:
+    size = max(1, -(-len(text) // max(1, pieces)))
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+class SimulatedProvider:
+    def __init__(self, settings: SimulatedSettings | None = None) -> None:
+        self.settings = settings or SimulatedSettings()
+        self._random = random.Random(self.settings.seed)
+        self._plans_made = 0
+
+    @property
+    def name(self) -> str:
+        return "simulated"
+
+    def _maybe_fail(self) -> None:
+        roll = self._random.random()
+        if roll < self.settings.rate_limit_rate:
+            raise RateLimited(f"{LABEL} rate limited (429)", retry_after_s=1.0)
+        if roll < self.settings.rate_limit_rate + self.settings.failure_rate:
+            raise ProviderUnavailable(f"{LABEL} model call failed")
+
+    async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
+        self._maybe_fail()
+        text = _answer(request.prompt)
+        pieces = _split(text, self.settings.chunks)
+        pause = self.settings.latency_ms / 1000 / len(pieces)
+        for piece in pieces:
+            await asyncio.sleep(pause)
+            yield piece
+        yield Usage(_tokens(request.system + request.prompt), _tokens(text), 0.0)
+
+    async def plan(self, request: PlanRequest) -> PlanDraft:
+        await asyncio.sleep(self.settings.latency_ms / 1000)
+        self._plans_made += 1
+        count = request.num_agents
+        if self._plans_made <= self.settings.bad_plans:
+            count += 1
+        topic = " ".join(request.idea.split()[:12])
+        subtasks = [
+            {
+                "title": f"{_ASPECTS[i % len(_ASPECTS)].capitalize()} ({i + 1} of {request.num_agents})",
+                "instructions": f"Work out the {_ASPECTS[i % len(_ASPECTS)]} of: {topic}",
+            }
+            for i in range(count)
+        ]
+        text = json.dumps({"subtasks": subtasks})
+        return PlanDraft(text, Usage(_tokens(request.idea), _tokens(text), 0.0))
+
+    async def aclose(self) -> None:
+        return None

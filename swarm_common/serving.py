@@ -1,0 +1,84 @@
+"""Serving and shutdown, the same for both services: health, reflection, bind, signals, grace."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Service:
+    """One running gRPC server with health and reflection, stopped by SIGTERM/SIGINT or `stop()`."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        service_names: Sequence[str],
+        register: Callable[[grpc.aio.Server], None],
+        listen: str,
+        log: logging.Logger,
+    ) -> None:
+        self.name = name
+        self.log = log
+        self.health = health.aio.HealthServicer()
+        self._service_names = list(service_names)
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        register(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
+        )
+        host, _ = split_host_port(listen)
+        self.port = self._server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"could not bind {listen}")
+        self.address = f"{host}:{self.port}"
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._server.start()
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.log.info(f"{self.name} listening on {self.address}", extra={"address": self.address})
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run_until_stopped(
+        self, *, grace_s: float, before_stop: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Serves until a signal or `stop()`; then NOT_SERVING, `before_stop`, and a graceful stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self._stopping.wait()
+            self.log.info(f"{self.name} shutting down (grace {grace_s:g}s)")
+            await self.health.enter_graceful_shutdown()
+            if before_stop is not None:
+                await before_stop()
+        finally:
+            await self._server.stop(grace_s)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self.log.info(f"{self.name} stopped")

@@ -1,0 +1,1 @@
+"""The worker service: executes one subtask at a time per call with the model, keeping nothing."""
