@@ -56,6 +56,11 @@ class Service:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
+        # Signals are handled before `listening on` is printed: whoever waits for that line may
+        # send SIGTERM at once.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
         await self._server.start()
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -68,9 +73,6 @@ class Service:
         self, *, grace_s: float, before_stop: Callable[[], Awaitable[None]] | None = None
     ) -> None:
         """Serves until a signal or `stop()`; then NOT_SERVING, `before_stop`, and a graceful stop."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
         try:
             await self._stopping.wait()
             self.log.info(f"{self.name} shutting down (grace {grace_s:g}s)")
@@ -80,5 +82,5 @@ class Service:
         finally:
             await self._server.stop(grace_s)
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+                asyncio.get_running_loop().remove_signal_handler(sig)
             self.log.info(f"{self.name} stopped")

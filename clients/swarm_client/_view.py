@@ -63,6 +63,13 @@ class SwarmView:
     def done(self) -> int:
         return sum(1 for row in self.rows.values() if row.state == "done")
 
+    def _row(self, subtask_id: str) -> AgentRow:
+        """A watch that starts after plan_created never saw the plan: such rows are made as met."""
+        row = self.rows.get(subtask_id)
+        if row is None:
+            row = self.rows[subtask_id] = AgentRow(events_pb2.Subtask(id=subtask_id, title=subtask_id))
+        return row
+
     def apply(self, event: events_pb2.SwarmEvent) -> None:
         self.swarm_id = event.swarm_id
         self.last_sequence = event.sequence
@@ -72,7 +79,7 @@ class SwarmView:
         elif kind == "plan_created":
             self.rows = {s.id: AgentRow(s) for s in event.plan_created.subtasks}
         elif kind == "subtask_started":
-            row = self.rows[event.subtask_started.subtask_id]
+            row = self._row(event.subtask_started.subtask_id)
             row.state, row.worker_id, row.attempt = (
                 "running",
                 event.subtask_started.worker_id,
@@ -80,13 +87,13 @@ class SwarmView:
             )
             row.chars = 0
         elif kind == "subtask_delta":
-            self.rows[event.subtask_delta.subtask_id].chars += len(event.subtask_delta.text)
+            self._row(event.subtask_delta.subtask_id).chars += len(event.subtask_delta.text)
         elif kind == "subtask_completed":
-            row = self.rows[event.subtask_completed.subtask_id]
+            row = self._row(event.subtask_completed.subtask_id)
             row.state, row.output_tokens = "done", event.subtask_completed.usage.output_tokens
         elif kind == "subtask_failed":
             failed = event.subtask_failed
-            row = self.rows[failed.subtask_id]
+            row = self._row(failed.subtask_id)
             row.state, row.error = ("retrying" if failed.will_retry else "failed"), failed.error
         elif kind == "synthesis_delta":
             self.synthesis.append(event.synthesis_delta.text)

@@ -27,7 +27,7 @@ STATE_NAMES = [
 ]
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 
 
 def as_json(message: Message) -> str:
@@ -212,10 +212,13 @@ def dispatch(handler: Callable[..., Any], args: argparse.Namespace) -> int:
         err.print(f"swarm: invalid request: {fields}")
         return EXIT_USAGE
     except Unavailable as error:
-        err.print(
-            f"swarm: cannot reach the orchestrator at {args.target} ({error.message}); "
-            "is it running? `swarm up` starts a local stack"
-        )
+        if "connect" in error.message.lower():  # grpc's long connection-failure text adds nothing
+            err.print(
+                f"swarm: cannot reach the orchestrator at {args.target}; is it running? "
+                "(`swarm up` starts a local stack)"
+            )
+        else:
+            err.print(f"swarm: the orchestrator at {args.target} is unavailable: {error.message}")
         return EXIT_UNREACHABLE
     except SwarmError as error:
         err.print(f"swarm: {error.code.name}: {error.message}")
