@@ -1,0 +1,108 @@
+"""The event log (sequence, replay, live follow, terminal) and the state derived from it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from swarm.v1 import events_pb2, orchestrator_pb2
+
+from orchestrator_service.event_log import EventLog, LogClosed
+from orchestrator_service.state import SwarmRecord
+
+
+def test_sequence_numbers_start_at_one_without_gaps() -> None:
+    log = EventLog("s1")
+    for i in range(5):
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i)))
+    events = list(log._events)
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5]
+    assert all(e.swarm_id == "s1" and e.time.seconds > 0 for e in events)
+
+
+def test_nothing_is_appended_after_the_terminal_event() -> None:
+    log = EventLog("s1")
+    log.append("swarm_failed", events_pb2.SwarmFailed(error="x"))
+    assert log.closed
+    with pytest.raises(LogClosed):
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text="late"))
+
+
+async def test_follow_replays_after_a_sequence_then_goes_live_to_the_end() -> None:
+    log = EventLog("s1")
+    for i in range(3):
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i)))
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async for event in log.follow(after_sequence=1):
+            seen.append(event.sequence)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.01)
+    assert seen == [2, 3]
+    log.append("synthesis_delta", events_pb2.SynthesisDelta(text="live"))
+    log.append("swarm_completed", events_pb2.SwarmCompleted(result="done"))
+    await asyncio.wait_for(watcher, 2)
+    assert seen == [2, 3, 4, 5]
+
+
+async def test_many_followers_see_the_same_events() -> None:
+    log = EventLog("s1")
+
+    async def collect() -> list[int]:
+        return [event.sequence async for event in log.follow()]
+
+    followers = [asyncio.create_task(collect()) for _ in range(5)]
+    for i in range(50):
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i)))
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    log.append("swarm_cancelled", events_pb2.SwarmCancelled(reason="test"))
+    results = await asyncio.wait_for(asyncio.gather(*followers), 2)
+    assert all(r == list(range(1, 52)) for r in results)
+
+
+def test_record_follows_a_swarm_with_a_retry() -> None:
+    record = SwarmRecord("s1")
+    log = EventLog("s1", on_append=record.apply)
+    log.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=1, model="m", provider="simulated"))
+    assert record.state == orchestrator_pb2.SWARM_STATE_PLANNING
+    subtask = events_pb2.Subtask(id="subtask-1", title="t", instructions="x")
+    log.append("plan_created", events_pb2.PlanCreated(subtasks=[subtask]))
+    log.append(
+        "subtask_started", events_pb2.SubtaskStarted(subtask_id="subtask-1", worker_id="w1", attempt=1)
+    )
+    log.append(
+        "subtask_failed",
+        events_pb2.SubtaskFailed(
+            subtask_id="subtask-1", worker_id="w1", error="gone", attempt=1, will_retry=True
+        ),
+    )
+    assert record.subtasks["subtask-1"].state == orchestrator_pb2.SUBTASK_STATE_PENDING
+    log.append(
+        "subtask_started", events_pb2.SubtaskStarted(subtask_id="subtask-1", worker_id="w2", attempt=2)
+    )
+    log.append(
+        "subtask_completed",
+        events_pb2.SubtaskCompleted(
+            subtask_id="subtask-1",
+            worker_id="w2",
+            output="out",
+            usage=events_pb2.Usage(output_tokens=3),
+            attempt=2,
+        ),
+    )
+    log.append(
+        "swarm_completed", events_pb2.SwarmCompleted(result="r", usage=events_pb2.Usage(output_tokens=9))
+    )
+    view = record.to_proto()
+    assert view.state == orchestrator_pb2.SWARM_STATE_COMPLETED
+    assert view.subtasks[0].state == orchestrator_pb2.SUBTASK_STATE_COMPLETED
+    assert (view.subtasks[0].attempts, view.subtasks[0].worker_id, view.subtasks[0].output) == (
+        2,
+        "w2",
+        "out",
+    )
+    assert view.result == "r" and view.usage.output_tokens == 9
+    assert view.last_sequence == 7 and view.HasField("end_time")

@@ -1,0 +1,65 @@
+"""The simulated provider: labelled, deterministic, streamed in chunks, and failing on request."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from swarm_common import prompts
+from swarm_common.errors import ProviderUnavailable, RateLimited
+from swarm_common.providers import PlanRequest, SimulatedProvider, SimulatedSettings, StreamRequest, Usage
+
+
+def request(title: str = "Market research") -> StreamRequest:
+    return StreamRequest(
+        model="m", system=prompts.WORKER_SYSTEM, prompt=prompts.worker_prompt("idea", title, "do it")
+    )
+
+
+async def collect(provider: SimulatedProvider, req: StreamRequest) -> tuple[list[str], Usage]:
+    items = [item async for item in provider.stream(req)]
+    usage = items.pop()
+    assert isinstance(usage, Usage)
+    assert all(isinstance(item, str) for item in items)
+    return [str(item) for item in items], usage
+
+
+async def test_streams_labelled_deterministic_text_in_chunks_then_usage() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=6))
+    chunks, usage = await collect(provider, request())
+    assert len(chunks) == 6
+    text = "".join(chunks)
+    assert text.startswith("[simulated] Subtask: Market research")
+    again, _ = await collect(provider, request())
+    assert "".join(again) == text
+    other, _ = await collect(provider, request("Pricing"))
+    assert "".join(other) != text
+    assert usage.output_tokens > 0 and usage.input_tokens > 0 and usage.cost_usd == 0.0
+
+
+async def test_synthesis_names_every_result() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0))
+    prompt = prompts.synthesis_prompt("idea", [("Alpha", "a"), ("Beta", "b")])
+    chunks, _ = await collect(provider, StreamRequest(model="m", system="", prompt=prompt))
+    assert "- Alpha" in "".join(chunks) and "- Beta" in "".join(chunks)
+
+
+async def test_plans_exactly_n_unless_told_to_get_it_wrong() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, bad_plans=1))
+    first = json.loads((await provider.plan(PlanRequest(model="m", idea="idea", num_agents=7))).text)
+    second = json.loads((await provider.plan(PlanRequest(model="m", idea="idea", num_agents=7))).text)
+    assert len(first["subtasks"]) == 8
+    assert len(second["subtasks"]) == 7
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        (SimulatedSettings(latency_ms=0, failure_rate=1.0), ProviderUnavailable),
+        (SimulatedSettings(latency_ms=0, rate_limit_rate=1.0), RateLimited),
+    ],
+)
+async def test_fails_on_request(settings: SimulatedSettings, error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"\[simulated\]"):
+        await collect(SimulatedProvider(settings), request())
