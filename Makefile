@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/swarm/v1/*.proto)
 GEN_STAMP := gen/swarm/v1/.generated
 NODE_STAMP := clients/node/node_modules/.installed
 
-.PHONY: install protos run test lint bench clean
+.PHONY: install protos run test lint clean
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -42,9 +42,6 @@ lint: install $(NODE_STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	clients/node/node_modules/.bin/buf lint
-
-bench: install
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) gen clients/node/node_modules

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import Message
+
 from swarm.v1 import events_pb2
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})

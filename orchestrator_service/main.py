@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import sys
 
-from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-
 from orchestrator_service.orchestrator import Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
 from orchestrator_service.servicer import OrchestratorServicer
 from orchestrator_service.worker_pool import WorkerPool
+from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs
 from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
 from swarm_common.providers import (

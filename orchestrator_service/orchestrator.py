@@ -10,11 +10,10 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from swarm.v1 import events_pb2, orchestrator_pb2
-
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.swarm import Swarm, SwarmSpec
+from swarm.v1 import events_pb2, orchestrator_pb2
 
 log = logging.getLogger("swarm.orchestrator")
 

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pydantic
-from swarm.v1 import events_pb2
 
+from swarm.v1 import events_pb2
 from swarm_common import prompts
 from swarm_common.errors import ProviderError
 from swarm_common.providers import PlanRequest, Provider, StreamRequest, Usage

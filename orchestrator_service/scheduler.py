@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from swarm.v1 import events_pb2, worker_pb2
 
 from orchestrator_service.event_log import EventLog
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
+from swarm.v1 import events_pb2, worker_pb2
 from swarm_common.status import ERROR_KIND_KEY
 
 # Codes a retry on another worker cannot fix: the request itself, or the credentials, are wrong.

@@ -8,9 +8,9 @@ from typing import Any, NoReturn
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from orchestrator_service.orchestrator import InvalidRequest, Orchestrator, ShuttingDown, SwarmNotFound
+from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]

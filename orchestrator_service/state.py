@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 S = orchestrator_pb2.SwarmState

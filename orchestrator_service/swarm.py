@@ -10,13 +10,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from swarm.v1 import events_pb2
-
 from orchestrator_service.event_log import EventLog
 from orchestrator_service.planner import Planner, PlanningFailed
 from orchestrator_service.scheduler import Scheduler, SubtaskFailed
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.worker_pool import NoWorkersAvailable
+from swarm.v1 import events_pb2
 from swarm_common.errors import ProviderError
 from swarm_common.providers import Usage
 

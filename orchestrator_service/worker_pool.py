@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 
 import grpc
+
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("swarm.orchestrator.pool")

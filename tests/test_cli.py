@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from google.protobuf.json_format import ParseDict
+
 from stack import Stack
 from swarm.v1 import events_pb2
 from swarm_checks import assert_completed

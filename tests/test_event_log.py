@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from swarm.v1 import events_pb2, orchestrator_pb2
 
 from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.state import SwarmRecord
+from swarm.v1 import events_pb2, orchestrator_pb2
 
 
 def test_sequence_numbers_start_at_one_without_gaps() -> None:

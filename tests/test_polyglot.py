@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import descriptor_pb2
+
 from stack import Stack
 
 REPO = Path(__file__).resolve().parents[1]

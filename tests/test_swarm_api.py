@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from stack import Stack, stack
 from swarm.v1 import orchestrator_pb2, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds

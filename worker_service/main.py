@@ -8,7 +8,6 @@ import socket
 import sys
 
 from swarm.v1 import worker_pb2, worker_pb2_grpc
-
 from swarm_common import logs
 from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
 from swarm_common.providers import (

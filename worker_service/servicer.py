@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 
+from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.errors import ProviderError
 from swarm_common.status import ERROR_KIND_KEY, WORKER_BUSY, status_for, trailers_for
 from worker_service.worker import Assignment, Worker, WorkerBusy

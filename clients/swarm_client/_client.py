@@ -13,8 +13,8 @@ from types import TracebackType
 from typing import Self
 
 import grpc
-from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 
+from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_client._errors import Unavailable, from_rpc_error
 
 DEFAULT_TARGET = "localhost:50051"

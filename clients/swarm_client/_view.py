@@ -11,6 +11,7 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
+
 from swarm.v1 import events_pb2
 
 _STATE_STYLE = {

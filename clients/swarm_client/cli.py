@@ -13,8 +13,8 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
-from swarm.v1 import orchestrator_pb2
 
+from swarm.v1 import orchestrator_pb2
 from swarm_client._client import SwarmClient, SwarmEvent, default_target
 from swarm_client._errors import InvalidArgument, SwarmError, Unavailable
 from swarm_client._view import SwarmView, describe_provider

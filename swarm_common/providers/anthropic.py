@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
+import httpx2
 
 from swarm_common import pricing, prompts
 from swarm_common.errors import (
@@ -35,23 +36,50 @@ def _api_message(error: anthropic.APIStatusError) -> str:
 
 
 def _retry_after(error: anthropic.APIStatusError) -> float | None:
-    value = error.response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    """retry-after-ms first (more precise), as the SDK itself reads them."""
+    headers = error.response.headers
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return float(value) / scale
+            except ValueError:
+                continue
+    return None
+
+
+# An error event inside a 200 stream carries only its type: the status it stands for.
+_STATUS_OF_ERROR_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+def _status(error: anthropic.APIStatusError) -> int:
+    if error.status_code >= 400:
+        return error.status_code
+    body = error.body
+    inner = body.get("error") if isinstance(body, dict) else None
+    error_type = inner.get("type") if isinstance(inner, dict) else None
+    return _STATUS_OF_ERROR_TYPE.get(str(error_type), 500)
 
 
 def translate_error(error: anthropic.AnthropicError) -> ProviderError:
     """The SDK's error classes, mapped onto ours by what a caller can do about them."""
     if isinstance(error, anthropic.APIStatusError):
         detail = _api_message(error)
-        status = error.status_code
-        if isinstance(error, anthropic.AuthenticationError | anthropic.PermissionDeniedError):
+        status = _status(error)
+        if status in (401, 403):
             return AuthenticationFailed(
                 f"the model API rejected the credentials ({status}): check ANTHROPIC_API_KEY ({detail})"
             )
-        if isinstance(error, anthropic.RateLimitError):
+        if status == 429:
             return RateLimited(f"the model API is rate limiting (429): {detail}", _retry_after(error))
         if status == 529:
             return Overloaded(f"the model API is overloaded (529): {detail}")
@@ -63,6 +91,12 @@ def translate_error(error: anthropic.AnthropicError) -> ProviderError:
     if isinstance(error, anthropic.APIConnectionError):
         return ProviderUnavailable("the model API could not be reached")
     return ProviderUnavailable(f"the model call failed: {type(error).__name__}")
+
+
+def _timeout(timeout_s: float | None) -> float | anthropic.NotGiven:
+    """No deadline means the SDK's own default timeout, not none at all: a stalled API must not
+    hang a worker forever."""
+    return anthropic.NOT_GIVEN if timeout_s is None else timeout_s
 
 
 def _usage(model: str, usage: Any) -> Usage:
@@ -93,13 +127,16 @@ class AnthropicProvider:
                 max_tokens=request.max_tokens,
                 system=request.system,
                 messages=[{"role": "user", "content": request.prompt}],
-                timeout=request.timeout_s,
+                timeout=_timeout(request.timeout_s),
             ) as stream:
                 async for text in stream.text_stream:
                     yield text
                 message = await stream.get_final_message()
         except anthropic.AnthropicError as error:
             raise translate_error(error) from None
+        except httpx2.TransportError:
+            # The SDK lets a connection that breaks mid-stream through as the transport's error.
+            raise ProviderUnavailable("the model API connection broke off mid-answer") from None
         yield _usage(request.model, message.usage)
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
@@ -115,7 +152,7 @@ class AnthropicProvider:
                     }
                 ],
                 output_config={"format": {"type": "json_schema", "schema": prompts.PLAN_SCHEMA}},
-                timeout=request.timeout_s,
+                timeout=_timeout(request.timeout_s),
             )
         except anthropic.AnthropicError as error:
             raise translate_error(error) from None
