@@ -8,6 +8,7 @@ import sys
 
 from orchestrator_service.orchestrator import Limits, Orchestrator
 from orchestrator_service.planner import Planner
+from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
 from orchestrator_service.servicer import OrchestratorServicer
 from orchestrator_service.worker_pool import WorkerPool
@@ -86,6 +87,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     env_flag(
         parser,
+        "--no-progress-timeout",
+        "SWARM_NO_PROGRESS_TIMEOUT_S",
+        default=120.0,
+        type=non_negative_float,
+        help="seconds an attempt may go without output before its worker counts as hung and it is retried",
+    )
+    env_flag(
+        parser,
+        "--model-rpm",
+        "SWARM_MODEL_RPM",
+        default=0,
+        type=int,
+        help="model API requests per minute for the whole orchestrator (0 = no limit)",
+    )
+    env_flag(
+        parser,
+        "--model-input-tpm",
+        "SWARM_MODEL_INPUT_TPM",
+        default=0,
+        type=int,
+        help="model API input tokens per minute (0 = no limit)",
+    )
+    env_flag(
+        parser,
+        "--model-output-tpm",
+        "SWARM_MODEL_OUTPUT_TPM",
+        default=0,
+        type=int,
+        help="model API output tokens per minute (0 = no limit)",
+    )
+    env_flag(
+        parser,
+        "--model-concurrency",
+        "SWARM_MODEL_CONCURRENCY",
+        default=0,
+        type=int,
+        help="model API requests in flight at once (0 = no limit)",
+    )
+    env_flag(
+        parser,
+        "--rate-window",
+        "SWARM_RATE_WINDOW_S",
+        default=60.0,
+        type=non_negative_float,
+        help="seconds the per-minute budgets are kept over (tests shorten it)",
+    )
+    env_flag(
+        parser,
         "--plan-attempts",
         "SWARM_PLAN_ATTEMPTS",
         default=3,
@@ -146,12 +195,29 @@ async def serve(args: argparse.Namespace) -> None:
         )
     else:
         log.info(f"provider anthropic, default model {args.model}", extra={"provider": provider.name})
+    limiter = ModelRateLimiter(
+        ModelLimits(
+            requests_per_minute=args.model_rpm,
+            input_tokens_per_minute=args.model_input_tpm,
+            output_tokens_per_minute=args.model_output_tpm,
+            concurrent_requests=args.model_concurrency,
+            window_s=args.rate_window,
+        )
+    )
     pool = WorkerPool(
         args.workers, refresh_interval_s=args.refresh_interval, no_worker_timeout_s=args.no_worker_timeout
     )
     orchestrator = Orchestrator(
-        Planner(provider, attempts=args.plan_attempts),
-        Scheduler(pool, RetryPolicy(max_attempts=args.max_attempts, subtask_timeout_s=args.subtask_timeout)),
+        Planner(RateLimitedProvider(provider, limiter), attempts=args.plan_attempts),
+        Scheduler(
+            pool,
+            RetryPolicy(
+                max_attempts=args.max_attempts,
+                subtask_timeout_s=args.subtask_timeout,
+                no_progress_timeout_s=args.no_progress_timeout,
+            ),
+            limiter,
+        ),
         default_model=args.model,
         limits=Limits(max_agents=args.max_agents, max_idea_bytes=args.max_idea_bytes),
     )
@@ -167,8 +233,9 @@ async def serve(args: argparse.Namespace) -> None:
     await pool.start()
     try:
         await service.start()
+        # 5 s after the drain for the last events to reach their watchers.
         await service.run_until_stopped(
-            grace_s=5.0, before_stop=lambda: orchestrator.drain(args.shutdown_grace)
+            drain=lambda: orchestrator.drain(args.shutdown_grace), stop_grace_s=5.0
         )
     finally:
         await pool.close()

@@ -1,7 +1,10 @@
 """Runs one subtask to an end on the worker pool: the attempts, the failover and the retry rules.
 
-An attempt's output streams out as it arrives; a failed attempt's deltas are left behind, and the
-completed output is the successful attempt's alone.
+An attempt fails over to another worker when its worker dies (UNAVAILABLE), hangs (no output for
+`no_progress_timeout_s`, or past `subtask_timeout_s`), drains under it, or its model call fails in
+a way a retry can fix. Errors no retry can fix (bad request, bad credentials) fail the subtask at
+once. An attempt's output streams out as it arrives; a failed attempt's deltas are left behind,
+and the completed output is the successful attempt's alone.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator_service.event_log import EventLog
+from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
 from swarm.v1 import events_pb2, worker_pb2
-from swarm_common.status import ERROR_KIND_KEY
+from swarm_common import prompts
+from swarm_common.errors import Overloaded, RateLimited
+from swarm_common.status import ERROR_KIND_KEY, RETRY_AFTER_KEY
 
 # Codes a retry on another worker cannot fix: the request itself, or the credentials, are wrong.
 FINAL_CODES = frozenset(
@@ -44,7 +50,9 @@ class RetryPolicy:
     max_attempts: int = 3
     backoff_s: float = 0.2
     max_backoff_s: float = 5.0
+    # One attempt's whole time, and the longest silence within it, before it is given up on.
     subtask_timeout_s: float = 600.0
+    no_progress_timeout_s: float = 120.0
 
     def backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2.0 ** (attempt - 1))
@@ -54,23 +62,39 @@ class RetryPolicy:
 class AttemptError:
     message: str
     retryable: bool
-    worker_gone: bool
+    # Take the worker out until it answers a probe: it died, or hung.
+    worker_suspect: bool = False
 
 
-def classify(error: grpc.aio.AioRpcError) -> AttemptError:
-    """The retry rules, in one place."""
+class AttemptHung(Exception):
+    """No output from the worker for the no-progress timeout."""
+
+
+class IncompleteAttempt(Exception):
+    """The worker's stream ended cleanly but without its final result message."""
+
+
+def classify(error: grpc.aio.AioRpcError, limiter: ModelRateLimiter) -> AttemptError:
+    """The retry rules for a failed call, in one place. A model API that rate-limits or is
+    overloaded slows every call through `limiter`, not just this one."""
     code = error.code()
-    kind = dict(error.trailing_metadata() or ()).get(ERROR_KIND_KEY, "")
+    trailers = dict(error.trailing_metadata() or ())
+    kind = str(trailers.get(ERROR_KIND_KEY, ""))
     details = error.details() or code.name
+    if kind == RateLimited.code:
+        retry_after = trailers.get(RETRY_AFTER_KEY)
+        limiter.note_error(RateLimited(details, float(retry_after) if retry_after else None))
+    elif kind == Overloaded.code:
+        limiter.note_error(Overloaded(details))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = "the attempt took longer than the subtask timeout"
-    elif code == grpc.StatusCode.UNAVAILABLE and not kind:
-        details = f"worker unavailable: {details}"
+    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind:
+        details = f"the worker went away: {details}"
     return AttemptError(
         message=f"{code.name}: {details}",
         retryable=code not in FINAL_CODES,
         # A worker that answered with an error kind is alive; its model API is what failed.
-        worker_gone=code == grpc.StatusCode.UNAVAILABLE and not kind,
+        worker_suspect=code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not kind,
     )
 
 
@@ -81,29 +105,50 @@ class SubtaskOutcome:
 
 
 class Scheduler:
-    def __init__(self, pool: WorkerPool, policy: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, pool: WorkerPool, policy: RetryPolicy | None = None, limiter: ModelRateLimiter | None = None
+    ) -> None:
         self.pool = pool
         self.policy = policy or RetryPolicy()
+        self.limiter = limiter or ModelRateLimiter(ModelLimits())
 
     async def run(
-        self, log: EventLog, subtask: events_pb2.Subtask, *, idea: str, model: str
+        self,
+        log: EventLog,
+        subtask: events_pb2.Subtask,
+        *,
+        idea: str,
+        model: str,
+        max_parallel: int = 0,
+        deadline: float | None = None,
+        first_attempt: int = 1,
     ) -> SubtaskOutcome:
-        """Attempts the subtask until one attempt succeeds; every step goes to `log`."""
+        """Attempts the subtask until one attempt succeeds; every step goes to `log`.
+
+        `max_parallel` caps the swarm's subtasks holding worker slots at once (0 = no cap);
+        `deadline` (epoch seconds) bounds every attempt; `first_attempt` continues a count."""
         tried: set[str] = set()
-        for attempt in range(1, self.policy.max_attempts + 1):
-            worker = await self.pool.acquire(avoid=frozenset(tried))
+        last_attempt = first_attempt + self.policy.max_attempts - 1
+        for attempt in range(first_attempt, last_attempt + 1):
+            worker = await self.pool.acquire(log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel)
             tried.add(worker.address)
             try:
-                return await self._attempt(log, worker, subtask, idea=idea, model=model, attempt=attempt)
+                return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
             except grpc.aio.AioRpcError as rpc_error:
-                error = classify(rpc_error)
+                error = classify(rpc_error, self.limiter)
+            except AttemptHung:
+                error = AttemptError(
+                    f"no output for {self.policy.no_progress_timeout_s:g}s: the worker seems hung",
+                    retryable=True,
+                    worker_suspect=True,
+                )
             except IncompleteAttempt as incomplete:
-                error = AttemptError(str(incomplete), retryable=True, worker_gone=False)
+                error = AttemptError(str(incomplete), retryable=True)
             finally:
-                await self.pool.release(worker)
-            if error.worker_gone:
-                await self.pool.mark_unreachable(worker)
-            will_retry = error.retryable and attempt < self.policy.max_attempts
+                self.pool.release(worker, log.swarm_id)
+            if error.worker_suspect:
+                self.pool.mark_unreachable(worker)
+            will_retry = error.retryable and attempt < last_attempt
             log.append(
                 "subtask_failed",
                 events_pb2.SubtaskFailed(
@@ -116,54 +161,72 @@ class Scheduler:
             )
             if not will_retry:
                 raise SubtaskFailed(subtask.id, attempt, error.message)
-            await asyncio.sleep(self.policy.backoff(attempt))
+            await asyncio.sleep(self.policy.backoff(attempt - first_attempt + 1))
         raise AssertionError("unreachable: the last attempt either returns or raises")
+
+    def _timeout(self, deadline: float | None) -> float:
+        timeout = self.policy.subtask_timeout_s
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.time())
+        return max(0.001, timeout)
 
     async def _attempt(
         self,
         log: EventLog,
         worker: PoolWorker,
         subtask: events_pb2.Subtask,
-        *,
         idea: str,
         model: str,
         attempt: int,
+        deadline: float | None,
     ) -> SubtaskOutcome:
-        log.append(
-            "subtask_started",
-            events_pb2.SubtaskStarted(subtask_id=subtask.id, worker_id=worker.worker_id, attempt=attempt),
+        permit = await self.limiter.acquire(
+            estimate_tokens(prompts.WORKER_SYSTEM, idea, subtask.title, subtask.instructions)
         )
-        timeout = self.policy.subtask_timeout_s
-        request = worker_pb2.ExecuteSubtaskRequest(
-            swarm_id=log.swarm_id, subtask=subtask, model=model, attempt=attempt, idea=idea
-        )
-        request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
-        chunks: list[str] = []
-        call = worker.stub.ExecuteSubtask(request, timeout=timeout)
         try:
-            async for response in call:
-                if response.HasField("result"):
-                    output = "".join(chunks)
+            log.append(
+                "subtask_started",
+                events_pb2.SubtaskStarted(subtask_id=subtask.id, worker_id=worker.worker_id, attempt=attempt),
+            )
+            timeout = self._timeout(deadline)
+            request = worker_pb2.ExecuteSubtaskRequest(
+                swarm_id=log.swarm_id, subtask=subtask, model=model, attempt=attempt, idea=idea
+            )
+            request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
+            chunks: list[str] = []
+            call = worker.stub.ExecuteSubtask(request, timeout=timeout)
+            try:
+                while True:
+                    try:
+                        read = await asyncio.wait_for(call.read(), self.policy.no_progress_timeout_s)
+                    except TimeoutError:
+                        raise AttemptHung() from None
+                    if not isinstance(read, worker_pb2.ExecuteSubtaskResponse):  # grpc.aio.EOF
+                        raise IncompleteAttempt("the worker ended the stream without a result")
+                    response = read
+                    permit.answered()
+                    if response.HasField("result"):
+                        break
+                    chunks.append(response.text)
                     log.append(
-                        "subtask_completed",
-                        events_pb2.SubtaskCompleted(
-                            subtask_id=subtask.id,
-                            worker_id=response.worker_id or worker.worker_id,
-                            output=output,
-                            usage=response.result.usage,
-                            attempt=attempt,
-                        ),
+                        "subtask_delta",
+                        events_pb2.SubtaskDelta(subtask_id=subtask.id, text=response.text, attempt=attempt),
                     )
-                    return SubtaskOutcome(output, response.result.usage)
-                chunks.append(response.text)
-                log.append(
-                    "subtask_delta",
-                    events_pb2.SubtaskDelta(subtask_id=subtask.id, text=response.text, attempt=attempt),
-                )
+            finally:
+                call.cancel()
+            usage = response.result.usage
+            permit.settle(usage.input_tokens, usage.output_tokens)
+            output = "".join(chunks)
+            log.append(
+                "subtask_completed",
+                events_pb2.SubtaskCompleted(
+                    subtask_id=subtask.id,
+                    worker_id=response.worker_id or worker.worker_id,
+                    output=output,
+                    usage=usage,
+                    attempt=attempt,
+                ),
+            )
+            return SubtaskOutcome(output, usage)
         finally:
-            call.cancel()
-        raise IncompleteAttempt("the worker ended the stream without a result")
-
-
-class IncompleteAttempt(Exception):
-    """The worker's stream ended cleanly but without its final result message."""
+            permit.release()

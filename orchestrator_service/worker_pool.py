@@ -1,9 +1,18 @@
-"""The worker pool: one channel per worker address, capacity learned from each worker, and the pick.
+"""The worker pool: which workers exist, which may take work, and who gets the next free slot.
 
 grpc Python cannot host a custom balancing policy, and round_robin spreads calls, not load, so the
-pool keeps its own channel per address, re-resolves `dns:///` targets, and gives each subtask to the
-reachable worker with the most free capacity. No worker is given more than its capacity; when every
-worker is full, `acquire` waits.
+pool keeps one channel per worker address and decides itself:
+
+- **Discovery.** `dns:///name:port` is re-resolved every `refresh_interval_s` (every address is a
+  worker); `dns://SERVER/name:port` asks that DNS server; `host:port,host:port` is a fixed list.
+- **Eligibility.** Each worker is watched over grpc.health.v1 `Watch`: NOT_SERVING (draining) or a
+  broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
+  until a probe (`GetWorkerInfo`) answers again.
+- **Capacity.** A worker's capacity is its own `--max-concurrency`, learned from `GetWorkerInfo`.
+  No worker is given more than that; the pick is the eligible worker with the most free slots.
+- **Fairness.** Waiting subtasks queue per swarm, and each free slot goes to the next swarm in
+  round-robin order, so a small swarm is not stuck behind a big one. A swarm may cap how many of
+  its subtasks hold slots at once.
 """
 
 from __future__ import annotations
@@ -14,24 +23,37 @@ import itertools
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 
+import dns.asyncresolver
+import dns.exception
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("swarm.orchestrator.pool")
 
+WORKER_SERVICE = "swarm.v1.WorkerService"
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+MAX_WATCH_BACKOFF_S = 5.0
 
 
 class NoWorkersAvailable(Exception):
-    """No worker could be reached for a while: the swarm cannot make progress."""
+    """No worker could take work for a while: the swarm cannot make progress."""
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host.strip("[]"):
+        raise ValueError(f"{what} {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,30 +63,34 @@ class PoolTarget:
     addresses: tuple[str, ...] = ()
     dns_host: str = ""
     dns_port: int = 0
+    # host:port of the DNS server to ask; empty = the system resolver.
+    dns_server: str = ""
 
     @classmethod
     def parse(cls, target: str) -> PoolTarget:
         target = target.strip()
         if target.startswith("dns:"):
-            rest = target.removeprefix("dns:").lstrip("/")
-            if "/" in rest:  # dns://authority/host:port: the authority (DNS server) is not supported
-                rest = rest.split("/", 1)[1]
-            host, sep, port = rest.rpartition(":")
-            if not sep or not port.isdigit() or not host:
-                raise ValueError(f"worker target {target!r} is not dns:///HOST:PORT")
-            return cls(dns_host=host.strip("[]"), dns_port=int(port))
+            rest = target.removeprefix("dns:")
+            server = ""
+            if rest.startswith("//"):
+                server, _, rest = rest[2:].partition("/")
+            host, port = _host_port(rest, "worker target")
+            if server:
+                server_host, _, server_port = server.partition(":")
+                server = f"{server_host}:{server_port or 53}"
+            return cls(dns_host=host, dns_port=port, dns_server=server)
         addresses = tuple(part.strip() for part in target.split(",") if part.strip())
-        for address in addresses:
-            host, sep, port = address.rpartition(":")
-            if not sep or not port.isdigit() or not host:
-                raise ValueError(f"worker address {address!r} is not HOST:PORT")
         if not addresses:
             raise ValueError("the worker target is empty")
+        for address in addresses:
+            _host_port(address, "worker address")
         return cls(addresses=addresses)
 
     async def resolve(self) -> list[str]:
         if not self.dns_host:
             return list(self.addresses)
+        if self.dns_server:
+            return await self._resolve_with_server()
         infos = await asyncio.get_running_loop().getaddrinfo(
             self.dns_host, self.dns_port, type=socket.SOCK_STREAM
         )
@@ -73,6 +99,17 @@ class PoolTarget:
             ip = str(sockaddr[0])
             found[f"[{ip}]:{self.dns_port}" if family == socket.AF_INET6 else f"{ip}:{self.dns_port}"] = None
         return list(found)
+
+    async def _resolve_with_server(self) -> list[str]:
+        server, _, port = self.dns_server.partition(":")
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [server]
+        resolver.port = int(port)
+        try:
+            answer = await resolver.resolve(self.dns_host, "A", lifetime=5.0)
+        except dns.exception.DNSException as error:
+            raise OSError(f"DNS lookup of {self.dns_host} at {self.dns_server} failed: {error}") from None
+        return sorted({f"{record.address}:{self.dns_port}" for record in answer})
 
 
 @dataclass(eq=False)
@@ -83,15 +120,38 @@ class PoolWorker:
     worker_id: str = ""
     capacity: int = 0
     in_flight: int = 0
+    # From the health watch: False while the worker drains.
+    serving: bool = False
+    # False after a failed probe, a broken watch, or a call that failed as if the worker were gone.
     reachable: bool = False
     removed: bool = False
     last_pick: int = 0
     provider: str = ""
-    subtasks_started: int = field(default=0)
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.serving and self.reachable and not self.removed and self.capacity > 0
 
     @property
     def free(self) -> int:
-        return self.capacity - self.in_flight if self.reachable and not self.removed else 0
+        return self.capacity - self.in_flight if self.eligible else 0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    swarm_id: str
+    avoid: frozenset[str]
+    granted: asyncio.Future[PoolWorker]
+
+
+@dataclass
+class _SwarmShare:
+    """A swarm's place in the dispatcher: its queue, its slots in use and its cap (0 = none)."""
+
+    queue: deque[_Waiter] = field(default_factory=deque)
+    running: int = 0
+    max_parallel: int = 0
 
 
 class WorkerPool:
@@ -109,27 +169,34 @@ class WorkerPool:
         self.probe_timeout_s = probe_timeout_s
         self.no_worker_timeout_s = no_worker_timeout_s
         self._workers: dict[str, PoolWorker] = {}
-        self._changed = asyncio.Condition()
+        # Insertion order is the round-robin order: a swarm that was just served moves to the end.
+        self._shares: dict[str, _SwarmShare] = {}
         self._picks = itertools.count(1)
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self._none_eligible_since: float | None = time.monotonic()
+        self._some_eligible = asyncio.Event()
 
     @property
     def workers(self) -> list[PoolWorker]:
         return list(self._workers.values())
 
+    # ---- discovery and health -------------------------------------------------------------
+
     async def start(self) -> None:
+        """Resolves the target and waits (up to a probe timeout) for a first worker to be ready."""
         await self.refresh()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._some_eligible.wait(), self.probe_timeout_s)
         self._refresher = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        for task in list(self._background):
-            task.cancel()
+        tasks = [self._refresher, *self._background, *(w.watcher for w in self._workers.values())]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
         await asyncio.gather(*(worker.channel.close() for worker in self._workers.values()))
         self._workers.clear()
 
@@ -142,7 +209,7 @@ class WorkerPool:
                 log.exception("worker pool refresh failed")
 
     async def refresh(self) -> None:
-        """Re-resolves the target, adds new workers, retires gone ones, re-probes unreachable ones."""
+        """Re-resolves the target: new addresses join the pool, vanished ones leave it."""
         async with self._refresh_lock:
             try:
                 addresses = await self.target.resolve()
@@ -151,38 +218,82 @@ class WorkerPool:
                 return
             for address in addresses:
                 if address not in self._workers:
-                    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-                    self._workers[address] = PoolWorker(
-                        address, channel, worker_pb2_grpc.WorkerServiceStub(channel)
-                    )
-            for address, worker in list(self._workers.items()):
-                if address not in addresses:
-                    worker.removed = True
-                    del self._workers[address]
-                    log.info(
-                        "worker left the pool", extra={"address": address, "worker_id": worker.worker_id}
-                    )
-                    self._spawn(self._close_when_idle(worker))
-            await asyncio.gather(*(self._probe(w) for w in self._workers.values() if not w.reachable))
-        async with self._changed:
-            self._changed.notify_all()
+                    self._add(address)
+            for address in [a for a in self._workers if a not in addresses]:
+                self._remove(self._workers.pop(address))
+        self._changed()
 
-    async def _probe(self, worker: PoolWorker) -> None:
-        try:
-            info = await worker.stub.GetWorkerInfo(
-                worker_pb2.GetWorkerInfoRequest(), timeout=self.probe_timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            log.warning(f"worker unreachable: {error.code().name}", extra={"address": worker.address})
-            return
+    def _add(self, address: str) -> None:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        worker = PoolWorker(address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
+        self._workers[address] = worker
+        log.info("worker joined the pool", extra={"address": address})
+
+    def _remove(self, worker: PoolWorker) -> None:
+        worker.removed = True
+        if worker.watcher is not None:
+            worker.watcher.cancel()
+        log.info("worker left the pool", extra={"address": worker.address, "worker_id": worker.worker_id})
+        self._spawn(self._close_when_idle(worker))
+
+    async def _watch(self, worker: PoolWorker) -> None:
+        """Probe, then follow the worker's health until the watch breaks; then again, with backoff."""
+        backoff = 0.25
+        health = health_pb2_grpc.HealthStub(worker.channel)
+        while not worker.removed:
+            try:
+                info = await worker.stub.GetWorkerInfo(
+                    worker_pb2.GetWorkerInfoRequest(), timeout=self.probe_timeout_s
+                )
+                self._learn(worker, info)
+                backoff = 0.25
+                async for status in health.Watch(health_pb2.HealthCheckRequest(service=WORKER_SERVICE)):
+                    serving = status.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving != worker.serving:
+                        worker.serving = serving
+                        log.info(
+                            "worker serving" if serving else "worker draining: no new work",
+                            extra={"address": worker.address, "worker_id": worker.worker_id},
+                        )
+                        self._changed()
+            except grpc.aio.AioRpcError as error:
+                if worker.reachable:
+                    log.warning(
+                        f"worker unreachable: {error.code().name}",
+                        extra={"address": worker.address, "worker_id": worker.worker_id},
+                    )
+            worker.serving = worker.reachable = False
+            self._changed()
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_WATCH_BACKOFF_S, backoff * 2)
+
+    def _learn(self, worker: PoolWorker, info: worker_pb2.GetWorkerInfoResponse) -> None:
+        first = not worker.capacity
         worker.worker_id = info.worker_id or worker.address
         worker.capacity = max(1, info.max_concurrency)
         worker.provider = info.provider
         worker.reachable = True
-        log.info(
-            f"worker ready: capacity {worker.capacity}, provider {info.provider}",
+        if first:
+            log.info(
+                f"worker ready: capacity {worker.capacity}, provider {info.provider}",
+                extra={"address": worker.address, "worker_id": worker.worker_id},
+            )
+        self._changed()
+
+    def mark_unreachable(self, worker: PoolWorker) -> None:
+        """The worker failed a call as if gone, or hung: no new work until a probe answers again."""
+        if worker.removed or not worker.reachable:
+            return
+        worker.reachable = False
+        log.warning(
+            "worker taken out until it answers a probe",
             extra={"address": worker.address, "worker_id": worker.worker_id},
         )
+        if worker.watcher is not None:
+            worker.watcher.cancel()  # its health stream may look fine while the process hangs
+        worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker.address}")
+        self._changed()
 
     async def _close_when_idle(self, worker: PoolWorker) -> None:
         for _ in range(3600):
@@ -191,9 +302,27 @@ class WorkerPool:
             await asyncio.sleep(1)
         await worker.channel.close()
 
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- the fair dispatcher --------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Capacity or eligibility changed: hand out what is free, and note when nothing is."""
+        if any(w.eligible for w in self._workers.values()):
+            self._none_eligible_since = None
+            self._some_eligible.set()
+        else:
+            self._some_eligible.clear()
+            if self._none_eligible_since is None:
+                self._none_eligible_since = time.monotonic()
+        self._dispatch()
+
     def _pick(self, avoid: frozenset[str]) -> PoolWorker | None:
-        """The worker with the most free capacity, preferring ones not in `avoid`, then the least
-        recently picked, so equal workers take turns."""
+        """The eligible worker with the most free slots, preferring ones not in `avoid` (where the
+        subtask already failed), then the least recently picked, so equal workers take turns."""
         best: PoolWorker | None = None
         best_key: tuple[bool, int, int] | None = None
         for worker in self._workers.values():
@@ -204,47 +333,66 @@ class WorkerPool:
                 best, best_key = worker, key
         return best
 
-    async def acquire(self, avoid: frozenset[str] = frozenset()) -> PoolWorker:
-        """Takes one slot on the best worker, waiting while all are full; `release` gives it back.
-        Raises NoWorkersAvailable when no worker has been reachable for `no_worker_timeout_s`."""
-        unreachable_since: float | None = None
-        async with self._changed:
-            while True:
-                worker = self._pick(avoid)
-                if worker is not None:
-                    worker.in_flight += 1
-                    worker.subtasks_started += 1
-                    worker.last_pick = next(self._picks)
-                    return worker
-                if any(w.reachable for w in self._workers.values()):
-                    unreachable_since = None
-                    await self._changed.wait()
+    def _dispatch(self) -> None:
+        """Each pass gives at most one slot to each waiting swarm, in round-robin order."""
+        while True:
+            granted = False
+            for swarm_id in list(self._shares):
+                share = self._shares[swarm_id]
+                while share.queue and share.queue[0].granted.done():  # cancelled while waiting
+                    share.queue.popleft()
+                if not share.queue:
+                    if share.running == 0:
+                        del self._shares[swarm_id]
                     continue
-                now = time.monotonic()
-                unreachable_since = unreachable_since or now
-                if now - unreachable_since >= self.no_worker_timeout_s:
+                if share.max_parallel and share.running >= share.max_parallel:
+                    continue
+                worker = self._pick(share.queue[0].avoid)
+                if worker is None:
+                    return
+                waiter = share.queue.popleft()
+                worker.in_flight += 1
+                worker.last_pick = next(self._picks)
+                share.running += 1
+                waiter.granted.set_result(worker)
+                self._shares[swarm_id] = self._shares.pop(swarm_id)  # to the back of the round
+                granted = True
+            if not granted:
+                return
+
+    async def acquire(
+        self, swarm_id: str, *, avoid: frozenset[str] = frozenset(), max_parallel: int = 0
+    ) -> PoolWorker:
+        """Waits for a slot on a worker and takes it; `release` gives it back. Raises
+        NoWorkersAvailable when no worker has been able to take work for `no_worker_timeout_s`."""
+        share = self._shares.setdefault(swarm_id, _SwarmShare())
+        share.max_parallel = max_parallel
+        waiter = _Waiter(swarm_id, avoid, asyncio.get_running_loop().create_future())
+        share.queue.append(waiter)
+        self._dispatch()
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter.granted}, timeout=1.0)
+                if done:
+                    return waiter.granted.result()
+                since = self._none_eligible_since
+                if since is not None and time.monotonic() - since >= self.no_worker_timeout_s:
+                    waiter.granted.cancel()
                     raise NoWorkersAvailable(
-                        f"no worker reachable at {self.target_text} for {self.no_worker_timeout_s:g}s"
+                        f"no worker could take work at {self.target_text} for {self.no_worker_timeout_s:g}s"
                     )
-                self._spawn(self.refresh())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(1.0, self.no_worker_timeout_s))
+                if since is not None:
+                    self._spawn(self.refresh())
+        except asyncio.CancelledError:
+            if waiter.granted.done() and not waiter.granted.cancelled():
+                self.release(waiter.granted.result(), swarm_id)
+            else:
+                waiter.granted.cancel()
+            raise
 
-    async def release(self, worker: PoolWorker) -> None:
+    def release(self, worker: PoolWorker, swarm_id: str) -> None:
         worker.in_flight -= 1
-        async with self._changed:
-            self._changed.notify()
-
-    async def mark_unreachable(self, worker: PoolWorker) -> None:
-        """The worker failed a call as if gone: no new work until a probe finds it again."""
-        if worker.reachable:
-            worker.reachable = False
-            log.warning(
-                "worker marked unreachable", extra={"address": worker.address, "worker_id": worker.worker_id}
-            )
-            self._spawn(self.refresh())
-
-    def _spawn(self, work: Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        share = self._shares.get(swarm_id)
+        if share is not None:
+            share.running -= 1
+        self._dispatch()

@@ -69,18 +69,17 @@ class Service:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def run_until_stopped(
-        self, *, grace_s: float, before_stop: Callable[[], Awaitable[None]] | None = None
-    ) -> None:
-        """Serves until a signal or `stop()`; then NOT_SERVING, `before_stop`, and a graceful stop."""
+    async def run_until_stopped(self, *, drain: Callable[[], Awaitable[None]], stop_grace_s: float) -> None:
+        """Serves until a signal or `stop()`. Then: NOT_SERVING, so callers route elsewhere; `drain`,
+        which lets the service's own work finish within its grace; and a server stop whose short
+        grace flushes the last messages and cuts long-lived streams such as health watches."""
         try:
             await self._stopping.wait()
-            self.log.info(f"{self.name} shutting down (grace {grace_s:g}s)")
+            self.log.info(f"{self.name} shutting down")
             await self.health.enter_graceful_shutdown()
-            if before_stop is not None:
-                await before_stop()
+            await drain()
         finally:
-            await self._server.stop(grace_s)
+            await self._server.stop(stop_grace_s)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)
             self.log.info(f"{self.name} stopped")

@@ -72,7 +72,8 @@ def start(
             process.lines.append(line.rstrip("\n"))
             match = LISTENING.search(line)
             if match and not found.is_set():
-                process.address = f"127.0.0.1:{match.group(2)}"
+                host = match.group(1)
+                process.address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{match.group(2)}"
                 found.set()
         found.set()
 

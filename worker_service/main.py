@@ -21,6 +21,16 @@ from swarm_common.serving import Service
 from worker_service.servicer import WorkerServicer
 from worker_service.worker import Worker
 
+DRAIN_NOTICE_S = 1.0
+
+
+async def drain(worker: Worker, grace_s: float) -> None:
+    """After NOT_SERVING: a moment in which calls are still taken while every orchestrator watching
+    this worker's health stops routing to it, then the in-flight subtasks' time to finish."""
+    await asyncio.sleep(min(DRAIN_NOTICE_S, grace_s))
+    if not await worker.wait_idle(max(0.0, grace_s - DRAIN_NOTICE_S)):
+        worker.log_unfinished()
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -100,7 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await service.start()
     try:
-        await service.run_until_stopped(grace_s=args.shutdown_grace)
+        await service.run_until_stopped(drain=lambda: drain(worker, args.shutdown_grace), stop_grace_s=1.0)
     finally:
         await provider.aclose()
 

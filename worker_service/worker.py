@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 from swarm_common import prompts
 from swarm_common.errors import ProviderUnavailable
 from swarm_common.providers import Provider, StreamRequest, Usage
+
+log = logging.getLogger("swarm.worker")
 
 
 class WorkerBusy(Exception):
@@ -37,12 +41,15 @@ class Worker:
         self.max_concurrency = max_concurrency
         self.default_model = default_model
         self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def claim(self) -> None:
         """Takes a slot or raises WorkerBusy; `execute` gives it back."""
         if self.in_flight >= self.max_concurrency:
             raise WorkerBusy(f"worker {self.worker_id} is running {self.in_flight} subtasks, its maximum")
         self.in_flight += 1
+        self._idle.clear()
 
     async def execute(self, assignment: Assignment) -> AsyncIterator[str | Usage]:
         """Runs a claimed assignment: yields the output's chunks as they arrive, then one Usage."""
@@ -62,3 +69,16 @@ class Worker:
                 yield item
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once nothing is in flight; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def log_unfinished(self) -> None:
+        log.warning(f"shutdown grace over with {self.in_flight} subtask(s) unfinished: they are cancelled")

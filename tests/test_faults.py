@@ -1,0 +1,238 @@
+"""The scheduler under real faults, with real processes: a worker killed, hung, drained, added and
+removed; a client that cancels; an orchestrator told to stop; swarms competing for capacity.
+Each test checks that nothing is lost and no subtask completes twice (assert_completed)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+
+import grpc
+import pytest
+from fake_dns import FakeDNS
+
+from stack import Process, stack, start
+from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
+from swarm_checks import assert_completed, assert_well_formed, kinds
+from swarm_client import AsyncSwarmClient, Unavailable
+
+IDEA = "Survey the city's bridges"
+
+
+def started_on(events: list[events_pb2.SwarmEvent], worker_id: str) -> list[events_pb2.SubtaskStarted]:
+    return [
+        e.subtask_started
+        for e in events
+        if e.HasField("subtask_started") and e.subtask_started.worker_id == worker_id
+    ]
+
+
+def failures(events: list[events_pb2.SwarmEvent]) -> list[events_pb2.SubtaskFailed]:
+    return [e.subtask_failed for e in events if e.HasField("subtask_failed")]
+
+
+async def in_flight(worker: Process) -> int:
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        info = await worker_pb2_grpc.WorkerServiceStub(channel).GetWorkerInfo(
+            worker_pb2.GetWorkerInfoRequest(), timeout=5
+        )
+    return int(info.in_flight)
+
+
+async def test_a_hung_worker_is_given_up_on_and_its_subtasks_run_elsewhere() -> None:
+    with stack(workers=2, sim_latency_ms=1500, orchestrator_args=["--no-progress-timeout", "1"]) as running:
+        hung = running.workers[1]
+        async with AsyncSwarmClient(running.target) as client:
+            events: list[events_pb2.SwarmEvent] = []
+            hung_at = 0
+            async for event in client.run(IDEA, 6):
+                events.append(event)
+                if not hung_at and event.HasField("subtask_delta") and started_on(events, "worker-1"):
+                    hung.signal(signal.SIGSTOP)
+                    hung_at = event.sequence
+    assert_completed(events, 6)
+    hung_failures = [f for f in failures(events) if f.worker_id == "worker-1"]
+    assert hung_failures and all(f.will_retry and "hung" in f.error for f in hung_failures)
+    late = [e for e in events if e.sequence > hung_at and e.HasField("subtask_started")]
+    assert late and all(e.subtask_started.worker_id == "worker-0" for e in late), (
+        "no new work for a hung worker"
+    )
+
+
+async def test_a_draining_worker_finishes_what_it_has_and_gets_nothing_new() -> None:
+    with stack(
+        workers=2, sim_latency_ms=1500, worker_args=["--max-concurrency", "2", "--shutdown-grace", "20"]
+    ) as running:
+        draining = running.workers[1]
+        async with AsyncSwarmClient(running.target) as client:
+            events: list[events_pb2.SwarmEvent] = []
+            received: list[float] = []
+            sigterm = 0.0
+            async for event in client.run(IDEA, 10):
+                events.append(event)
+                received.append(time.monotonic())
+                if not sigterm and started_on(events, "worker-1"):
+                    draining.signal(signal.SIGTERM)
+                    sigterm = time.monotonic()
+        exit_code = draining.popen.wait(30)
+    assert_completed(events, 10)
+    assert not failures(events), "drained, not failed: in-flight subtasks finish"
+    assert exit_code == 0
+    after = [
+        e
+        for e, at in zip(events, received, strict=True)
+        if at > sigterm + 1.0 and e.HasField("subtask_started")
+    ]
+    assert after and all(e.subtask_started.worker_id == "worker-0" for e in after)
+
+
+def free_port_on(*hosts: str) -> int:
+    """A port free on every one of the loopback addresses given (each worker binds its own)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts:
+                with socket.socket() as check:
+                    check.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+async def test_workers_found_by_dns_join_and_leave_during_a_swarm() -> None:
+    port = free_port_on("127.0.0.2", "127.0.0.3")
+    worker_args = ["--provider", "simulated", "--sim-latency-ms", "800", "--max-concurrency", "2"]
+    first = start(
+        "worker-a", "swarm-worker", [*worker_args, "--worker-id", "worker-a", "--listen", f"127.0.0.2:{port}"]
+    )
+    second: Process | None = None
+    orchestrator: Process | None = None
+    try:
+        with FakeDNS("workers.test", ["127.0.0.2"]) as dns_server:
+            orchestrator = start(
+                "orchestrator",
+                "swarm-orchestrator",
+                [
+                    "--provider",
+                    "simulated",
+                    "--sim-latency-ms",
+                    "50",
+                    "--refresh-interval",
+                    "0.3",
+                    "--workers",
+                    f"dns://127.0.0.1:{dns_server.port}/workers.test:{port}",
+                ],
+            )
+            async with AsyncSwarmClient(orchestrator.address) as client:
+                events = []
+                async for event in client.run(IDEA, 16):
+                    events.append(event)
+                    if second is None and event.HasField("subtask_completed"):
+                        second = start(
+                            "worker-b",
+                            "swarm-worker",
+                            [*worker_args, "--worker-id", "worker-b", "--listen", f"127.0.0.3:{port}"],
+                        )
+                        dns_server.addresses = ["127.0.0.2", "127.0.0.3"]
+                assert_completed(events, 16)
+                assert started_on(events, "worker-b"), "the added worker got work"
+
+                dns_server.addresses = ["127.0.0.3"]  # worker-a leaves the pool (still running)
+                await asyncio.sleep(1.5)
+                later = [e async for e in client.run(IDEA, 4)]
+            assert_completed(later, 4)
+            assert not started_on(later, "worker-a") and started_on(later, "worker-b")
+    finally:
+        for process in (orchestrator, second, first):
+            if process is not None:
+                process.stop()
+
+
+async def test_cancelling_a_swarm_stops_its_worker_calls_and_frees_capacity_for_others() -> None:
+    fast_planning = ["--sim-latency-ms", "50"]  # only the workers' answers are slow
+    with stack(
+        workers=2,
+        sim_latency_ms=20000,
+        worker_args=["--max-concurrency", "3"],
+        orchestrator_args=fast_planning,
+    ) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            doomed = client.run(IDEA, 6)
+            started = 0
+            async for event in doomed:
+                started += event.HasField("subtask_started")
+                if started == 6:
+                    break
+            for _ in range(100):  # subtask_started is appended as the call goes out, not as it lands
+                if [await in_flight(w) for w in running.workers] == [3, 3]:
+                    break
+                await asyncio.sleep(0.05)
+            assert [await in_flight(w) for w in running.workers] == [3, 3], "every slot busy"
+            waiting = asyncio.create_task(_first_start(client))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "the second swarm waits for capacity"
+            cancelled_at = time.monotonic()
+            await doomed.aclose()  # the client leaves RunSwarm: the swarm is cancelled
+            swarm_id = await asyncio.wait_for(waiting, 10)
+            freed_after = time.monotonic() - cancelled_at
+            for _ in range(100):
+                if sum([await in_flight(w) for w in running.workers]) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert sum([await in_flight(w) for w in running.workers]) == 3, (
+                "only the new swarm's calls remain"
+            )
+            await client.cancel(swarm_id)
+            doomed_id = (await client.list(page_size=2)).swarms[1].swarm_id
+            events = [e async for e in client.watch(doomed_id)]
+    assert_well_formed(events)
+    assert kinds(events)[-1] == "swarm_cancelled" and "subtask_completed" not in kinds(events)
+    assert freed_after < 3.0, f"capacity came back {freed_after:.2f}s after the cancel"
+
+
+async def _first_start(client: AsyncSwarmClient) -> str:
+    async for event in client.run(IDEA, 3, detach=True):
+        if event.HasField("subtask_started"):
+            return event.swarm_id
+    raise AssertionError("the second swarm never started a subtask")
+
+
+async def test_a_stopping_orchestrator_finishes_running_swarms_and_refuses_new_ones() -> None:
+    with stack(workers=2, sim_latency_ms=1500) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            events = []
+            async for event in client.run(IDEA, 4):
+                events.append(event)
+                if event.HasField("subtask_started") and running.orchestrator.popen.poll() is None:
+                    running.orchestrator.signal(signal.SIGTERM)
+                    await asyncio.sleep(0.2)
+                    with pytest.raises(Unavailable):
+                        [e async for e in client.run(IDEA, 2)]
+        assert running.orchestrator.popen.wait(30) == 0
+    assert_completed(events, 4)
+
+
+async def test_a_small_swarm_is_not_stuck_behind_a_big_one() -> None:
+    with stack(workers=2, sim_latency_ms=300, worker_args=["--max-concurrency", "4"]) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            big = asyncio.create_task(_timed(client, 200))
+            await asyncio.sleep(1.5)
+            small_events, small_s = await _timed(client, 3)
+            big_events, big_s = await asyncio.wait_for(big, 120)
+    assert_completed(small_events, 3)
+    assert_completed(big_events, 200)
+    # The small swarm's own work: plan, one round of subtasks, synthesis (~0.3 s each). Queued
+    # behind the big swarm's 190-odd subtasks it would wait for about 190/8 rounds (~7 s).
+    assert small_s < 3.0, f"small swarm took {small_s:.2f}s while the big one took {big_s:.2f}s"
+    assert small_s < big_s / 3
+
+
+async def _timed(client: AsyncSwarmClient, agents: int) -> tuple[list[events_pb2.SwarmEvent], float]:
+    began = time.monotonic()
+    events = [e async for e in client.run(IDEA, agents)]
+    return events, time.monotonic() - began
