@@ -3,6 +3,7 @@ clients reach the local fake Messages API through ANTHROPIC_BASE_URL (the proxy 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +80,37 @@ async def test_an_unauthenticated_worker_fails_its_subtask_at_once(fake: FakeMes
     failed = [e.subtask_failed for e in events if e.HasField("subtask_failed")]
     assert len(failed) == 1 and not failed[0].will_retry and "UNAUTHENTICATED" in failed[0].error
     assert kinds(events)[-1] == "swarm_failed" and "subtask-1" in events[-1].swarm_failed.error
+
+
+async def test_cancelling_a_swarm_ends_the_model_streams_on_every_worker() -> None:
+    slow = FakeMessagesAPI(api_key=KEY, chunks=100, chunk_delay_s=0.2)  # 20 s answers
+    with slow, anthropic_stack(slow) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            run = client.run("Design a seed library", 4)
+            swarm_id = (await anext(run)).swarm_id
+            assert await slow.async_wait_for(lambda: slow.open_streams == 4, 10)
+            cancelled_at = time.monotonic()
+            await client.cancel(swarm_id, "enough")
+            closed = await slow.async_wait_for(lambda: slow.streams_disconnected == 4, 10)
+            closed_after = time.monotonic() - cancelled_at
+            await run.aclose()
+    assert closed, "every worker closed its HTTP stream to the model API"
+    assert slow.open_streams == 0
+    print(f"model streams closed {closed_after:.2f}s after CancelSwarm")
+
+
+async def test_each_attempt_passes_its_remaining_time_to_the_model_call(fake: FakeMessagesAPI) -> None:
+    args = ["--provider", "anthropic"]
+    with stack(
+        workers=1,
+        worker_args=args,
+        orchestrator_args=[*args, "--subtask-timeout", "7"],
+        env=anthropic_env(fake),
+    ) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            assert_completed([e async for e in client.run("Design a seed library", 2)], 2)
+    subtask_calls = [r for r in fake.requests if r.streaming and r.last_user_text.startswith("Subtask:")]
+    assert len(subtask_calls) == 2
+    for request in subtask_calls:
+        # The SDK tells the API the timeout it was given: the attempt's remaining time, under 7 s.
+        assert 5.0 < float(request.headers["x-stainless-timeout"]) <= 7.0
