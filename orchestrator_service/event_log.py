@@ -1,63 +1,166 @@
 """A swarm's event log: the one path for events. The swarm appends; RunSwarm, WatchSwarm and GetSwarm
-read. Sequence numbers are given here, 1, 2, 3 ... with no gaps, and nothing follows a terminal event."""
+read. Sequence numbers are given here, 1, 2, 3 ... with no gaps, and nothing follows a terminal event.
+
+Append, then publish: `append` numbers the event, applies it to the swarm's record and hands it to
+the store, and readers see it only once the store has made it durable, so no client is ever shown
+an event that a crash could take back. Appends made while the store is writing go to it together
+in the next write.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import Message
 
+from orchestrator_service.state import SwarmRecord
+from orchestrator_service.store import Entry, Store, StoreError, SubtaskRow
 from swarm.v1 import events_pb2
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
+REPLAY_PAGE = 1000
+
+log = logging.getLogger("swarm.orchestrator.event_log")
 
 
 class LogClosed(RuntimeError):
-    """An event was appended after the swarm's terminal event: a bug in the caller."""
+    """An event was appended after the swarm's terminal event, or after it was suspended: a bug in
+    the caller."""
+
+
+class LogSuspended(Exception):
+    """The orchestrator stopped before the swarm ended; a restart on the same store resumes it."""
 
 
 class EventLog:
     def __init__(
-        self, swarm_id: str, on_append: Callable[[events_pb2.SwarmEvent], None] | None = None
+        self,
+        record: SwarmRecord,
+        store: Store,
+        *,
+        on_store_failure: Callable[[StoreError], None] | None = None,
     ) -> None:
-        self.swarm_id = swarm_id
-        self._events: list[events_pb2.SwarmEvent] = []
-        self._grew = asyncio.Event()
-        self._on_append = on_append
-        self.closed = False
-
-    def __len__(self) -> int:
-        return len(self._events)
+        """A log that goes on from `record`, whose events the store already holds (none for a new
+        swarm; all of them for a resumed one)."""
+        self.record = record
+        self.swarm_id = record.swarm_id
+        self.closed = record.finished
+        self._store = store
+        self._on_store_failure = on_store_failure
+        self._base = record.last_sequence  # the events through here are read from the store
+        self._events: list[events_pb2.SwarmEvent] = []  # those appended since: base+1, base+2 ...
+        self._durable = self._base
+        self._unstored: list[Entry] = []
+        self._storing: asyncio.Task[None] | None = None
+        self._failure: StoreError | None = None
+        self._suspended = False
+        self._changed = asyncio.Event()
 
     @property
-    def last(self) -> events_pb2.SwarmEvent | None:
-        return self._events[-1] if self._events else None
+    def last_sequence(self) -> int:
+        return self._base + len(self._events)
 
     def append(self, kind: str, body: Message) -> events_pb2.SwarmEvent:
-        """Appends one event of `kind` (a SwarmEvent oneof field name) and wakes every follower."""
-        if self.closed:
-            raise LogClosed(f"swarm {self.swarm_id} already ended; cannot append {kind}")
-        event = events_pb2.SwarmEvent(swarm_id=self.swarm_id, sequence=len(self._events) + 1)
+        """Appends one event of `kind` (a SwarmEvent oneof field name); readers see it once stored."""
+        if self.closed or self._suspended:
+            raise LogClosed(f"swarm {self.swarm_id} already ended or stopped; cannot append {kind}")
+        event = events_pb2.SwarmEvent(swarm_id=self.swarm_id, sequence=self.last_sequence + 1)
         event.time.FromNanoseconds(time.time_ns())
         getattr(event, kind).CopyFrom(body)
+        change = self.record.apply(event)
         self._events.append(event)
+        subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
+        self._unstored.append(
+            Entry(
+                event,
+                summary=self.record.to_proto(with_subtasks=False) if change.summary else None,
+                subtasks=tuple(SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks),
+            )
+        )
         if kind in TERMINAL_KINDS:
             self.closed = True
-        if self._on_append is not None:
-            self._on_append(event)
-        self._grew.set()
-        self._grew = asyncio.Event()
+        if self._storing is None:
+            self._storing = asyncio.get_running_loop().create_task(self._store_all())
         return event
 
+    async def _store_all(self) -> None:
+        """Stores what was appended, batch after batch, and publishes each batch once it is durable."""
+        try:
+            while self._unstored and self._failure is None:
+                batch, self._unstored = self._unstored, []
+                try:
+                    await self._store.append(batch)
+                except Exception as error:  # whatever it is, these events are not durable
+                    log.error("cannot store events", exc_info=error, extra={"swarm_id": self.swarm_id})
+                    self._failure = error if isinstance(error, StoreError) else StoreError(repr(error))
+                    if self._on_store_failure is not None:
+                        self._on_store_failure(self._failure)
+                else:
+                    self._durable = batch[-1].event.sequence
+                self._wake()
+        finally:
+            self._storing = None
+
+    def suspend(self) -> None:
+        """The swarm stops here without an end: readers get LogSuspended once they have every
+        stored event, and nothing more is appended."""
+        self._suspended = True
+        self._wake()
+
+    async def stored(self, through: int | None = None) -> None:
+        """Waits until the events through `through` (by default all appended so far) are durable."""
+        target = self.last_sequence if through is None else through
+        while self._durable < target:
+            self._raise_if_failed()
+            await self._changed.wait()
+
     async def follow(self, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
-        """The events after `after_sequence`, then each new one as it is appended, until the terminal one."""
+        """The events after `after_sequence`, then each new one once it is durable, until the
+        terminal one. The switch from stored to live events has no gap and no duplicate: both come
+        from this one numbered sequence."""
         index = after_sequence
+        if index < self._base:
+            async for event in replay(self._store, self.swarm_id, after_sequence=index, through=self._base):
+                index = event.sequence
+                yield event
+            if index < self._base:
+                raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
         while True:
-            while index < len(self._events):
+            while index < self._durable:
                 index += 1
-                yield self._events[index - 1]
-            if self.closed:
-                return
-            await self._grew.wait()
+                yield self._events[index - self._base - 1]
+            if self.closed and self._durable == self.last_sequence:
+                return  # everything through the terminal event is out
+            self._raise_if_failed()
+            if self._suspended and self._durable == self.last_sequence:
+                raise LogSuspended(
+                    f"the orchestrator stopped before swarm {self.swarm_id} ended; it goes on when the "
+                    f"orchestrator restarts: WatchSwarm it after sequence {index}"
+                )
+            await self._changed.wait()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise StoreError(f"swarm {self.swarm_id}: {self._failure}")
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+async def replay(
+    store: Store, swarm_id: str, *, after_sequence: int = 0, through: int | None = None
+) -> AsyncIterator[events_pb2.SwarmEvent]:
+    """A swarm's stored events after `after_sequence` (through `through`, or all), page by page."""
+    index = after_sequence
+    while through is None or index < through:
+        limit = REPLAY_PAGE if through is None else min(REPLAY_PAGE, through - index)
+        page = await store.events(swarm_id, after_sequence=index, limit=limit)
+        for event in page:
+            yield event
+        if len(page) < limit:
+            return
+        index = page[-1].sequence

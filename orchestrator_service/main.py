@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from orchestrator_service.orchestrator import Limits, Orchestrator
@@ -11,6 +12,7 @@ from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
 from orchestrator_service.servicer import OrchestratorServicer
+from orchestrator_service.store import MEMORY, Store, StoreError, expire_forever, open_store
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs
@@ -162,7 +164,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--db",
         "SWARM_DB",
         default="swarms.db",
-        help="where swarms are kept (this version keeps them in memory; the flag is reserved)",
+        help=f"the SQLite file that swarms are kept in (created if missing; {MEMORY} = in memory only, "
+        "nothing survives a restart)",
+    )
+    env_flag(
+        parser,
+        "--retention",
+        "SWARM_RETENTION_S",
+        default=7 * 24 * 3600.0,
+        type=non_negative_float,
+        help="seconds a finished swarm is kept before it is deleted (0 = forever)",
     )
     env_flag(
         parser,
@@ -179,6 +190,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     log = logs.setup("orchestrator", args.log_level)
+    # First: a database that cannot be used stops the start before anything else is set up.
+    store = await open_store(args.db)
+    try:
+        await _serve_on(store, args, log)
+    finally:
+        await store.close()
+
+
+async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger) -> None:
     settings = SimulatedSettings(
         latency_ms=args.sim_latency_ms,
         chunks=args.sim_chunks,
@@ -218,6 +238,7 @@ async def serve(args: argparse.Namespace) -> None:
             ),
             limiter,
         ),
+        store,
         default_model=args.model,
         limits=Limits(max_agents=args.max_agents, max_idea_bytes=args.max_idea_bytes),
     )
@@ -231,21 +252,44 @@ async def serve(args: argparse.Namespace) -> None:
         log=log,
     )
     await pool.start()
+    background: list[asyncio.Task[None]] = []
     try:
+        # Before serving: a client that reconnects finds its resumed swarm running.
+        resumed = await orchestrator.recover()
+        if resumed:
+            log.info(f"resumed {len(resumed)} unfinished swarm(s) from {args.db}")
+        if args.retention > 0:
+            background.append(asyncio.create_task(expire_forever(store, args.retention)))
+        background.append(asyncio.create_task(_stop_on_store_failure(orchestrator, service, log)))
         await service.start()
         # 5 s after the drain for the last events to reach their watchers.
         await service.run_until_stopped(
             drain=lambda: orchestrator.drain(args.shutdown_grace), stop_grace_s=5.0
         )
     finally:
+        for task in background:
+            task.cancel()
         await pool.close()
         await provider.aclose()
+    if orchestrator.store_failure is not None:
+        raise orchestrator.store_failure
+
+
+async def _stop_on_store_failure(orchestrator: Orchestrator, service: Service, log: logging.Logger) -> None:
+    """An orchestrator that cannot store events stops (exit 1) rather than show unstored ones; a
+    restart resumes its swarms from what was stored."""
+    await orchestrator.store_failed.wait()
+    log.critical(f"stopping: {orchestrator.store_failure}")
+    service.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         asyncio.run(serve(args))
+    except StoreError as error:
+        print(f"swarm-orchestrator: {error}", file=sys.stderr)
+        sys.exit(1)
     except (ProviderConfigError, ValueError) as error:
         print(f"swarm-orchestrator: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,9 @@
-"""The orchestrator's front: validates requests, starts swarms, and finds them again. No gRPC here."""
+"""The orchestrator's front: validates requests, starts and resumes swarms, and finds them again.
+No gRPC here.
+
+Swarms that are running live here, in memory; a finished swarm lives in the store alone, which is
+where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swarms in flight.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
+from orchestrator_service.state import SwarmRecord
+from orchestrator_service.store import Cursor, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec
 from swarm.v1 import events_pb2, orchestrator_pb2
 
@@ -68,92 +76,186 @@ class Orchestrator:
         self,
         planner: Planner,
         scheduler: Scheduler,
+        store: Store,
         *,
         default_model: str,
         limits: Limits | None = None,
     ) -> None:
         self.planner = planner
         self.scheduler = scheduler
+        self.store = store
         self.default_model = default_model
         self.limits = limits or Limits()
         self._swarms: dict[str, Swarm] = {}
         self._by_request_id: dict[str, Swarm] = {}
         self.accepting = True
+        # The first failed store write: the orchestrator can no longer keep its promise that what
+        # clients see is durable, so it stops (and a restart resumes from what was stored).
+        self.store_failure: StoreError | None = None
+        self.store_failed = asyncio.Event()
 
-    def start(self, *, idea: str, num_agents: int, model: str = "", request_id: str = "") -> Swarm:
+    async def recover(self) -> list[str]:
+        """Resumes every unfinished swarm in the store: rebuilds it from its events and runs it on
+        from there. Resumed swarms are detached: the RunSwarm calls that started them are gone."""
+        resumed: list[str] = []
+        for swarm_id in await self.store.unfinished():
+            record = SwarmRecord(swarm_id)
+            try:
+                async for event in replay(self.store, swarm_id):
+                    record.apply(event)
+            except (ValueError, KeyError) as error:
+                raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
+            stored_through = record.last_sequence
+            swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
+            self._launch(swarm)
+            resumed.append(swarm_id)
+            log.info(
+                f"swarm resumed after its stored event {stored_through}",
+                extra={"swarm_id": swarm_id, "model": swarm.spec.model},
+            )
+        return resumed
+
+    async def start(self, *, idea: str, num_agents: int, model: str = "", request_id: str = "") -> str:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead."""
         spec = SwarmSpec(
             idea=idea, num_agents=num_agents, model=model or self.default_model, request_id=request_id
         )
         validate(spec, self.limits)
-        if request_id and request_id in self._by_request_id:
-            return self._by_request_id[request_id]
+        if request_id:
+            seen = await self._find_request(request_id)
+            if seen is not None:
+                return seen
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
-        swarm = Swarm(uuid.uuid4().hex, spec, provider_name=self.planner.provider.name)
-        self._swarms[swarm.id] = swarm
-        if request_id:
-            self._by_request_id[request_id] = swarm
-        swarm.task = asyncio.get_running_loop().create_task(
-            swarm.run(self.planner, self.scheduler), name=f"swarm-{swarm.id}"
+        swarm = Swarm.accept(
+            uuid.uuid4().hex,
+            spec,
+            provider_name=self.planner.provider.name,
+            store=self.store,
+            on_store_failure=self._store_failed,
         )
+        self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
-        return swarm
+        return swarm.id
 
-    def get(self, swarm_id: str) -> Swarm:
-        swarm = self._swarms.get(swarm_id)
-        if swarm is None:
+    async def _find_request(self, request_id: str) -> str | None:
+        running = self._by_request_id.get(request_id)
+        if running is not None:
+            return running.id
+        stored = await self.store.find_request(request_id)
+        # Looked up again after the wait: a start with the same request_id may have won the race.
+        running = self._by_request_id.get(request_id)
+        return running.id if running is not None else stored
+
+    def _launch(self, swarm: Swarm) -> None:
+        self._swarms[swarm.id] = swarm
+        if swarm.spec.request_id:
+            self._by_request_id.setdefault(swarm.spec.request_id, swarm)
+        swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
+
+    async def _run(self, swarm: Swarm) -> None:
+        await swarm.run(self.planner, self.scheduler)
+        if not swarm.finished:
+            return  # suspended: it stays unfinished in the store for the next start
+        try:
+            await swarm.log.stored()
+        except StoreError:
+            return  # the orchestrator is stopping for it (`store_failed`)
+        # Durable now, so the store answers for it from here on.
+        del self._swarms[swarm.id]
+        if self._by_request_id.get(swarm.spec.request_id) is swarm:
+            del self._by_request_id[swarm.spec.request_id]
+
+    def _store_failed(self, error: StoreError) -> None:
+        if self.store_failure is None:
+            self.store_failure = error
+            self.store_failed.set()
+
+    async def get(self, swarm_id: str) -> orchestrator_pb2.Swarm:
+        running = self._swarms.get(swarm_id)
+        if running is not None:
+            return await running.view()
+        stored = await self.store.get_swarm(swarm_id)
+        if stored is None:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
-        return swarm
+        return stored
 
-    def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
-        return self.get(swarm_id).log.follow(after_sequence)
+    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
+        """The swarm's events after `after_sequence`: live while it runs here, else from the store
+        (a finished swarm is stored whole before it leaves memory)."""
+        running = self._swarms.get(swarm_id)
+        if running is not None:
+            return running.log.follow(after_sequence)
+        if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
+            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        return replay(self.store, swarm_id, after_sequence=after_sequence)
 
-    async def cancel(self, swarm_id: str, reason: str = "", wait_s: float = 5.0) -> Swarm:
+    def release(self, swarm_id: str, reason: str) -> None:
+        """The RunSwarm call attached to the swarm is gone: an unfinished swarm is cancelled."""
+        running = self._swarms.get(swarm_id)
+        if running is not None:
+            running.cancel(reason)
+
+    async def cancel(self, swarm_id: str, reason: str = "", wait_s: float = 5.0) -> orchestrator_pb2.Swarm:
         """Cancels the swarm and waits (a bounded time) for its swarm_cancelled; a finished swarm is
         left as it is."""
-        swarm = self.get(swarm_id)
-        if swarm.cancel(reason or "cancelled by CancelSwarm") and swarm.task is not None:
-            await asyncio.wait([swarm.task], timeout=wait_s)
-        return swarm
+        running = self._swarms.get(swarm_id)
+        if running is None:
+            return await self.get(swarm_id)
+        if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
+            await asyncio.wait([running.task], timeout=wait_s)
+        return await running.view()
 
-    def list(
+    async def list(
         self, *, page_size: int = 0, page_token: str = "", state: int = 0
     ) -> tuple[list[orchestrator_pb2.Swarm], str]:
         """Newest first. The token names the last swarm of the previous page, so swarms started in
         between do not shift the pages."""
         size = min(MAX_PAGE_SIZE, page_size if page_size > 0 else DEFAULT_PAGE_SIZE)
-        after: Swarm | None = None
-        if page_token:
-            try:
-                after = self._swarms[base64.urlsafe_b64decode(page_token.encode()).decode()]
-            except (ValueError, KeyError):
-                raise InvalidRequest([("page_token", "is not a token this server gave out")]) from None
-        page: list[Swarm] = []
-        more = False
-        for swarm in reversed(self._swarms.values()):
-            if after is not None:
-                if swarm is after:
-                    after = None
-                continue
-            if state and swarm.record.state != state:
-                continue
-            if len(page) == size:
-                more = True
-                break
-            page.append(swarm)
-        token = base64.urlsafe_b64encode(page[-1].id.encode()).decode() if more else ""
-        return [swarm.record.to_proto(with_subtasks=False) for swarm in page], token
+        after = _decode_token(page_token) if page_token else None
+        swarms = await self.store.list_swarms(limit=size + 1, state=state, after=after)
+        page = swarms[:size]
+        token = _encode_token(Cursor.of(page[-1])) if len(swarms) > size else ""
+        return page, token
 
     async def drain(self, grace_s: float) -> None:
-        """Takes no new swarms, lets running ones finish within the grace, then cancels the rest."""
+        """Takes no new swarms and lets running ones finish within the grace. The rest are stopped
+        unfinished, for the next start to resume, when the store keeps them; else cancelled."""
         self.accepting = False
         running = [s.task for s in self._swarms.values() if s.task is not None and not s.task.done()]
         if not running:
             return
         log.info(f"waiting up to {grace_s:g}s for {len(running)} running swarm(s)")
         _, pending = await asyncio.wait(running, timeout=grace_s)
-        for swarm in self._swarms.values():
-            swarm.cancel("the orchestrator is shutting down")
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if not pending:
+            return
+        resumable = self.store.persistent and self.store_failure is None
+        for swarm in list(self._swarms.values()):
+            if resumable:
+                swarm.suspend()
+            else:
+                swarm.cancel("the orchestrator is shutting down")
+        await asyncio.wait(pending, timeout=5)
+        swarms = list(self._swarms.values())
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(swarm.log.stored(), 5) for swarm in swarms), return_exceptions=True
+        )
+        for swarm, outcome in zip(swarms, outcomes, strict=True):
+            if outcome is not None:
+                log.error(
+                    f"the swarm's last events were not stored: {outcome!r}", extra={"swarm_id": swarm.id}
+                )
+        if resumable:
+            log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
+
+
+def _encode_token(cursor: Cursor) -> str:
+    return base64.urlsafe_b64encode(f"{cursor.create_ns}:{cursor.swarm_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> Cursor:
+    try:
+        create_ns, swarm_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+        return Cursor(int(create_ns), swarm_id)
+    except ValueError:  # bad base64, bad UTF-8, no colon, no number
+        raise InvalidRequest([("page_token", "is not a token this server gave out")]) from None

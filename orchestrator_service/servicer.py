@@ -9,7 +9,9 @@ import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from orchestrator_service.event_log import LogSuspended
 from orchestrator_service.orchestrator import InvalidRequest, Orchestrator, ShuttingDown, SwarmNotFound
+from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 # The request and response types are the method's own; the context is only passed through.
@@ -30,6 +32,11 @@ async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
     raise AssertionError("abort_with_status returns only by raising")
 
 
+# A stream that cannot go on here (the orchestrator is stopping, or its store failed) ends
+# UNAVAILABLE, and its client WatchSwarms on from its last sequence, after a restart too.
+CUT_OFF = (LogSuspended, StoreError)
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def __init__(self, orchestrator: Orchestrator) -> None:
         self._orchestrator = orchestrator
@@ -38,43 +45,53 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.RunSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.RunSwarmResponse]:
         try:
-            swarm = self._orchestrator.start(
+            swarm_id = await self._orchestrator.start(
                 idea=request.idea,
                 num_agents=request.num_agents,
                 model=request.model,
                 request_id=request.request_id,
             )
+            events = await self._orchestrator.watch(swarm_id)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        except ShuttingDown as error:
+        except (ShuttingDown, StoreError) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
-            async for event in swarm.log.follow(0):
+            async for event in events:
                 yield orchestrator_pb2.RunSwarmResponse(event=event)
+        except CUT_OFF as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         finally:
             # Reached on completion, on the client's cancellation (CancelledError or GeneratorExit)
             # and on a broken connection alike; only an unfinished, attached swarm is cancelled.
-            if not request.detach and not swarm.finished:
-                swarm.cancel("the client cancelled RunSwarm")
+            if not request.detach:
+                self._orchestrator.release(swarm_id, "the client cancelled RunSwarm")
 
     async def WatchSwarm(
         self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.WatchSwarmResponse]:
         try:
-            events = self._orchestrator.watch(request.swarm_id, request.after_sequence)
+            events = await self._orchestrator.watch(request.swarm_id, request.after_sequence)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        async for event in events:
-            yield orchestrator_pb2.WatchSwarmResponse(event=event)
+        except StoreError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        try:
+            async for event in events:
+                yield orchestrator_pb2.WatchSwarmResponse(event=event)
+        except CUT_OFF as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
     async def GetSwarm(
         self, request: orchestrator_pb2.GetSwarmRequest, context: Context
     ) -> orchestrator_pb2.GetSwarmResponse:
         try:
-            swarm = self._orchestrator.get(request.swarm_id)
+            swarm = await self._orchestrator.get(request.swarm_id)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        return orchestrator_pb2.GetSwarmResponse(swarm=swarm.record.to_proto())
+        except StoreError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        return orchestrator_pb2.GetSwarmResponse(swarm=swarm)
 
     async def ListSwarms(
         self, request: orchestrator_pb2.ListSwarmsRequest, context: Context
@@ -82,11 +99,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.page_size < 0:
             await abort_invalid(context, InvalidRequest([("page_size", "must not be negative")]))
         try:
-            swarms, token = self._orchestrator.list(
+            swarms, token = await self._orchestrator.list(
                 page_size=request.page_size, page_token=request.page_token, state=request.state
             )
         except InvalidRequest as error:
             await abort_invalid(context, error)
+        except StoreError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return orchestrator_pb2.ListSwarmsResponse(swarms=swarms, next_page_token=token)
 
     async def CancelSwarm(
@@ -96,4 +115,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             swarm = await self._orchestrator.cancel(request.swarm_id, request.reason)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        return orchestrator_pb2.CancelSwarmResponse(swarm=swarm.record.to_proto())
+        except StoreError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+        return orchestrator_pb2.CancelSwarmResponse(swarm=swarm)

@@ -1,4 +1,8 @@
-"""A swarm as it stands, derived from its events alone (the log is the source of truth)."""
+"""A swarm as it stands, derived from its events alone (the log is the source of truth).
+
+The same reducer serves the live swarm, GetSwarm, the store's view rows and restart recovery,
+which rebuilds a swarm by replaying its stored events.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,39 @@ from swarm.v1 import events_pb2, orchestrator_pb2
 
 S = orchestrator_pb2.SwarmState
 T = orchestrator_pb2.SubtaskState
+ENDED = frozenset({S.SWARM_STATE_COMPLETED, S.SWARM_STATE_FAILED, S.SWARM_STATE_CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What one event changed besides the swarm's last sequence and update time: its summary (the
+    GetSwarm view without subtasks) and which subtasks. The store rewrites only those."""
+
+    summary: bool = False
+    subtask_ids: tuple[str, ...] = ()
 
 
 @dataclass
 class SubtaskRecord:
     subtask: events_pb2.Subtask
+    position: int
     state: int = T.SUBTASK_STATE_PENDING
     attempts: int = 0
     worker_id: str = ""
     output: str = ""
     error: str = ""
     usage: events_pb2.Usage = field(default_factory=events_pb2.Usage)
+
+    def to_proto(self) -> orchestrator_pb2.SubtaskStatus:
+        return orchestrator_pb2.SubtaskStatus(
+            subtask=self.subtask,
+            state=self.state,  # type: ignore[arg-type]
+            attempts=self.attempts,
+            worker_id=self.worker_id,
+            output=self.output,
+            error=self.error,
+            usage=self.usage,
+        )
 
 
 class SwarmRecord:
@@ -30,7 +56,10 @@ class SwarmRecord:
         self.swarm_id = swarm_id
         self.state: int = S.SWARM_STATE_UNSPECIFIED
         self.accepted = events_pb2.SwarmAccepted()
+        self.planned = False
+        self.plan_usage = events_pb2.Usage()
         self.subtasks: dict[str, SubtaskRecord] = {}
+        self.synthesis_attempt = 0
         self.result = ""
         self.error = ""
         self.usage = events_pb2.Usage()
@@ -43,64 +72,84 @@ class SwarmRecord:
     def finished(self) -> bool:
         return self.end_time is not None
 
-    def apply(self, event: events_pb2.SwarmEvent) -> None:
+    def apply(self, event: events_pb2.SwarmEvent) -> Change:
         kind = event.WhichOneof("kind")
         handler = getattr(self, f"_apply_{kind}", None) if kind else None
         if kind is None or handler is None:
             raise ValueError(f"unknown event kind {kind!r} in swarm {self.swarm_id}")
-        handler(getattr(event, kind))
+        change: Change = handler(getattr(event, kind))
         self.last_sequence = event.sequence
         self.update_time = event.time
         if kind == "accepted":
             self.create_time = event.time
-        if self.state in (S.SWARM_STATE_COMPLETED, S.SWARM_STATE_FAILED, S.SWARM_STATE_CANCELLED):
+        if self.state in ENDED:
             self.end_time = event.time
+        return change
 
-    def _apply_accepted(self, body: events_pb2.SwarmAccepted) -> None:
+    def _apply_accepted(self, body: events_pb2.SwarmAccepted) -> Change:
         self.accepted = body
         self.state = S.SWARM_STATE_PLANNING
+        return Change(summary=True)
 
-    def _apply_plan_created(self, body: events_pb2.PlanCreated) -> None:
-        self.subtasks = {subtask.id: SubtaskRecord(subtask) for subtask in body.subtasks}
+    def _apply_plan_created(self, body: events_pb2.PlanCreated) -> Change:
+        self.planned = True
+        self.plan_usage = body.usage
+        self.subtasks = {
+            subtask.id: SubtaskRecord(subtask, position) for position, subtask in enumerate(body.subtasks)
+        }
         self.state = S.SWARM_STATE_RUNNING
+        return Change(summary=True, subtask_ids=tuple(self.subtasks))
 
-    def _apply_subtask_started(self, body: events_pb2.SubtaskStarted) -> None:
+    def _apply_subtask_started(self, body: events_pb2.SubtaskStarted) -> Change:
         record = self.subtasks[body.subtask_id]
         record.state = T.SUBTASK_STATE_RUNNING
         record.attempts = body.attempt
         record.worker_id = body.worker_id
         record.error = ""
+        return Change(subtask_ids=(body.subtask_id,))
 
-    def _apply_subtask_delta(self, body: events_pb2.SubtaskDelta) -> None:
-        pass  # the output is kept whole in subtask_completed
+    def _apply_subtask_delta(self, body: events_pb2.SubtaskDelta) -> Change:
+        return Change()  # the output is kept whole in subtask_completed
 
-    def _apply_subtask_completed(self, body: events_pb2.SubtaskCompleted) -> None:
+    def _apply_subtask_completed(self, body: events_pb2.SubtaskCompleted) -> Change:
         record = self.subtasks[body.subtask_id]
         record.state = T.SUBTASK_STATE_COMPLETED
         record.worker_id = body.worker_id
         record.output = body.output
         record.usage = body.usage
+        return Change(subtask_ids=(body.subtask_id,))
 
-    def _apply_subtask_failed(self, body: events_pb2.SubtaskFailed) -> None:
+    def _apply_subtask_failed(self, body: events_pb2.SubtaskFailed) -> Change:
         record = self.subtasks[body.subtask_id]
         record.error = body.error
         record.state = T.SUBTASK_STATE_PENDING if body.will_retry else T.SUBTASK_STATE_FAILED
+        return Change(subtask_ids=(body.subtask_id,))
 
-    def _apply_synthesis_delta(self, body: events_pb2.SynthesisDelta) -> None:
+    def _apply_synthesis_delta(self, body: events_pb2.SynthesisDelta) -> Change:
+        self.synthesis_attempt = max(self.synthesis_attempt, body.attempt)
+        if self.state == S.SWARM_STATE_SYNTHESIZING:
+            return Change()
         self.state = S.SWARM_STATE_SYNTHESIZING
+        return Change(summary=True)
 
-    def _apply_swarm_completed(self, body: events_pb2.SwarmCompleted) -> None:
+    def _apply_swarm_completed(self, body: events_pb2.SwarmCompleted) -> Change:
         self.state = S.SWARM_STATE_COMPLETED
         self.result = body.result
         self.usage = body.usage
+        return Change(summary=True)
 
-    def _apply_swarm_failed(self, body: events_pb2.SwarmFailed) -> None:
+    def _apply_swarm_failed(self, body: events_pb2.SwarmFailed) -> Change:
         self.state = S.SWARM_STATE_FAILED
         self.error = body.error
+        return Change(summary=True)
 
-    def _apply_swarm_cancelled(self, body: events_pb2.SwarmCancelled) -> None:
+    def _apply_swarm_cancelled(self, body: events_pb2.SwarmCancelled) -> Change:
         self.state = S.SWARM_STATE_CANCELLED
         self.error = body.reason
+        return Change(summary=True)
+
+    def _apply_swarm_resumed(self, body: events_pb2.SwarmResumed) -> Change:
+        return Change()  # what changes on a resume is told by the events that follow it
 
     def to_proto(self, *, with_subtasks: bool = True) -> orchestrator_pb2.Swarm:
         swarm = orchestrator_pb2.Swarm(
@@ -121,14 +170,5 @@ class SwarmRecord:
         if self.end_time is not None:
             swarm.end_time.CopyFrom(self.end_time)
         if with_subtasks:
-            for record in self.subtasks.values():
-                swarm.subtasks.add(
-                    subtask=record.subtask,
-                    state=record.state,
-                    attempts=record.attempts,
-                    worker_id=record.worker_id,
-                    output=record.output,
-                    error=record.error,
-                    usage=record.usage,
-                )
+            swarm.subtasks.extend(record.to_proto() for record in self.subtasks.values())
         return swarm

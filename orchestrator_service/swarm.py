@@ -1,25 +1,31 @@
 """One swarm's life: accepted -> planned -> subtasks on the pool -> synthesis -> one terminal event.
 
 Everything the swarm does is an event appended to its log; a failure or a cancellation becomes the
-terminal event, never an exception that escapes.
+terminal event, never an exception that escapes. The run reads where it stands from its record
+(the events so far), so a swarm resumed after a restart runs the same code as a new one: a plan
+already made is not made again, and a subtask already completed is not run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator_service.event_log import EventLog
 from orchestrator_service.planner import Planner, PlanningFailed
 from orchestrator_service.scheduler import Scheduler, SubtaskFailed
-from orchestrator_service.state import SwarmRecord
+from orchestrator_service.state import SwarmRecord, T
+from orchestrator_service.store import Store, StoreError
 from orchestrator_service.worker_pool import NoWorkersAvailable
-from swarm.v1 import events_pb2
+from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common.errors import ProviderError
 from swarm_common.providers import Usage
 
 log = logging.getLogger("swarm.orchestrator.swarm")
+
+RESTARTED = "orchestrator restarted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +47,28 @@ def usage_of(proto: events_pb2.Usage) -> Usage:
 
 
 class Swarm:
-    def __init__(self, swarm_id: str, spec: SwarmSpec, *, provider_name: str) -> None:
-        self.id = swarm_id
-        self.spec = spec
-        self.record = SwarmRecord(swarm_id)
-        self.log = EventLog(swarm_id, on_append=self.record.apply)
+    def __init__(self, log: EventLog) -> None:
+        """Use `accept` or `resume`."""
+        self.log = log
+        self.record = log.record
+        self.id = log.swarm_id
         self.cancel_reason = ""
         self.task: asyncio.Task[None] | None = None
-        self.log.append(
+        self._suspending = False
+
+    @classmethod
+    def accept(
+        cls,
+        swarm_id: str,
+        spec: SwarmSpec,
+        *,
+        provider_name: str,
+        store: Store,
+        on_store_failure: Callable[[StoreError], None] | None = None,
+    ) -> Swarm:
+        """A new swarm, its `accepted` event appended."""
+        swarm = cls(EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure))
+        swarm.log.append(
             "accepted",
             events_pb2.SwarmAccepted(
                 idea=spec.idea,
@@ -58,28 +78,90 @@ class Swarm:
                 request_id=spec.request_id,
             ),
         )
+        return swarm
+
+    @classmethod
+    def resume(
+        cls,
+        record: SwarmRecord,
+        store: Store,
+        *,
+        on_store_failure: Callable[[StoreError], None] | None = None,
+    ) -> Swarm:
+        """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
+        attempts that the restart interrupted told as failed."""
+        swarm = cls(EventLog(record, store, on_store_failure=on_store_failure))
+        subtasks = list(record.subtasks.values())
+        swarm.log.append(
+            "swarm_resumed",
+            events_pb2.SwarmResumed(
+                completed_subtasks=[s.subtask.id for s in subtasks if s.state == T.SUBTASK_STATE_COMPLETED],
+                pending_subtasks=[
+                    s.subtask.id
+                    for s in subtasks
+                    if s.state in (T.SUBTASK_STATE_PENDING, T.SUBTASK_STATE_RUNNING)
+                ],
+            ),
+        )
+        for subtask in subtasks:
+            if subtask.state == T.SUBTASK_STATE_RUNNING:
+                swarm.log.append(
+                    "subtask_failed",
+                    events_pb2.SubtaskFailed(
+                        subtask_id=subtask.subtask.id,
+                        worker_id=subtask.worker_id,
+                        error=RESTARTED,
+                        attempt=subtask.attempts,
+                        will_retry=True,
+                    ),
+                )
+        return swarm
+
+    @property
+    def spec(self) -> SwarmSpec:
+        accepted = self.record.accepted
+        return SwarmSpec(accepted.idea, accepted.num_agents, accepted.model, accepted.request_id)
 
     @property
     def finished(self) -> bool:
         return self.log.closed
 
+    async def view(self) -> orchestrator_pb2.Swarm:
+        """The GetSwarm view, as of an event that is durable: never ahead of what a restart keeps."""
+        view = self.record.to_proto()
+        await self.log.stored(through=view.last_sequence)
+        return view
+
     def cancel(self, reason: str) -> bool:
         """Asks the run to stop; it appends swarm_cancelled once its in-flight calls are cancelled."""
-        if self.finished or self.task is None or self.task.done():
+        if self.finished or self._suspending or self.task is None or self.task.done():
             return False
         self.cancel_reason = self.cancel_reason or reason
         self.task.cancel()
         return True
 
+    def suspend(self) -> bool:
+        """Stops the run without an end, for a restart to resume: the orchestrator is shutting down."""
+        if self.finished or self.task is None or self.task.done():
+            return False
+        self._suspending = True
+        self.task.cancel()
+        return True
+
     async def run(self, planner: Planner, scheduler: Scheduler) -> None:
-        """Runs the swarm to its terminal event. Never raises: failures become swarm_failed."""
+        """Runs the swarm to its terminal event, or until suspended. Never raises: failures become
+        swarm_failed."""
         try:
             await self._run(planner, scheduler)
         except asyncio.CancelledError:
-            # The run is this object's own task: its cancellation is the swarm's end, told as an event.
-            self.log.append(
-                "swarm_cancelled", events_pb2.SwarmCancelled(reason=self.cancel_reason or "cancelled")
-            )
+            # The run is this object's own task: its cancellation is the swarm's end, told as an
+            # event, or its suspension, told by the log to its readers.
+            if self._suspending:
+                self.log.suspend()
+            else:
+                self.log.append(
+                    "swarm_cancelled", events_pb2.SwarmCancelled(reason=self.cancel_reason or "cancelled")
+                )
         except SwarmError as error:
             self._fail(str(error))
         except Exception as error:
@@ -87,36 +169,28 @@ class Swarm:
             self._fail(f"internal error: {type(error).__name__}")
 
     async def _run(self, planner: Planner, scheduler: Scheduler) -> None:
-        usage = Usage()
-        try:
-            plan = await planner.plan(
-                idea=self.spec.idea, num_agents=self.spec.num_agents, model=self.spec.model
+        spec = self.spec
+        if not self.record.planned:
+            try:
+                plan = await planner.plan(idea=spec.idea, num_agents=spec.num_agents, model=spec.model)
+            except PlanningFailed as error:
+                raise SwarmError(str(error)) from None
+            self.log.append(
+                "plan_created", events_pb2.PlanCreated(subtasks=plan.subtasks, usage=usage_proto(plan.usage))
             )
-        except PlanningFailed as error:
-            raise SwarmError(str(error)) from None
-        usage += plan.usage
-        self.log.append("plan_created", events_pb2.PlanCreated(subtasks=plan.subtasks))
-        try:
-            async with asyncio.TaskGroup() as group:
-                runs = [
-                    group.create_task(
-                        scheduler.run(self.log, subtask, idea=self.spec.idea, model=self.spec.model)
-                    )
-                    for subtask in plan.subtasks
-                ]
-        except ExceptionGroup as group:
-            raise SwarmError(_summary(group)) from None
+        await self._run_subtasks(scheduler, spec)
+        usage = usage_of(self.record.plan_usage)
         results = []
-        for subtask, run in zip(plan.subtasks, runs, strict=True):
-            outcome = run.result()
-            usage += usage_of(outcome.usage)
-            results.append((subtask.title, outcome.output))
+        for subtask in self.record.subtasks.values():
+            usage += usage_of(subtask.usage)
+            results.append((subtask.subtask.title, subtask.output))
+        attempt = self.record.synthesis_attempt + 1
         parts: list[str] = []
         try:
-            async for item in planner.synthesize(idea=self.spec.idea, results=results, model=self.spec.model):
+            async for item in planner.synthesize(idea=spec.idea, results=results, model=spec.model):
                 if isinstance(item, str):
                     parts.append(item)
-                    self.log.append("synthesis_delta", events_pb2.SynthesisDelta(text=item))
+                    self.log.append("synthesis_delta", events_pb2.SynthesisDelta(text=item, attempt=attempt))
                 else:
                     usage += item
         except ProviderError as error:
@@ -124,6 +198,29 @@ class Swarm:
         self.log.append(
             "swarm_completed", events_pb2.SwarmCompleted(result="".join(parts), usage=usage_proto(usage))
         )
+
+    async def _run_subtasks(self, scheduler: Scheduler, spec: SwarmSpec) -> None:
+        """Runs every planned subtask that has not completed, each from its next attempt; the
+        outputs land in the record."""
+        subtasks = list(self.record.subtasks.values())
+        for subtask in subtasks:
+            if subtask.state == T.SUBTASK_STATE_FAILED:  # only a resumed swarm meets one here
+                raise SwarmError(str(SubtaskFailed(subtask.subtask.id, subtask.attempts, subtask.error)))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for subtask in subtasks:
+                    if subtask.state != T.SUBTASK_STATE_COMPLETED:
+                        group.create_task(
+                            scheduler.run(
+                                self.log,
+                                subtask.subtask,
+                                idea=spec.idea,
+                                model=spec.model,
+                                first_attempt=subtask.attempts + 1,
+                            )
+                        )
+        except ExceptionGroup as group:
+            raise SwarmError(_summary(group)) from None
 
     def _fail(self, error: str) -> None:
         if not self.log.closed:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -88,10 +90,31 @@ def start(
 class Stack:
     orchestrator: Process
     workers: list[Process]
+    db: Path
+    # The orchestrator's command line and environment, for a restart on the same --db.
+    orchestrator_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
     @property
     def target(self) -> str:
         return self.orchestrator.address
+
+    def restart_orchestrator(self, *, kill: bool = True, args: Sequence[str] = ()) -> Process:
+        """Stops the orchestrator, with SIGKILL (a crash) or else SIGTERM, and starts a new one on the
+        same --db and port, with `args` after its first flags (a later flag wins)."""
+        if kill:
+            self.orchestrator.signal(signal.SIGKILL)
+            self.orchestrator.popen.wait(10)
+        else:
+            self.orchestrator.stop()
+        port = self.orchestrator.address.rsplit(":", 1)[1]
+        self.orchestrator = start(
+            "orchestrator",
+            "swarm-orchestrator",
+            [*self.orchestrator_args, "--listen", f"127.0.0.1:{port}", *args],
+            self.env,
+        )
+        return self.orchestrator
 
 
 @contextmanager
@@ -102,9 +125,13 @@ def stack(
     orchestrator_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     sim_latency_ms: int = 50,
+    db: Path | None = None,
 ) -> Iterator[Stack]:
-    """An orchestrator and `workers` workers, all simulated unless `env`/args say otherwise."""
+    """An orchestrator and `workers` workers, all simulated unless `env`/args say otherwise. The
+    orchestrator keeps its swarms in `db`, by default a new file that is deleted afterwards."""
     started: list[Process] = []
+    running: Stack | None = None
+    scratch = Path(tempfile.mkdtemp(prefix="swarm-stack-"))
     try:
         for index in range(workers):
             started.append(
@@ -123,22 +150,22 @@ def stack(
                     env,
                 )
             )
-        orchestrator = start(
-            "orchestrator",
-            "swarm-orchestrator",
-            [
-                "--provider",
-                "simulated",
-                "--sim-latency-ms",
-                str(sim_latency_ms),
-                "--workers",
-                ",".join(w.address for w in started),
-                *orchestrator_args,
-            ],
-            env,
-        )
-        started.append(orchestrator)
-        yield Stack(orchestrator, started[:-1])
+        db = db or scratch / "swarms.db"
+        args = [
+            "--provider",
+            "simulated",
+            "--sim-latency-ms",
+            str(sim_latency_ms),
+            "--workers",
+            ",".join(w.address for w in started),
+            "--db",
+            str(db),
+            *orchestrator_args,
+        ]
+        running = Stack(start("orchestrator", "swarm-orchestrator", args, env), started, db, args, env)
+        yield running
     finally:
-        for process in reversed(started):
+        # The orchestrator first (it may have been restarted), then the workers.
+        for process in ([running.orchestrator] if running else []) + started[::-1]:
             process.stop()
+        shutil.rmtree(scratch, ignore_errors=True)

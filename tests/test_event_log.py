@@ -8,20 +8,27 @@ import pytest
 
 from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.state import SwarmRecord
+from orchestrator_service.store import MemoryStore
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 
-def test_sequence_numbers_start_at_one_without_gaps() -> None:
-    log = EventLog("s1")
+def new_log(swarm_id: str = "s1", store: MemoryStore | None = None) -> EventLog:
+    return EventLog(SwarmRecord(swarm_id), store or MemoryStore())
+
+
+async def test_sequence_numbers_start_at_one_without_gaps() -> None:
+    store = MemoryStore()
+    log = new_log(store=store)
     for i in range(5):
         log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i)))
-    events = list(log._events)
+    await log.stored()
+    events = await store.events("s1", after_sequence=0, limit=10)
     assert [e.sequence for e in events] == [1, 2, 3, 4, 5]
     assert all(e.swarm_id == "s1" and e.time.seconds > 0 for e in events)
 
 
-def test_nothing_is_appended_after_the_terminal_event() -> None:
-    log = EventLog("s1")
+async def test_nothing_is_appended_after_the_terminal_event() -> None:
+    log = new_log()
     log.append("swarm_failed", events_pb2.SwarmFailed(error="x"))
     assert log.closed
     with pytest.raises(LogClosed):
@@ -29,7 +36,7 @@ def test_nothing_is_appended_after_the_terminal_event() -> None:
 
 
 async def test_follow_replays_after_a_sequence_then_goes_live_to_the_end() -> None:
-    log = EventLog("s1")
+    log = new_log()
     for i in range(3):
         log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i)))
     seen: list[int] = []
@@ -48,7 +55,7 @@ async def test_follow_replays_after_a_sequence_then_goes_live_to_the_end() -> No
 
 
 async def test_many_followers_see_the_same_events() -> None:
-    log = EventLog("s1")
+    log = new_log()
 
     async def collect() -> list[int]:
         return [event.sequence async for event in log.follow()]
@@ -63,9 +70,9 @@ async def test_many_followers_see_the_same_events() -> None:
     assert all(r == list(range(1, 52)) for r in results)
 
 
-def test_record_follows_a_swarm_with_a_retry() -> None:
+async def test_record_follows_a_swarm_with_a_retry() -> None:
     record = SwarmRecord("s1")
-    log = EventLog("s1", on_append=record.apply)
+    log = EventLog(record, MemoryStore())
     log.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=1, model="m", provider="simulated"))
     assert record.state == orchestrator_pb2.SWARM_STATE_PLANNING
     subtask = events_pb2.Subtask(id="subtask-1", title="t", instructions="x")
