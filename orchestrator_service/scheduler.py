@@ -10,12 +10,13 @@ and the completed output is the successful attempt's alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
 import grpc
 
-from orchestrator_service.event_log import EventLog
+from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
 from swarm.v1 import events_pb2, worker_pb2
@@ -98,6 +99,47 @@ def classify(error: grpc.aio.AioRpcError, limiter: ModelRateLimiter) -> AttemptE
     )
 
 
+class DeltaCoalescer:
+    """Gathers an attempt's chunks into at most one subtask_delta per window, so a client's event
+    rate stays bounded however finely the model streams, and no text is lost: what is gathered
+    goes out when the window ends, or before the attempt's next event."""
+
+    def __init__(self, log: EventLog, subtask_id: str, attempt: int, window_s: float) -> None:
+        self._log = log
+        self._subtask_id = subtask_id
+        self._attempt = attempt
+        self._window_s = window_s
+        self._parts: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        self._parts.append(text)
+        if self._window_s <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._window_s, self.flush)
+
+    def close(self) -> None:
+        """Sends what is gathered, unless the log no longer takes events (the swarm stopped)."""
+        with contextlib.suppress(LogClosed):
+            self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._parts:
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._log.append(
+                "subtask_delta",
+                events_pb2.SubtaskDelta(subtask_id=self._subtask_id, text=text, attempt=self._attempt),
+            )
+
+
 @dataclass(slots=True)
 class SubtaskOutcome:
     output: str
@@ -106,11 +148,18 @@ class SubtaskOutcome:
 
 class Scheduler:
     def __init__(
-        self, pool: WorkerPool, policy: RetryPolicy | None = None, limiter: ModelRateLimiter | None = None
+        self,
+        pool: WorkerPool,
+        policy: RetryPolicy | None = None,
+        limiter: ModelRateLimiter | None = None,
+        *,
+        delta_window_s: float = 0.05,
     ) -> None:
         self.pool = pool
         self.policy = policy or RetryPolicy()
         self.limiter = limiter or ModelRateLimiter(ModelLimits())
+        # 0 = one subtask_delta per chunk the worker sends.
+        self.delta_window_s = delta_window_s
 
     async def run(
         self,
@@ -194,6 +243,7 @@ class Scheduler:
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
+            deltas = DeltaCoalescer(log, subtask.id, attempt, self.delta_window_s)
             call = worker.stub.ExecuteSubtask(request, timeout=timeout)
             try:
                 while True:
@@ -208,12 +258,10 @@ class Scheduler:
                     if response.HasField("result"):
                         break
                     chunks.append(response.text)
-                    log.append(
-                        "subtask_delta",
-                        events_pb2.SubtaskDelta(subtask_id=subtask.id, text=response.text, attempt=attempt),
-                    )
+                    deltas.add(response.text)
             finally:
                 call.cancel()
+                deltas.close()
             usage = response.result.usage
             permit.settle(usage.input_tokens, usage.output_tokens)
             output = "".join(chunks)
