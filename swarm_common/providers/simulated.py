@@ -112,8 +112,12 @@ class SimulatedProvider:
         text = _answer(request.prompt)
         pieces = _split(text, self.settings.chunks)
         pause = self.settings.latency_ms / 1000 / len(pieces)
-        for piece in pieces:
-            await asyncio.sleep(pause)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for index, piece in enumerate(pieces, start=1):
+            # Each chunk at its own time from the start, so timer overhead does not pile up over
+            # hundreds of chunks and the answer takes the latency it was given.
+            await asyncio.sleep(max(0.0, began + index * pause - loop.time()))
             yield piece
         yield Usage(_tokens(request.system + request.prompt), _tokens(text), 0.0)
 
