@@ -89,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     env_flag(
         parser,
+        "--delta-window-ms",
+        "SWARM_DELTA_WINDOW_MS",
+        default=50.0,
+        type=non_negative_float,
+        help="a subtask's output chunks are sent as one event per window of this many ms (0 = each chunk)",
+    )
+    env_flag(
+        parser,
         "--no-progress-timeout",
         "SWARM_NO_PROGRESS_TIMEOUT_S",
         default=120.0,
@@ -237,6 +245,7 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
                 no_progress_timeout_s=args.no_progress_timeout,
             ),
             limiter,
+            delta_window_s=args.delta_window_ms / 1000,
         ),
         store,
         default_model=args.model,

@@ -67,6 +67,8 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("model", f"{spec.model[:40]!r} is not a model name"))
     if len(spec.request_id) > MAX_REQUEST_ID:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
+    if spec.max_parallel < 0:
+        violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
     if violations:
         raise InvalidRequest(violations)
 
@@ -115,10 +117,24 @@ class Orchestrator:
             )
         return resumed
 
-    async def start(self, *, idea: str, num_agents: int, model: str = "", request_id: str = "") -> str:
-        """Validates and starts a swarm; a request_id seen before gives back that swarm instead."""
+    async def start(
+        self,
+        *,
+        idea: str,
+        num_agents: int,
+        model: str = "",
+        request_id: str = "",
+        max_parallel: int = 0,
+        deadline: float | None = None,
+    ) -> str:
+        """Validates and starts a swarm; a request_id seen before gives back that swarm instead.
+        `deadline` (epoch seconds) bounds every attempt: the attached call's own deadline."""
         spec = SwarmSpec(
-            idea=idea, num_agents=num_agents, model=model or self.default_model, request_id=request_id
+            idea=idea,
+            num_agents=num_agents,
+            model=model or self.default_model,
+            request_id=request_id,
+            max_parallel=max_parallel,
         )
         validate(spec, self.limits)
         if request_id:
@@ -134,6 +150,7 @@ class Orchestrator:
             store=self.store,
             on_store_failure=self._store_failed,
         )
+        swarm.deadline = deadline
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return swarm.id

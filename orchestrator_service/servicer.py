@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -37,6 +38,12 @@ async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
 CUT_OFF = (LogSuspended, StoreError)
 
 
+def _deadline(context: Context) -> float | None:
+    """The call's deadline as a wall-clock time; grpc Python does not pass deadlines on by itself."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.time() + remaining
+
+
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def __init__(self, orchestrator: Orchestrator) -> None:
         self._orchestrator = orchestrator
@@ -50,6 +57,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 num_agents=request.num_agents,
                 model=request.model,
                 request_id=request.request_id,
+                max_parallel=request.max_parallel,
+                deadline=_deadline(context) if not request.detach else None,
             )
             events = await self._orchestrator.watch(swarm_id)
         except InvalidRequest as error:

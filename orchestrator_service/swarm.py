@@ -34,6 +34,7 @@ class SwarmSpec:
     num_agents: int
     model: str
     request_id: str = ""
+    max_parallel: int = 0
 
 
 def usage_proto(usage: Usage) -> events_pb2.Usage:
@@ -54,6 +55,9 @@ class Swarm:
         self.id = log.swarm_id
         self.cancel_reason = ""
         self.task: asyncio.Task[None] | None = None
+        # When the RunSwarm call that is attached to the swarm runs out (epoch seconds): every
+        # attempt ends by then. Not stored: a resumed swarm is attached to no call.
+        self.deadline: float | None = None
         self._suspending = False
 
     @classmethod
@@ -76,6 +80,7 @@ class Swarm:
                 model=spec.model,
                 provider=provider_name,
                 request_id=spec.request_id,
+                max_parallel=spec.max_parallel,
             ),
         )
         return swarm
@@ -120,7 +125,9 @@ class Swarm:
     @property
     def spec(self) -> SwarmSpec:
         accepted = self.record.accepted
-        return SwarmSpec(accepted.idea, accepted.num_agents, accepted.model, accepted.request_id)
+        return SwarmSpec(
+            accepted.idea, accepted.num_agents, accepted.model, accepted.request_id, accepted.max_parallel
+        )
 
     @property
     def finished(self) -> bool:
@@ -216,6 +223,8 @@ class Swarm:
                                 subtask.subtask,
                                 idea=spec.idea,
                                 model=spec.model,
+                                max_parallel=spec.max_parallel,
+                                deadline=self.deadline,
                                 first_attempt=subtask.attempts + 1,
                             )
                         )

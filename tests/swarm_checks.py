@@ -48,6 +48,8 @@ def assert_completed(events: list[events_pb2.SwarmEvent], agents: int) -> None:
             usage_in += done.usage.input_tokens
             usage_out += done.usage.output_tokens
     result = events[-1].swarm_completed
-    synthesis = "".join(e.synthesis_delta.text for e in events if e.HasField("synthesis_delta"))
+    syntheses = [e.synthesis_delta for e in events if e.HasField("synthesis_delta")]
+    last = max((s.attempt for s in syntheses), default=0)  # a resumed swarm synthesizes afresh
+    synthesis = "".join(s.text for s in syntheses if s.attempt == last)
     assert result.result == synthesis and result.result
     assert result.usage.input_tokens > usage_in and result.usage.output_tokens > usage_out

@@ -29,10 +29,15 @@ def default_target() -> str:
 
 
 def _run_request(
-    idea: str, agents: int, model: str, detach: bool, request_id: str
+    idea: str, agents: int, model: str, detach: bool, request_id: str, max_parallel: int
 ) -> orchestrator_pb2.RunSwarmRequest:
     return orchestrator_pb2.RunSwarmRequest(
-        idea=idea, num_agents=agents, model=model, detach=detach, request_id=request_id
+        idea=idea,
+        num_agents=agents,
+        model=model,
+        detach=detach,
+        request_id=request_id,
+        max_parallel=max_parallel,
     )
 
 
@@ -63,11 +68,21 @@ class AsyncSwarmClient:
             raise Unavailable(f"cannot reach the orchestrator at {self.target}") from None
 
     async def run(
-        self, idea: str, agents: int, *, model: str = "", detach: bool = False, request_id: str = ""
+        self,
+        idea: str,
+        agents: int,
+        *,
+        model: str = "",
+        detach: bool = False,
+        request_id: str = "",
+        max_parallel: int = 0,
+        call_timeout: float | None = None,
     ) -> AsyncIterator[SwarmEvent]:
         """Starts a swarm and yields its events until the terminal one. Leaving the loop early
-        cancels the call, and with it the swarm unless `detach`."""
-        call = self._stub.RunSwarm(_run_request(idea, agents, model, detach, request_id))
+        cancels the call, and with it the swarm unless `detach`. `max_parallel` caps the swarm's
+        subtasks running at once; `call_timeout` is the call's deadline, which every attempt keeps to."""
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
+        call = self._stub.RunSwarm(request, timeout=call_timeout)
         try:
             async for response in call:
                 yield response.event
@@ -146,9 +161,18 @@ class SwarmClient:
             raise Unavailable(f"cannot reach the orchestrator at {self.target}") from None
 
     def run(
-        self, idea: str, agents: int, *, model: str = "", detach: bool = False, request_id: str = ""
+        self,
+        idea: str,
+        agents: int,
+        *,
+        model: str = "",
+        detach: bool = False,
+        request_id: str = "",
+        max_parallel: int = 0,
+        call_timeout: float | None = None,
     ) -> Generator[SwarmEvent, None, None]:
-        call = self._stub.RunSwarm(_run_request(idea, agents, model, detach, request_id))
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
+        call = self._stub.RunSwarm(request, timeout=call_timeout)
         try:
             for response in call:
                 yield response.event

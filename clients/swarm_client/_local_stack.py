@@ -106,6 +106,9 @@ def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> in
     log_dir.mkdir(parents=True, exist_ok=True)
     stack = LocalStack(log_dir, env)
     listen = args.listen or ("127.0.0.1:0" if args.demo else "127.0.0.1:50051")
+    # A demo's swarms go with its logs; a stack's outlive it, in .swarm/ where it was started.
+    db = Path(args.db) if args.db else (log_dir / "swarms.db" if args.demo else Path(".swarm") / "swarms.db")
+    db.parent.mkdir(parents=True, exist_ok=True)
     try:
         workers = [
             stack.start(
@@ -116,7 +119,7 @@ def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> in
         orchestrator = stack.start(
             "orchestrator",
             "swarm-orchestrator",
-            ["--listen", listen, "--workers", ",".join(w.address for w in workers)],
+            ["--listen", listen, "--workers", ",".join(w.address for w in workers), "--db", str(db)],
         )
         provider = "anthropic" if env.get("ANTHROPIC_API_KEY") else "simulated (no ANTHROPIC_API_KEY set)"
         err.print(
@@ -156,6 +159,11 @@ def add_up_command(commands: Any, run_demo: Callable[[str, str, int], int]) -> N
         "--listen", default="", help="orchestrator address (default 127.0.0.1:50051; a free port with --demo)"
     )
     parser.add_argument("--log-dir", default="", help="where the services' logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--db",
+        default="",
+        help="the orchestrator's database (default .swarm/swarms.db; with --demo, in the log dir)",
+    )
     parser.add_argument("--demo", action="store_true", help="run a demo swarm with live progress, then stop")
     parser.add_argument("--agents", type=int, default=5, help="demo: agents (default 5)")
     parser.add_argument("--idea", default=DEMO_IDEA, help="demo: the idea")

@@ -57,6 +57,8 @@ class SwarmView:
         self.accepted = events_pb2.SwarmAccepted()
         self.rows: dict[str, AgentRow] = {}
         self.synthesis: list[str] = []
+        self.synthesis_attempt = 0
+        self.resumed = 0
         self.outcome: events_pb2.SwarmEvent | None = None
         self.last_sequence = 0
 
@@ -97,7 +99,12 @@ class SwarmView:
             row = self._row(failed.subtask_id)
             row.state, row.error = ("retrying" if failed.will_retry else "failed"), failed.error
         elif kind == "synthesis_delta":
+            if event.synthesis_delta.attempt != self.synthesis_attempt:  # a resumed swarm synthesizes afresh
+                self.synthesis_attempt = event.synthesis_delta.attempt
+                self.synthesis = []
             self.synthesis.append(event.synthesis_delta.text)
+        elif kind == "swarm_resumed":
+            self.resumed += 1
         elif kind in ("swarm_completed", "swarm_failed", "swarm_cancelled"):
             self.outcome = event
 
@@ -107,6 +114,8 @@ class SwarmView:
         text.append(self.swarm_id or "…", style="bold magenta")
         if self.accepted.num_agents:
             text.append(f" · {self.accepted.num_agents} agents · {self.accepted.model}")
+            if self.resumed:
+                text.append(" · resumed after an orchestrator restart", style="yellow")
             text.append(
                 f"\nprovider: {describe_provider(self.accepted.provider)}",
                 style="yellow" if self.accepted.provider == "simulated" else "dim",

@@ -54,7 +54,12 @@ def follow(events: Iterator[SwarmEvent], *, json_lines: bool) -> int:
 
 def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
     events = client.run(
-        args.idea, args.agents, model=args.model, detach=args.detach, request_id=args.request_id
+        args.idea,
+        args.agents,
+        model=args.model,
+        detach=args.detach,
+        request_id=args.request_id,
+        max_parallel=args.max_parallel,
     )
     try:
         return follow(events, json_lines=args.json)
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default="", help="model override (default: the server's)")
     run.add_argument("--detach", action="store_true", help="the swarm keeps running if this command stops")
     run.add_argument("--request-id", default="", help="idempotency key")
+    run.add_argument(
+        "--max-parallel", type=int, default=0, help="at most this many subtasks at once (0 = no cap)"
+    )
     run.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
     run.set_defaults(handler=cmd_run)
 
@@ -188,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo(target: str, idea: str, agents: int) -> int:
     with SwarmClient(target) as client:
-        args = argparse.Namespace(idea=idea, agents=agents, model="", detach=False, request_id="", json=False)
+        args = argparse.Namespace(
+            idea=idea, agents=agents, model="", detach=False, request_id="", max_parallel=0, json=False
+        )
         return cmd_run(args, client)
 
 
