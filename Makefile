@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/swarm/v1/*.proto)
 GEN_STAMP := gen/swarm/v1/.generated
 NODE_STAMP := clients/node/node_modules/.installed
 
-.PHONY: install protos run test lint clean
+.PHONY: install protos run test lint clean bench
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -36,6 +36,12 @@ run: install
 
 test: install $(NODE_STAMP)
 	$(BIN)/pytest -q
+
+# Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer
+# in 1g) and py-spy; without it (say, no registry) that benchmark reports itself unavailable.
+bench: install
+	-$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench
 
 lint: install $(NODE_STAMP)
 	$(BIN)/ruff check .

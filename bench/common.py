@@ -1,0 +1,374 @@
+"""What every benchmark shares: real service processes, a timed RunSwarm client, /proc readings, stats.
+
+Services are the venv's console scripts (`swarm-orchestrator`, `swarm-worker`) started on 127.0.0.1
+port 0 with `--provider simulated`; a service is ready when it prints `listening on HOST:PORT` on
+standard error. Every process started here is stopped in a `finally` (SIGTERM, then SIGKILL), and
+every wait is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+
+from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Each client channel gets its own connection (grpc would otherwise share one between channels).
+CLIENT_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+IDEA = "Plan a community bike-share for a mid-sized town"
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A figure's target: `op` is `>=` or `<=`."""
+
+    op: Literal[">=", "<="]
+    value: float
+
+    def check(self, figure: Any) -> bool | None:
+        """True/False for a number, None when the figure is not a number (unavailable, error)."""
+        if isinstance(figure, bool) or not isinstance(figure, int | float) or math.isnan(figure):
+            return None
+        return figure >= self.value if self.op == ">=" else figure <= self.value
+
+    def text(self) -> str:
+        return f"{self.op} {self.value:g}"
+
+
+@dataclass(slots=True)
+class Context:
+    """What a benchmark gets: the mode and the figures of the benchmarks that ran before it."""
+
+    quick: bool = False
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_dir: Path | None = None
+
+
+# --------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Process:
+    """A running child process; the last lines of its standard error are kept for error messages."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    address: str = ""
+    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait up to `timeout`, then SIGKILL."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: no model key (benchmarks never call a model), unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY" and not k.startswith("SWARM_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def start_process(
+    name: str, argv: Sequence[str], *, timeout_s: float = 30.0, cwd: Path | None = None
+) -> Process:
+    """Starts argv and returns once it printed `listening on HOST:PORT` on standard error."""
+    popen = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=service_env(),
+    )
+    process = Process(name, popen)
+    found = threading.Event()
+
+    def read() -> None:
+        assert popen.stderr is not None
+        for line in popen.stderr:  # drained to the end, so a chatty child never blocks on a full pipe
+            process.lines.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match and not found.is_set():
+                process.address = f"127.0.0.1:{match.group(2)}"
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, name=f"stderr-{name}", daemon=True).start()
+    if not found.wait(timeout_s) or not process.address:
+        process.stop()
+        raise RuntimeError(f"{name} did not print 'listening on' within {timeout_s:g}s:\n{process.output()}")
+    return process
+
+
+def console_script(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: run `make install` first")
+    return str(path)
+
+
+@dataclass
+class Stack:
+    orchestrator: Process
+    workers: list[Process]
+
+    @property
+    def target(self) -> str:
+        return self.orchestrator.address
+
+
+@contextmanager
+def stack(
+    *,
+    workers: int = 2,
+    max_concurrency: int = 16,
+    worker_latency_ms: float = 0,
+    worker_chunks: int = 8,
+    orchestrator_latency_ms: float = 0,
+    orchestrator_args: Sequence[str] = (),
+) -> Iterator[Stack]:
+    """One orchestrator and `workers` workers, all simulated, on 127.0.0.1 with port 0; all stopped
+    on exit. The orchestrator's own latency is its planning and synthesis time."""
+    started: list[Process] = []
+    # The orchestrator's store goes to a directory of its own, removed afterwards.
+    store = tempfile.TemporaryDirectory(prefix="swarm-bench-")
+    try:
+        for index in range(workers):
+            started.append(
+                start_process(
+                    f"worker-{index}",
+                    [
+                        console_script("swarm-worker"),
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--provider",
+                        "simulated",
+                        "--worker-id",
+                        f"worker-{index}",
+                        "--max-concurrency",
+                        str(max_concurrency),
+                        "--sim-latency-ms",
+                        f"{worker_latency_ms:g}",
+                        "--sim-chunks",
+                        str(worker_chunks),
+                        "--shutdown-grace",
+                        "1",
+                    ],
+                )
+            )
+        orchestrator = start_process(
+            "orchestrator",
+            [
+                console_script("swarm-orchestrator"),
+                "--listen",
+                "127.0.0.1:0",
+                "--provider",
+                "simulated",
+                "--workers",
+                ",".join(w.address for w in started),
+                "--sim-latency-ms",
+                f"{orchestrator_latency_ms:g}",
+                "--shutdown-grace",
+                "1",
+                "--db",
+                str(Path(store.name) / "swarms.db"),
+                *orchestrator_args,
+            ],
+        )
+        started.append(orchestrator)
+        yield Stack(orchestrator, started[:-1])
+    except BaseException:
+        for process in started:  # what the services said, for the failure's report
+            state = "running" if process.popen.poll() is None else f"exited {process.popen.returncode}"
+            tail = "\n    ".join(list(process.lines)[-15:])
+            print(f"--- {process.name} ({state}), last lines:\n    {tail}", file=sys.stderr)
+        raise
+    finally:
+        for process in reversed(started):
+            process.stop()
+        store.cleanup()
+
+
+# ------------------------------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat utime + stime)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size now (/proc/PID/status VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ------------------------------------------------------------------------------------------- stats
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Sequence[float]) -> float:
+    return percentile(values, 50)
+
+
+# ----------------------------------------------------------------------------------------- clients
+
+
+def client_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
+
+
+@dataclass
+class SwarmTrace:
+    """Every event of one RunSwarm call with the client's wall-clock receive time (time.time())."""
+
+    started: float
+    received: list[tuple[float, events_pb2.SwarmEvent]] = field(default_factory=list)
+    error: str = ""
+
+    def kinds(self, kind: str) -> list[tuple[float, events_pb2.SwarmEvent]]:
+        return [(t, e) for t, e in self.received if e.WhichOneof("kind") == kind]
+
+    def first(self, kind: str) -> float:
+        for t, event in self.received:
+            if event.WhichOneof("kind") == kind:
+                return t
+        raise LookupError(f"no {kind} event ({self.describe()})")
+
+    def stamped(self, kind: str) -> float:
+        """The orchestrator's own time (the event's `time`, epoch seconds) of the first event of `kind`."""
+        for _, event in self.received:
+            if event.WhichOneof("kind") == kind:
+                return event.time.ToNanoseconds() / 1e9
+        raise LookupError(f"no {kind} event ({self.describe()})")
+
+    def last(self, kind: str) -> float:
+        for t, event in reversed(self.received):
+            if event.WhichOneof("kind") == kind:
+                return t
+        raise LookupError(f"no {kind} event ({self.describe()})")
+
+    def count(self, kind: str) -> int:
+        return sum(1 for _, e in self.received if e.WhichOneof("kind") == kind)
+
+    @property
+    def terminal(self) -> str:
+        if self.received:
+            kind = self.received[-1][1].WhichOneof("kind") or ""
+            if kind in ("swarm_completed", "swarm_failed", "swarm_cancelled"):
+                return kind
+        return ""
+
+    def describe(self) -> str:
+        if self.error:
+            return f"error {self.error}"
+        if not self.received:
+            return "no events"
+        last = self.received[-1][1]
+        detail = last.swarm_failed.error if last.HasField("swarm_failed") else ""
+        return f"{len(self.received)} events, last {last.WhichOneof('kind')} {detail}".strip()
+
+    def require_completed(self) -> None:
+        if self.terminal != "swarm_completed":
+            raise RuntimeError(f"the swarm did not complete: {self.describe()}")
+
+
+async def run_swarm(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub,
+    agents: int,
+    *,
+    timeout_s: float,
+    idea: str = IDEA,
+    trace: SwarmTrace | None = None,
+) -> SwarmTrace:
+    """Runs one swarm to its end (bounded by `timeout_s` as the call's deadline) and records every
+    event with its receive time. Cancelling the task cancels the call, and with it the swarm."""
+    trace = trace or SwarmTrace(started=time.time())
+    trace.started = time.time()
+    call = stub.RunSwarm(orchestrator_pb2.RunSwarmRequest(idea=idea, num_agents=agents), timeout=timeout_s)
+    received = trace.received
+    now = time.time
+    try:
+        async for response in call:
+            received.append((now(), response.event))
+    except grpc.aio.AioRpcError as error:
+        trace.error = f"{error.code().name}: {error.details()}"
+    finally:
+        call.cancel()
+    return trace
+
+
+async def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.02) -> bool:
+    """Polls `predicate()` until it is true or `timeout_s` passed; returns whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval_s)
+    return bool(predicate())
+
+
+def rounded(value: float, digits: int = 3) -> float:
+    return round(value, digits) if not math.isnan(value) else value

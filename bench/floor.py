@@ -1,0 +1,94 @@
+"""The raw grpc.aio floor: how many bare server-streaming calls per second two processes can make.
+
+The server (`python -m bench.floor`, a separate process) has one method, `/bench.Floor/Stream`,
+whose handler yields one 32-byte message and returns: no application work, no protobuf (identity
+serializers on bytes). The client (the benchmark's own process) keeps 64 calls in flight: 64
+coroutines on one channel, each starting a call, reading its one message and the end of the stream,
+and starting the next. Figure: completed calls / measured seconds, after a warm-up.
+
+It is the ceiling of what one grpc.aio hop can do on this machine in this run; the dispatch
+benchmark's subtasks/s is compared with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from bench.common import ROOT, Process, client_channel, start_process
+
+METHOD = "/bench.Floor/Stream"
+PAYLOAD = b"x" * 32
+
+
+async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    yield PAYLOAD
+
+
+async def serve(listen: str) -> None:
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Floor", {"Stream": grpc.unary_stream_rpc_method_handler(_stream)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port(listen)
+    await server.start()
+    print(f"floor listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(0)
+
+
+def start_server() -> Process:
+    return start_process("floor", [sys.executable, "-m", "bench.floor", "--listen", "127.0.0.1:0"], cwd=ROOT)
+
+
+async def measure(
+    target: str, *, concurrency: int = 64, warmup_s: float = 0.5, seconds: float = 3.0
+) -> float:
+    """Calls per second at `concurrency` calls in flight, over `seconds` after `warmup_s`."""
+    async with client_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(METHOD)
+        counting = False
+        done = 0
+        stop_at = time.monotonic() + warmup_s + seconds
+
+        async def caller() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                async for _ in stream(PAYLOAD, timeout=10):
+                    pass
+                if counting:
+                    done += 1
+
+        callers = [asyncio.create_task(caller()) for _ in range(concurrency)]
+        try:
+            await asyncio.sleep(warmup_s)
+            counting, started = True, time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*callers), seconds + 15)
+            elapsed = time.monotonic() - started
+        finally:
+            for task in callers:
+                task.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+    return done / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    asyncio.run(serve(parser.parse_args().listen))
+
+
+if __name__ == "__main__":
+    main()
