@@ -106,7 +106,15 @@ class ScriptedScheduler:
         self.asked: list[tuple[str, int]] = []
 
     async def run(
-        self, log: EventLog, subtask: events_pb2.Subtask, *, idea: str, model: str, first_attempt: int = 1
+        self,
+        log: EventLog,
+        subtask: events_pb2.Subtask,
+        *,
+        idea: str,
+        model: str,
+        max_parallel: int = 0,
+        deadline: float | None = None,
+        first_attempt: int = 1,
     ) -> SubtaskOutcome:
         self.asked.append((subtask.id, first_attempt))
         usage = events_pb2.Usage(input_tokens=10, output_tokens=20)
