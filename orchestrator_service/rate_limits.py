@@ -42,6 +42,15 @@ class ModelLimits:
     margin_s: float = 0.25
 
     @property
+    def bounded(self) -> bool:
+        return bool(
+            self.requests_per_minute
+            or self.input_tokens_per_minute
+            or self.output_tokens_per_minute
+            or self.concurrent_requests
+        )
+
+    @property
     def hold_s(self) -> float:
         return self.window_s + self.margin_s
 
@@ -143,6 +152,10 @@ class ModelRateLimiter:
     async def acquire(self, input_tokens: int, output_tokens: int | None = None) -> Permit:
         """Waits until the call fits the budgets (and a concurrency slot is free), then takes it."""
         output = self._output_estimate() if output_tokens is None else output_tokens
+        if not self.limits.bounded and self._paused_until <= self._clock():
+            # Nothing to keep count of: no budget, no cap, no pause.
+            self._in_flight += 1
+            return Permit(self, _Spend(self._clock(), input_tokens, output))
         started = self._clock()
         async with self._turn:
             while self.limits.concurrent_requests and self._in_flight >= self.limits.concurrent_requests:

@@ -245,20 +245,24 @@ class Scheduler:
             chunks: list[str] = []
             deltas = DeltaCoalescer(log, subtask.id, attempt, self.delta_window_s)
             call = worker.stub.ExecuteSubtask(request, timeout=timeout)
+            loop = asyncio.get_running_loop()
+            silence = self.policy.no_progress_timeout_s
             try:
-                while True:
-                    try:
-                        read = await asyncio.wait_for(call.read(), self.policy.no_progress_timeout_s)
-                    except TimeoutError:
-                        raise AttemptHung() from None
-                    if not isinstance(read, worker_pb2.ExecuteSubtaskResponse):  # grpc.aio.EOF
-                        raise IncompleteAttempt("the worker ended the stream without a result")
-                    response = read
-                    permit.answered()
-                    if response.HasField("result"):
-                        break
-                    chunks.append(response.text)
-                    deltas.add(response.text)
+                # One watchdog pushed back at each message: a timer per read would cost a task each.
+                async with asyncio.timeout(silence) as watchdog:
+                    while True:
+                        read = await call.read()
+                        if not isinstance(read, worker_pb2.ExecuteSubtaskResponse):  # grpc.aio.EOF
+                            raise IncompleteAttempt("the worker ended the stream without a result")
+                        watchdog.reschedule(loop.time() + silence)
+                        response = read
+                        permit.answered()
+                        if response.HasField("result"):
+                            break
+                        chunks.append(response.text)
+                        deltas.add(response.text)
+            except TimeoutError:
+                raise AttemptHung() from None
             finally:
                 call.cancel()
                 deltas.close()

@@ -370,6 +370,8 @@ class WorkerPool:
         waiter = _Waiter(swarm_id, avoid, asyncio.get_running_loop().create_future())
         share.queue.append(waiter)
         self._dispatch()
+        if waiter.granted.done():  # a slot was free: no waiting at all
+            return waiter.granted.result()
         try:
             while True:
                 done, _ = await asyncio.wait({waiter.granted}, timeout=1.0)
