@@ -19,10 +19,11 @@ import grpc
 from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
+from orchestrator_service.worker_session import SubtaskCallFailed
 from swarm.v1 import events_pb2, worker_pb2
 from swarm_common import prompts
 from swarm_common.errors import Overloaded, RateLimited
-from swarm_common.status import ERROR_KIND_KEY, RETRY_AFTER_KEY
+from swarm_common.status import CallFailure
 
 # Codes a retry on another worker cannot fix: the request itself, or the credentials, are wrong.
 FINAL_CODES = frozenset(
@@ -71,31 +72,29 @@ class AttemptHung(Exception):
     """No output from the worker for the no-progress timeout."""
 
 
+class AttemptTimedOut(Exception):
+    """The attempt ran past its timeout (the subtask timeout, or the swarm's deadline)."""
+
+
 class IncompleteAttempt(Exception):
     """The worker's stream ended cleanly but without its final result message."""
 
 
-def classify(error: grpc.aio.AioRpcError, limiter: ModelRateLimiter) -> AttemptError:
-    """The retry rules for a failed call, in one place. A model API that rate-limits or is
+def classify(failure: CallFailure, limiter: ModelRateLimiter) -> AttemptError:
+    """The retry rules for a failed attempt, in one place. A model API that rate-limits or is
     overloaded slows every call through `limiter`, not just this one."""
-    code = error.code()
-    trailers = dict(error.trailing_metadata() or ())
-    kind = str(trailers.get(ERROR_KIND_KEY, ""))
-    details = error.details() or code.name
+    code, kind, details = failure.code, failure.kind, failure.message
     if kind == RateLimited.code:
-        retry_after = trailers.get(RETRY_AFTER_KEY)
-        limiter.note_error(RateLimited(details, float(retry_after) if retry_after else None))
+        limiter.note_error(RateLimited(details, failure.retry_after_s))
     elif kind == Overloaded.code:
         limiter.note_error(Overloaded(details))
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = "the attempt took longer than the subtask timeout"
-    elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind:
         details = f"the worker went away: {details}"
     return AttemptError(
         message=f"{code.name}: {details}",
         retryable=code not in FINAL_CODES,
         # A worker that answered with an error kind is alive; its model API is what failed.
-        worker_suspect=code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not kind,
+        worker_suspect=code == grpc.StatusCode.UNAVAILABLE and not kind,
     )
 
 
@@ -183,8 +182,13 @@ class Scheduler:
             tried.add(worker.address)
             try:
                 return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
-            except grpc.aio.AioRpcError as rpc_error:
-                error = classify(rpc_error, self.limiter)
+            except SubtaskCallFailed as failed:
+                error = classify(failed.failure, self.limiter)
+            except AttemptTimedOut:
+                error = AttemptError(
+                    f"the attempt took longer than the subtask timeout ({self._timeout(deadline):g}s)",
+                    retryable=True,
+                )
             except AttemptHung:
                 error = AttemptError(
                     f"no output for {self.policy.no_progress_timeout_s:g}s: the worker seems hung",
@@ -244,28 +248,29 @@ class Scheduler:
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
             deltas = DeltaCoalescer(log, subtask.id, attempt, self.delta_window_s)
-            call = worker.stub.ExecuteSubtask(request, timeout=timeout)
+            outputs = worker.session.execute(request)
             loop = asyncio.get_running_loop()
             silence = self.policy.no_progress_timeout_s
+            ends_at = loop.time() + timeout
+            response: worker_pb2.ExecuteSubtaskResponse | None = None
             try:
-                # One watchdog pushed back at each message: a timer per read would cost a task each.
-                async with asyncio.timeout(silence) as watchdog:
-                    while True:
-                        read = await call.read()
-                        if not isinstance(read, worker_pb2.ExecuteSubtaskResponse):  # grpc.aio.EOF
-                            raise IncompleteAttempt("the worker ended the stream without a result")
-                        watchdog.reschedule(loop.time() + silence)
-                        response = read
+                # One watchdog for silence and for the attempt's whole time, pushed back at each
+                # message: a timer per read would cost a task each.
+                async with asyncio.timeout(min(loop.time() + silence, ends_at)) as watchdog:
+                    async for response in outputs:
+                        watchdog.reschedule(min(loop.time() + silence, ends_at))
                         permit.answered()
                         if response.HasField("result"):
                             break
                         chunks.append(response.text)
                         deltas.add(response.text)
             except TimeoutError:
-                raise AttemptHung() from None
+                raise (AttemptTimedOut() if loop.time() >= ends_at else AttemptHung()) from None
             finally:
-                call.cancel()
+                await outputs.aclose()  # an unfinished subtask is cancelled on the worker
                 deltas.close()
+            if response is None or not response.HasField("result"):
+                raise IncompleteAttempt("the worker ended the subtask without a result")
             usage = response.result.usage
             permit.settle(usage.input_tokens, usage.output_tokens)
             output = "".join(chunks)

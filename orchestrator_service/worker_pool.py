@@ -32,6 +32,7 @@ import dns.exception
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestrator_service.worker_session import WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("swarm.orchestrator.pool")
@@ -128,6 +129,10 @@ class PoolWorker:
     last_pick: int = 0
     provider: str = ""
     watcher: asyncio.Task[None] | None = None
+    session: WorkerSession = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.session = WorkerSession(self.stub)
 
     @property
     def eligible(self) -> bool:
@@ -197,6 +202,7 @@ class WorkerPool:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+        await asyncio.gather(*(worker.session.close() for worker in self._workers.values()))
         await asyncio.gather(*(worker.channel.close() for worker in self._workers.values()))
         self._workers.clear()
 
@@ -293,6 +299,9 @@ class WorkerPool:
         if worker.watcher is not None:
             worker.watcher.cancel()  # its health stream may look fine while the process hangs
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker.address}")
+        # Its subtasks stream is as stuck as the worker: end it, so they fail over now, not each
+        # after its own silence.
+        self._spawn(worker.session.close())
         self._changed()
 
     async def _close_when_idle(self, worker: PoolWorker) -> None:
@@ -300,6 +309,7 @@ class WorkerPool:
             if worker.in_flight == 0:
                 break
             await asyncio.sleep(1)
+        await worker.session.close()
         await worker.channel.close()
 
     def _spawn(self, work: Coroutine[None, None, None]) -> None:

@@ -1,19 +1,29 @@
-"""Translates WorkerService calls to and from the Worker."""
+"""Translates WorkerService calls to and from the Worker. A subtask's outputs come from one place
+(`_outputs`); ExecuteSubtask streams them as a call of their own, ExecuteSubtasks as messages on a
+stream shared with other subtasks."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
+from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
-from swarm_common.status import ERROR_KIND_KEY, WORKER_BUSY, status_for, trailers_for
+from swarm_common.status import WORKER_BUSY, CallFailure
 from worker_service.worker import Assignment, Worker, WorkerBusy
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CallFailed(Exception):
+    def __init__(self, failure: CallFailure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
@@ -36,17 +46,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
 
-    async def ExecuteSubtask(
-        self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
+    async def _outputs(
+        self, request: worker_pb2.ExecuteSubtaskRequest
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
+        """The subtask's chunks, then its result; a failure raises CallFailed."""
         if not request.subtask.id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required")
+            raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
         worker_id = self._worker.worker_id
         try:
             self._worker.claim()
         except WorkerBusy as busy:
-            context.set_trailing_metadata(((ERROR_KIND_KEY, WORKER_BUSY),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy))
+            raise CallFailed(
+                CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
+            ) from None
         try:
             async for item in self._worker.execute(_assignment(request)):
                 if isinstance(item, str):
@@ -62,8 +74,54 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     )
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
         except ProviderError as error:
-            context.set_trailing_metadata(trailers_for(error))
-            await context.abort(status_for(error), error.message)
+            raise CallFailed(CallFailure.of_provider_error(error)) from None
+
+    async def ExecuteSubtask(
+        self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
+        try:
+            async for response in self._outputs(request):
+                yield response
+        except CallFailed as failed:
+            context.set_trailing_metadata(failed.failure.trailers())
+            await context.abort(failed.failure.code, failed.failure.message)
+
+    async def ExecuteSubtasks(
+        self, requests: AsyncIterator[worker_pb2.ExecuteSubtasksRequest], context: Context
+    ) -> AsyncIterator[worker_pb2.ExecuteSubtasksResponse]:
+        """Runs each started subtask as a task of its own; their replies share this stream, sent
+        together when several are ready."""
+        outbox: asyncio.Queue[worker_pb2.SubtaskReply | None] = asyncio.Queue()
+        running: dict[int, asyncio.Task[None]] = {}
+
+        async def run(call_id: int, request: worker_pb2.ExecuteSubtaskRequest) -> None:
+            try:
+                async for output in self._outputs(request):
+                    outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, output=output))
+            except CallFailed as failed:
+                outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
+            finally:
+                running.pop(call_id, None)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    for call in request.calls:
+                        if call.HasField("start"):
+                            running[call.call_id] = asyncio.create_task(run(call.call_id, call.start))
+                        elif (task := running.get(call.call_id)) is not None:
+                            task.cancel()
+            finally:
+                outbox.put_nowait(None)  # the caller closed the stream: nothing more is wanted
+
+        reader = asyncio.create_task(read())
+        try:
+            async for replies in batches(outbox):
+                yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
+        finally:
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()
 
     async def GetWorkerInfo(
         self, request: worker_pb2.GetWorkerInfoRequest, context: Context
