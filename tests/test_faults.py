@@ -224,6 +224,7 @@ async def test_a_small_swarm_is_not_stuck_behind_a_big_one() -> None:
             await asyncio.sleep(1.5)
             small_events, small_s = await _timed(client, 3)
             big_events, big_s = await asyncio.wait_for(big, 120)
+    print(f"small swarm {small_s:.2f}s, big swarm {big_s:.2f}s")
     assert_completed(small_events, 3)
     assert_completed(big_events, 200)
     # The small swarm's own work: plan, one round of subtasks, synthesis (~0.3 s each). Queued
