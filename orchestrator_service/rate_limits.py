@@ -102,7 +102,6 @@ class ModelRateLimiter:
         # Budget came back early (a call settled for less than it reserved): waiters look again.
         self._refunded = asyncio.Event()
         self._recent_outputs: deque[int] = deque(maxlen=32)
-        self.waited_s = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -156,7 +155,6 @@ class ModelRateLimiter:
             # Nothing to keep count of: no budget, no cap, no pause.
             self._in_flight += 1
             return Permit(self, _Spend(self._clock(), input_tokens, output))
-        started = self._clock()
         async with self._turn:
             while self.limits.concurrent_requests and self._in_flight >= self.limits.concurrent_requests:
                 self._freed.clear()
@@ -168,7 +166,6 @@ class ModelRateLimiter:
             spend = _Spend(self._clock(), input_tokens, output)
             self._spent.append(spend)
             self._in_flight += 1
-        self.waited_s += self._clock() - started
         return Permit(self, spend)
 
     def _release(self) -> None:

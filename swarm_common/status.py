@@ -1,7 +1,7 @@
-"""How a failed subtask crosses gRPC, both ways: a status code, and the error's kind, so the
-orchestrator can tell "worker full" from "model API rate limiting" (both RESOURCE_EXHAUSTED) and
-knows when a retry can help. ExecuteSubtask carries the kind in trailing metadata; ExecuteSubtasks
-in a SubtaskError message. Both are made from, and read back into, one CallFailure."""
+"""How a failed subtask crosses gRPC: a status code, and the error's kind, so the orchestrator can
+tell "worker full" from "model API rate limiting" (both RESOURCE_EXHAUSTED) and knows when a retry
+can help. ExecuteSubtask carries the kind in trailing metadata, ExecuteSubtasks in a SubtaskError
+message; both are made from one CallFailure."""
 
 from __future__ import annotations
 
@@ -44,17 +44,6 @@ class CallFailure:
             code = grpc.StatusCode.UNAVAILABLE
         retry_after = error.retry_after_s if isinstance(error, RateLimited) else None
         return cls(code, error.message, error.code, retry_after)
-
-    @classmethod
-    def of_rpc_error(cls, error: grpc.aio.AioRpcError) -> CallFailure:
-        trailers = dict(error.trailing_metadata() or ())
-        retry_after = trailers.get(RETRY_AFTER_KEY)
-        return cls(
-            error.code(),
-            error.details() or error.code().name,
-            str(trailers.get(ERROR_KIND_KEY, "")),
-            float(retry_after) if retry_after else None,
-        )
 
     @classmethod
     def of_proto(cls, error: worker_pb2.SubtaskError) -> CallFailure:
