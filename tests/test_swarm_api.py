@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from stack import Stack, stack
 from swarm.v1 import orchestrator_pb2, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds
-from swarm_client import AsyncSwarmClient, InvalidArgument, NotFound, SwarmClient
+from swarm_client import AsyncSwarmClient, InvalidArgument, NotFound, SwarmClient, Unavailable
 
 IDEA = "Open a neighbourhood tool library"
 
@@ -232,3 +232,17 @@ def test_services_stop_cleanly_on_sigterm() -> None:
         codes = [process.stop() for process in processes]
     assert codes == [0, 0]
     assert all("stopped" in process.output() for process in processes)
+
+
+async def test_wait_ready_knows_a_live_orchestrator_from_none() -> None:
+    with stack(workers=1) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            await client.wait_ready(within_s=5)
+        with SwarmClient(running.target) as sync_client:
+            sync_client.wait_ready(within_s=5)
+        gone = f"127.0.0.1:{running.orchestrator.address.rsplit(':', 1)[1]}"
+    async with AsyncSwarmClient(gone) as client:
+        with pytest.raises(Unavailable, match="cannot reach the orchestrator"):
+            await client.wait_ready(within_s=0.5)
+    with SwarmClient(gone) as sync_client, pytest.raises(Unavailable):
+        sync_client.wait_ready(within_s=0.5)
