@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator_service.worker_session import WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
+from swarm_common.config import split_host_port
 
 log = logging.getLogger("swarm.orchestrator.pool")
 
@@ -51,10 +52,11 @@ class NoWorkersAvailable(Exception):
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host.strip("[]"):
-        raise ValueError(f"{what} {text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+    """A worker's address needs a host: there is no "every interface" to call."""
+    host, port = split_host_port(text, what)
+    if not host:
+        raise ValueError(f"{what} {text!r} has no host")
+    return host, port
 
 
 @dataclass(frozen=True, slots=True)

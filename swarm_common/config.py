@@ -34,6 +34,14 @@ def env_flag(
     )
 
 
+def split_host_port(text: str, what: str = "address") -> tuple[str, int]:
+    """`host:port` or `[v6]:port`. The host may be empty: what that means is the caller's to say."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{what} {text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
