@@ -43,10 +43,17 @@ class Service:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server
         )
-        host = split_host_port(listen, "listen address")[0] or "0.0.0.0"  # no host: every interface
-        self.port = self._server.add_insecure_port(listen)
+        host, port = split_host_port(listen, "listen address")
+        host = host or "0.0.0.0"  # no host: every interface
+        bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            # grpc raises (RuntimeError) for a port in use or an address it cannot bind; older
+            # releases returned 0.
+            self.port = self._server.add_insecure_port(bind)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {listen}")
+            raise OSError("the port is in use, or the address is not this machine's")
         self.address = f"{host}:{self.port}"
         self._stopping = asyncio.Event()
 

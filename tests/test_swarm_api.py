@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from collections import Counter
 
 import grpc
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from stack import Stack, stack
+from stack import BIN, Stack, stack
 from swarm.v1 import orchestrator_pb2, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds
 from swarm_client import AsyncSwarmClient, InvalidArgument, NotFound, SwarmClient, Unavailable
@@ -246,3 +247,19 @@ async def test_wait_ready_knows_a_live_orchestrator_from_none() -> None:
             await client.wait_ready(within_s=0.5)
     with SwarmClient(gone) as sync_client, pytest.raises(Unavailable):
         sync_client.wait_ready(within_s=0.5)
+
+
+@pytest.mark.parametrize("command", ["swarm-worker", "swarm-orchestrator"])
+def test_a_taken_port_or_a_bad_address_is_one_clear_line(command: str) -> None:
+    with stack(workers=1) as running:
+        taken = running.workers[0].address
+        for listen, expected in ((taken, f"cannot serve on {taken}"), ("nonsense", "is not HOST:PORT")):
+            extra = ["--db", ":memory:", "--workers", taken] if command == "swarm-orchestrator" else []
+            done = subprocess.run(
+                [str(BIN / command), "--listen", listen, "--provider", "simulated", *extra],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert done.returncode != 0
+            assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr

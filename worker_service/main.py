@@ -13,7 +13,6 @@ from swarm_common.config import add_simulated_flags, env_flag, non_negative_floa
 from swarm_common.providers import (
     DEFAULT_MODEL,
     PROVIDER_CHOICES,
-    ProviderConfigError,
     SimulatedSettings,
     make_provider,
 )
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         asyncio.run(serve(args))
-    except ProviderConfigError as error:
+    except ValueError as error:  # ProviderConfigError too: a setting that cannot work
         print(f"swarm-worker: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
