@@ -75,6 +75,10 @@ class AttemptHung(Exception):
 class AttemptTimedOut(Exception):
     """The attempt ran past its timeout (the subtask timeout, or the swarm's deadline)."""
 
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"timed out after {timeout_s:.3g}s")
+        self.timeout_s = timeout_s
+
 
 class IncompleteAttempt(Exception):
     """The worker's stream ended cleanly but without its final result message."""
@@ -184,10 +188,9 @@ class Scheduler:
                 return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
             except SubtaskCallFailed as failed:
                 error = classify(failed.failure, self.limiter)
-            except AttemptTimedOut:
+            except AttemptTimedOut as timed_out:
                 error = AttemptError(
-                    f"the attempt took longer than the subtask timeout ({self._timeout(deadline):g}s)",
-                    retryable=True,
+                    f"the attempt took longer than its {timed_out.timeout_s:.3g}s", retryable=True
                 )
             except AttemptHung:
                 error = AttemptError(
@@ -265,7 +268,7 @@ class Scheduler:
                         chunks.append(response.text)
                         deltas.add(response.text)
             except TimeoutError:
-                raise (AttemptTimedOut() if loop.time() >= ends_at else AttemptHung()) from None
+                raise (AttemptTimedOut(timeout) if loop.time() >= ends_at else AttemptHung()) from None
             finally:
                 await outputs.aclose()  # an unfinished subtask is cancelled on the worker
                 deltas.close()

@@ -92,3 +92,19 @@ async def test_deltas_are_coalesced_per_window_without_losing_text(window_ms: st
     assert max(per_subtask.values()) <= most_deltas
     if window_ms == "0":
         assert min(per_subtask.values()) > 100, "no window: one event per chunk"
+
+
+async def test_an_attempt_past_the_subtask_timeout_is_retried_then_fails_the_swarm() -> None:
+    # Output keeps coming (no hang), but each answer takes 3 s against a 1 s subtask timeout.
+    with stack(
+        workers=2,
+        sim_latency_ms=3000,
+        orchestrator_args=["--sim-latency-ms", "50", "--subtask-timeout", "1", "--max-attempts", "2"],
+    ) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            events = [e async for e in client.run(IDEA, 1)]
+    failed = [e.subtask_failed for e in events if e.HasField("subtask_failed")]
+    assert [(f.attempt, f.will_retry) for f in failed] == [(1, True), (2, False)]
+    assert all("took longer than its 1s" in f.error for f in failed)
+    assert {f.worker_id for f in failed} == {"worker-0", "worker-1"}, "the retry went to the other worker"
+    assert events[-1].HasField("swarm_failed") and "subtask-1" in events[-1].swarm_failed.error
