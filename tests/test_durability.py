@@ -36,28 +36,12 @@ T = orchestrator_pb2.SubtaskState
 
 
 def assert_resumed_and_completed(events: list[Event], agents: int, *, resumes: int = 1) -> None:
-    """One numbered log across the restart(s): 1..n, one plan, `resumes` swarm_resumed, each subtask
-    completed exactly once with its attempt's output, the result the last synthesis attempt's."""
-    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    """A completed swarm (one numbered log across the restarts, each subtask completed exactly once
+    with its attempt's output, the result the last synthesis attempt's), accepted once and resumed
+    `resumes` times."""
+    assert_completed(events, agents)
     names = kinds(events)
-    assert names[0] == "accepted" and names.count("accepted") == 1
-    assert names.count("plan_created") == 1 and names.count("swarm_resumed") == resumes
-    assert sum(name in TERMINAL for name in names) == 1 and names[-1] == "swarm_completed", names[-5:]
-    planned = [s.id for s in next(e for e in events if e.HasField("plan_created")).plan_created.subtasks]
-    assert len(planned) == agents
-    completed = [e.subtask_completed for e in events if e.HasField("subtask_completed")]
-    assert Counter(c.subtask_id for c in completed) == Counter(planned), "each subtask completed exactly once"
-    for done in completed:
-        chunks = [
-            e.subtask_delta.text
-            for e in events
-            if e.HasField("subtask_delta")
-            and (e.subtask_delta.subtask_id, e.subtask_delta.attempt) == (done.subtask_id, done.attempt)
-        ]
-        assert done.output == "".join(chunks) and done.output
-    synthesis = [e.synthesis_delta for e in events if e.HasField("synthesis_delta")]
-    last = max(delta.attempt for delta in synthesis)
-    assert events[-1].swarm_completed.result == "".join(d.text for d in synthesis if d.attempt == last)
+    assert names.count("accepted") == 1 and names.count("swarm_resumed") == resumes
 
 
 def assert_attempts_continue(events: list[Event]) -> None:
