@@ -98,3 +98,19 @@ def add_simulated_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="simulated provider: how many first plans come back wrong (for tests)",
     )
+    env_flag(
+        parser,
+        "--sim-stall-rate",
+        "SWARM_SIM_STALL_RATE",
+        default=0.0,
+        type=non_negative_float,
+        help="simulated provider: probability that a call hangs until its timeout (for fault tests)",
+    )
+    env_flag(
+        parser,
+        "--sim-stall-after-chunks",
+        "SWARM_SIM_STALL_AFTER_CHUNKS",
+        default=0,
+        type=int,
+        help="simulated provider: chunks a stalling call streams before it hangs (0 = none)",
+    )

@@ -122,13 +122,15 @@ def stack(
     workers: int = 2,
     *,
     worker_args: Sequence[str] = (),
+    per_worker_args: Sequence[Sequence[str]] = (),
     orchestrator_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     sim_latency_ms: int = 50,
     db: Path | None = None,
 ) -> Iterator[Stack]:
-    """An orchestrator and `workers` workers, all simulated unless `env`/args say otherwise. The
-    orchestrator keeps its swarms in `db`, by default a new file that is deleted afterwards."""
+    """An orchestrator and `workers` workers, all simulated unless `env`/args say otherwise; worker i
+    also gets `per_worker_args[i]`, where given. The orchestrator keeps its swarms in `db`, by
+    default a new file that is deleted afterwards."""
     started: list[Process] = []
     running: Stack | None = None
     scratch = Path(tempfile.mkdtemp(prefix="swarm-stack-"))
@@ -146,6 +148,7 @@ def stack(
                         "--worker-id",
                         f"worker-{index}",
                         *worker_args,
+                        *(per_worker_args[index] if index < len(per_worker_args) else ()),
                     ],
                     env,
                 )

@@ -87,6 +87,8 @@ async def serve(args: argparse.Namespace) -> None:
         failure_rate=args.sim_failure_rate,
         rate_limit_rate=args.sim_rate_limit_rate,
         bad_plans=args.sim_bad_plans,
+        stall_rate=args.sim_stall_rate,
+        stall_after_chunks=args.sim_stall_after_chunks,
     )
     provider = make_provider(args.provider, settings)
     worker = Worker(

@@ -17,6 +17,8 @@ from swarm_common.errors import ProviderUnavailable, RateLimited
 from swarm_common.providers.base import PlanDraft, PlanRequest, StreamRequest, Usage
 
 LABEL = "[simulated]"
+# How long a stalled call without a timeout waits: longer than any test or demo runs.
+_STALL_FOREVER_S = 24 * 3600.0
 
 _ASPECTS = (
     "goals and scope",
@@ -65,6 +67,10 @@ class SimulatedSettings:
     rate_limit_rate: float = 0.0
     # The first this many plans are wrong (the wrong number of subtasks), to exercise re-asking.
     bad_plans: int = 0
+    # Probability that a call is taken and then never answered: it stalls after `stall_after_chunks`
+    # chunks (0 = before the first token) until its timeout, as a model API that hangs would.
+    stall_rate: float = 0.0
+    stall_after_chunks: int = 0
     seed: int | None = None
 
 
@@ -107,14 +113,27 @@ class SimulatedProvider:
         if roll < self.settings.rate_limit_rate + self.settings.failure_rate:
             raise ProviderUnavailable(f"{LABEL} model call failed")
 
+    def _stalls(self) -> bool:
+        return self.settings.stall_rate > 0 and self._random.random() < self.settings.stall_rate
+
+    @staticmethod
+    async def _stall(timeout_s: float | None) -> None:
+        """Hangs as a model API that took the call and went silent, until the call's timeout, which
+        ends it as the SDK's timeout would."""
+        await asyncio.sleep(_STALL_FOREVER_S if timeout_s is None else max(0.0, timeout_s))
+        raise ProviderUnavailable(f"{LABEL} the model API did not answer in time")
+
     async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
         self._maybe_fail()
+        stall_at = self.settings.stall_after_chunks if self._stalls() else -1
         text = _answer(request.prompt)
         pieces = _split(text, self.settings.chunks)
         pause = self.settings.latency_ms / 1000 / len(pieces)
         loop = asyncio.get_running_loop()
         began = loop.time()
         for index, piece in enumerate(pieces, start=1):
+            if index - 1 == stall_at:
+                await self._stall(request.timeout_s)
             # Each chunk at its own time from the start, so timer overhead does not pile up over
             # hundreds of chunks and the answer takes the latency it was given.
             await asyncio.sleep(max(0.0, began + index * pause - loop.time()))
@@ -122,6 +141,8 @@ class SimulatedProvider:
         yield Usage(_tokens(request.system + request.prompt), _tokens(text), 0.0)
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
+        if self._stalls():
+            await self._stall(request.timeout_s)
         await asyncio.sleep(self.settings.latency_ms / 1000)
         self._plans_made += 1
         count = request.num_agents
