@@ -18,6 +18,7 @@ import grpc
 
 from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
+from orchestrator_service.watchdog import Bounds, Overtime, Silent, watched
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed
 from swarm.v1 import events_pb2, worker_pb2
@@ -66,18 +67,6 @@ class AttemptError:
     retryable: bool
     # Take the worker out until it answers a probe: it died, or hung.
     worker_suspect: bool = False
-
-
-class AttemptHung(Exception):
-    """No output from the worker for the no-progress timeout."""
-
-
-class AttemptTimedOut(Exception):
-    """The attempt ran past its timeout (the subtask timeout, or the swarm's deadline)."""
-
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(f"timed out after {timeout_s:.3g}s")
-        self.timeout_s = timeout_s
 
 
 class IncompleteAttempt(Exception):
@@ -188,16 +177,11 @@ class Scheduler:
                 return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
             except SubtaskCallFailed as failed:
                 error = classify(failed.failure, self.limiter)
-            except AttemptTimedOut as timed_out:
-                error = AttemptError(
-                    f"the attempt took longer than its {timed_out.timeout_s:.3g}s", retryable=True
-                )
-            except AttemptHung:
-                error = AttemptError(
-                    f"no output for {self.policy.no_progress_timeout_s:g}s: the worker seems hung",
-                    retryable=True,
-                    worker_suspect=True,
-                )
+            except Overtime as overtime:
+                # The subtask timeout, or the swarm's deadline.
+                error = AttemptError(f"the attempt {overtime}", retryable=True)
+            except Silent as silent:
+                error = AttemptError(f"{silent}: the worker seems hung", retryable=True, worker_suspect=True)
             except IncompleteAttempt as incomplete:
                 error = AttemptError(str(incomplete), retryable=True)
             finally:
@@ -251,24 +235,17 @@ class Scheduler:
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
             deltas = DeltaCoalescer(log, subtask.id, attempt, self.delta_window_s)
-            outputs = worker.session.execute(request)
-            loop = asyncio.get_running_loop()
-            silence = self.policy.no_progress_timeout_s
-            ends_at = loop.time() + timeout
+            outputs = watched(
+                worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
+            )
             response: worker_pb2.ExecuteSubtaskResponse | None = None
             try:
-                # One watchdog for silence and for the attempt's whole time, pushed back at each
-                # message: a timer per read would cost a task each.
-                async with asyncio.timeout(min(loop.time() + silence, ends_at)) as watchdog:
-                    async for response in outputs:
-                        watchdog.reschedule(min(loop.time() + silence, ends_at))
-                        permit.answered()
-                        if response.HasField("result"):
-                            break
-                        chunks.append(response.text)
-                        deltas.add(response.text)
-            except TimeoutError:
-                raise (AttemptTimedOut(timeout) if loop.time() >= ends_at else AttemptHung()) from None
+                async for response in outputs:
+                    permit.answered()
+                    if response.HasField("result"):
+                        break
+                    chunks.append(response.text)
+                    deltas.add(response.text)
             finally:
                 await outputs.aclose()  # an unfinished subtask is cancelled on the worker
                 deltas.close()
