@@ -13,6 +13,7 @@ from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, Rate
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
 from orchestrator_service.servicer import OrchestratorServicer
 from orchestrator_service.store import MEMORY, Store, StoreError, expire_forever, open_store
+from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs
@@ -213,6 +214,8 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
         failure_rate=args.sim_failure_rate,
         rate_limit_rate=args.sim_rate_limit_rate,
         bad_plans=args.sim_bad_plans,
+        stall_rate=args.sim_stall_rate,
+        stall_after_chunks=args.sim_stall_after_chunks,
     )
     provider = make_provider(args.provider, settings)
     if provider.name == "simulated":
@@ -236,7 +239,12 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
         args.workers, refresh_interval_s=args.refresh_interval, no_worker_timeout_s=args.no_worker_timeout
     )
     orchestrator = Orchestrator(
-        Planner(RateLimitedProvider(provider, limiter), attempts=args.plan_attempts),
+        Planner(
+            RateLimitedProvider(provider, limiter),
+            attempts=args.plan_attempts,
+            synthesis_attempts=args.max_attempts,
+            bounds=Bounds(timeout_s=args.subtask_timeout, silence_s=args.no_progress_timeout),
+        ),
         Scheduler(
             pool,
             RetryPolicy(

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import pydantic
 
+from orchestrator_service.watchdog import Bounds, Overtime, Silent, watched
 from swarm.v1 import events_pb2
 from swarm_common import prompts
-from swarm_common.errors import ProviderError
-from swarm_common.providers import PlanRequest, Provider, StreamRequest, Usage
+from swarm_common.errors import ProviderError, ProviderUnavailable
+from swarm_common.providers import PlanDraft, PlanRequest, Provider, StreamRequest, Usage
 
 
 class PlannedSubtask(pydantic.BaseModel):
@@ -63,11 +64,33 @@ def parse_plan(text: str, num_agents: int) -> list[events_pb2.Subtask]:
     ]
 
 
+DEFAULT_BOUNDS = Bounds(timeout_s=600.0, silence_s=120.0)
+
+
 class Planner:
-    def __init__(self, provider: Provider, *, attempts: int = 3, retry_backoff_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        *,
+        attempts: int = 3,
+        synthesis_attempts: int = 3,
+        retry_backoff_s: float = 0.5,
+        bounds: Bounds = DEFAULT_BOUNDS,
+    ) -> None:
+        """`bounds` are the subtask attempts' own: a model call's whole time, and its longest
+        silence (a plan arrives whole, so only its whole time applies)."""
         self.provider = provider
         self.attempts = attempts
+        self.synthesis_attempts = synthesis_attempts
         self.retry_backoff_s = retry_backoff_s
+        self.bounds = bounds
+
+    async def _ask_for_plan(self, request: PlanRequest) -> PlanDraft:
+        try:
+            async with asyncio.timeout(self.bounds.timeout_s):
+                return await self.provider.plan(request)
+        except TimeoutError:
+            raise ProviderUnavailable(f"the model did not answer within {self.bounds.timeout_s:g}s") from None
 
     async def plan(self, *, idea: str, num_agents: int, model: str) -> PlanResult:
         """Asks up to `attempts` times, telling the model what was wrong with its last answer."""
@@ -75,8 +98,14 @@ class Planner:
         feedback = ""
         for attempt in range(1, self.attempts + 1):
             try:
-                draft = await self.provider.plan(
-                    PlanRequest(model=model, idea=idea, num_agents=num_agents, feedback=feedback)
+                draft = await self._ask_for_plan(
+                    PlanRequest(
+                        model=model,
+                        idea=idea,
+                        num_agents=num_agents,
+                        feedback=feedback,
+                        timeout_s=self.bounds.timeout_s,
+                    )
                 )
             except ProviderError as error:
                 if not error.retryable or attempt == self.attempts:
@@ -95,15 +124,24 @@ class Planner:
             usage,
         )
 
-    def synthesize(
+    async def synthesize(
         self, *, idea: str, results: list[tuple[str, str]], model: str
     ) -> AsyncIterator[str | Usage]:
-        """Streams the combined answer: text chunks, then one Usage."""
-        return self.provider.stream(
-            StreamRequest(
-                model=model,
-                system=prompts.SYNTHESIS_SYSTEM,
-                prompt=prompts.synthesis_prompt(idea, results),
-                max_tokens=8192,
-            )
+        """Streams the combined answer: text chunks, then one Usage. A hang ends it as a
+        retryable ProviderError."""
+        request = StreamRequest(
+            model=model,
+            system=prompts.SYNTHESIS_SYSTEM,
+            prompt=prompts.synthesis_prompt(idea, results),
+            max_tokens=8192,
+            timeout_s=self.bounds.timeout_s,
         )
+        try:
+            async for item in watched(self.provider.stream(request), self.bounds):
+                yield item
+        except Silent as silent:
+            raise ProviderUnavailable(f"the model sent nothing for {silent.silence_s:g}s") from None
+        except Overtime as overtime:
+            raise ProviderUnavailable(
+                f"the model's answer took longer than {overtime.timeout_s:g}s"
+            ) from None

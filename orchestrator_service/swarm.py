@@ -191,20 +191,37 @@ class Swarm:
         for subtask in self.record.subtasks.values():
             usage += usage_of(subtask.usage)
             results.append((subtask.subtask.title, subtask.output))
-        attempt = self.record.synthesis_attempt + 1
-        parts: list[str] = []
-        try:
-            async for item in planner.synthesize(idea=spec.idea, results=results, model=spec.model):
-                if isinstance(item, str):
-                    parts.append(item)
-                    self.log.append("synthesis_delta", events_pb2.SynthesisDelta(text=item, attempt=attempt))
-                else:
-                    usage += item
-        except ProviderError as error:
-            raise SwarmError(f"synthesis failed: {error.message}") from None
-        self.log.append(
-            "swarm_completed", events_pb2.SwarmCompleted(result="".join(parts), usage=usage_proto(usage))
-        )
+        result, usage = await self._synthesize(planner, spec, results, usage)
+        self.log.append("swarm_completed", events_pb2.SwarmCompleted(result=result, usage=usage_proto(usage)))
+
+    async def _synthesize(
+        self, planner: Planner, spec: SwarmSpec, results: list[tuple[str, str]], usage: Usage
+    ) -> tuple[str, Usage]:
+        """The synthesis, asked again afresh (its attempt counting up) when a call fails in a way a
+        retry can fix: a hung or failed call must not cost the subtasks' work."""
+        first = self.record.synthesis_attempt + 1
+        attempts = planner.synthesis_attempts
+        for attempt in range(first, first + attempts):
+            parts: list[str] = []
+            try:
+                async for item in planner.synthesize(idea=spec.idea, results=results, model=spec.model):
+                    if isinstance(item, str):
+                        parts.append(item)
+                        self.log.append(
+                            "synthesis_delta", events_pb2.SynthesisDelta(text=item, attempt=attempt)
+                        )
+                    else:
+                        usage += item
+                return "".join(parts), usage
+            except ProviderError as error:
+                if not error.retryable or attempt == first + attempts - 1:
+                    raise SwarmError(f"synthesis failed: {error.message}") from None
+                log.warning(
+                    f"synthesis attempt {attempt} failed, asking again: {error.message}",
+                    extra={"swarm_id": self.id},
+                )
+                await asyncio.sleep(planner.retry_backoff_s * (attempt - first + 1))
+        raise AssertionError("unreachable: the last attempt either returns or raises")
 
     async def _run_subtasks(self, scheduler: Scheduler, spec: SwarmSpec) -> None:
         """Runs every planned subtask that has not completed, each from its next attempt; the
