@@ -210,6 +210,7 @@ async def serve(args: argparse.Namespace) -> None:
 async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger) -> None:
     settings = SimulatedSettings(
         latency_ms=args.sim_latency_ms,
+        latency_sigma=args.sim_latency_sigma,
         chunks=args.sim_chunks,
         failure_rate=args.sim_failure_rate,
         rate_limit_rate=args.sim_rate_limit_rate,

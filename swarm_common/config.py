@@ -68,6 +68,14 @@ def add_simulated_flags(parser: argparse.ArgumentParser) -> None:
     )
     env_flag(
         parser,
+        "--sim-latency-sigma",
+        "SWARM_SIM_LATENCY_SIGMA",
+        default=0.0,
+        type=non_negative_float,
+        help="simulated provider: lognormal sigma of each answer's time around --sim-latency-ms (0 = fixed)",
+    )
+    env_flag(
+        parser,
         "--sim-chunks",
         "SWARM_SIM_CHUNKS",
         default=8,

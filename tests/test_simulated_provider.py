@@ -63,3 +63,34 @@ async def test_plans_exactly_n_unless_told_to_get_it_wrong() -> None:
 async def test_fails_on_request(settings: SimulatedSettings, error: type[Exception]) -> None:
     with pytest.raises(error, match=r"\[simulated\]"):
         await collect(SimulatedProvider(settings), request())
+
+
+async def test_a_stalled_call_is_silent_until_its_timeout_then_fails_as_a_timeout_would() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, stall_rate=1.0))
+    stalled = StreamRequest(
+        model="m", system="s", prompt=prompts.worker_prompt("idea", "t", "i"), timeout_s=0.2
+    )
+    with pytest.raises(ProviderUnavailable, match="did not answer in time"):
+        [item async for item in provider.stream(stalled)]
+
+
+async def test_a_call_can_stall_after_its_first_chunks() -> None:
+    provider = SimulatedProvider(
+        SimulatedSettings(latency_ms=0, chunks=6, stall_rate=1.0, stall_after_chunks=2)
+    )
+    req = StreamRequest(model="m", system="s", prompt=prompts.worker_prompt("idea", "t", "i"), timeout_s=0.2)
+    seen: list[str | Usage] = []
+    with pytest.raises(ProviderUnavailable):
+        async for item in provider.stream(req):
+            seen.append(item)
+    assert len(seen) == 2 and all(isinstance(item, str) for item in seen)
+
+
+async def test_latencies_spread_lognormally_around_the_median() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=1000, latency_sigma=1.0, seed=7))
+    samples = sorted(provider._latency_s() for _ in range(2001))
+    median = samples[1000]
+    assert 0.85 < median < 1.15, median
+    assert samples[-20] > 5 * median, "a long tail of stragglers"
+    fixed = SimulatedProvider(SimulatedSettings(latency_ms=1000))
+    assert {fixed._latency_s() for _ in range(10)} == {1.0}

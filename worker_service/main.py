@@ -83,6 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
     log = logs.setup("worker", args.log_level)
     settings = SimulatedSettings(
         latency_ms=args.sim_latency_ms,
+        latency_sigma=args.sim_latency_sigma,
         chunks=args.sim_chunks,
         failure_rate=args.sim_failure_rate,
         rate_limit_rate=args.sim_rate_limit_rate,

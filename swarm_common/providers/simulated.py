@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ _WORDS = [
 @dataclass(frozen=True, slots=True)
 class SimulatedSettings:
     latency_ms: float = 300.0
+    # Each answer's time is lognormal with `latency_ms` as its median and this sigma (0 = fixed),
+    # as real model latencies are: mostly near the median, with a long tail of stragglers.
+    latency_sigma: float = 0.0
     # Output chunks per answer; the latency is spread evenly over them.
     chunks: int = 8
     # Probability that a streamed call fails (retryable) or is rate-limited, before any output.
@@ -113,6 +117,14 @@ class SimulatedProvider:
         if roll < self.settings.rate_limit_rate + self.settings.failure_rate:
             raise ProviderUnavailable(f"{LABEL} model call failed")
 
+    def _latency_s(self) -> float:
+        median = self.settings.latency_ms / 1000
+        if self.settings.latency_sigma <= 0:
+            return median
+        return (
+            self._random.lognormvariate(math.log(median), self.settings.latency_sigma) if median > 0 else 0.0
+        )
+
     def _stalls(self) -> bool:
         return self.settings.stall_rate > 0 and self._random.random() < self.settings.stall_rate
 
@@ -128,7 +140,7 @@ class SimulatedProvider:
         stall_at = self.settings.stall_after_chunks if self._stalls() else -1
         text = _answer(request.prompt)
         pieces = _split(text, self.settings.chunks)
-        pause = self.settings.latency_ms / 1000 / len(pieces)
+        pause = self._latency_s() / len(pieces)
         loop = asyncio.get_running_loop()
         began = loop.time()
         for index, piece in enumerate(pieces, start=1):
@@ -143,7 +155,7 @@ class SimulatedProvider:
     async def plan(self, request: PlanRequest) -> PlanDraft:
         if self._stalls():
             await self._stall(request.timeout_s)
-        await asyncio.sleep(self.settings.latency_ms / 1000)
+        await asyncio.sleep(self._latency_s())
         self._plans_made += 1
         count = request.num_agents
         if self._plans_made <= self.settings.bad_plans:
