@@ -180,7 +180,7 @@ class WorkerPool:
         self._shares: dict[str, _SwarmShare] = {}
         self._picks = itertools.count(1)
         self._refresher: asyncio.Task[None] | None = None
-        self._refresh_lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._none_eligible_since: float | None = time.monotonic()
         self._some_eligible = asyncio.Event()
@@ -199,7 +199,12 @@ class WorkerPool:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
 
     async def close(self) -> None:
-        tasks = [self._refresher, *self._background, *(w.watcher for w in self._workers.values())]
+        tasks = [
+            self._refresher,
+            self._refreshing,
+            *self._background,
+            *(w.watcher for w in self._workers.values()),
+        ]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -218,17 +223,26 @@ class WorkerPool:
 
     async def refresh(self) -> None:
         """Re-resolves the target: new addresses join the pool, vanished ones leave it."""
-        async with self._refresh_lock:
-            try:
-                addresses = await self.target.resolve()
-            except OSError as error:
-                log.warning(f"cannot resolve {self.target_text}: {error}")
-                return
-            for address in addresses:
-                if address not in self._workers:
-                    self._add(address)
-            for address in [a for a in self._workers if a not in addresses]:
-                self._remove(self._workers.pop(address))
+        await asyncio.shield(self._refresh_in_flight())
+
+    def _refresh_in_flight(self) -> asyncio.Task[None]:
+        """The refresh under way, started if there is none. Everyone who wants one shares it, so
+        while a DNS server is slow to answer, lookups do not queue up behind it."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._resolve(), name="worker-pool-resolve")
+        return self._refreshing
+
+    async def _resolve(self) -> None:
+        try:
+            addresses = await self.target.resolve()
+        except OSError as error:
+            log.warning(f"cannot resolve {self.target_text}: {error}")
+            return
+        for address in addresses:
+            if address not in self._workers:
+                self._add(address)
+        for address in [a for a in self._workers if a not in addresses]:
+            self._remove(self._workers.pop(address))
         self._changed()
 
     def _add(self, address: str) -> None:
@@ -396,7 +410,7 @@ class WorkerPool:
                         f"no worker could take work at {self.target_text} for {self.no_worker_timeout_s:g}s"
                     )
                 if since is not None:
-                    self._spawn(self.refresh())
+                    self._refresh_in_flight()
         except asyncio.CancelledError:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 self.release(waiter.granted.result(), swarm_id)

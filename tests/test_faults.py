@@ -13,6 +13,7 @@ import grpc
 import pytest
 from fake_dns import FakeDNS
 
+from orchestrator_service.worker_pool import WorkerPool
 from stack import Process, stack, start
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds
@@ -237,3 +238,27 @@ async def _timed(client: AsyncSwarmClient, agents: int) -> tuple[list[events_pb2
     began = time.monotonic()
     events = [e async for e in client.run(IDEA, agents)]
     return events, time.monotonic() - began
+
+
+def pool_tasks() -> int:
+    """Tasks the worker pool runs (its refreshes), not the DNS library's own or the test's."""
+    return sum(task.get_coro().__qualname__.startswith("WorkerPool.") for task in asyncio.all_tasks())
+
+
+async def test_waiting_subtasks_share_one_refresh_while_the_dns_server_is_silent() -> None:
+    """While no worker can take work, waiting subtasks ask for the target to be resolved again;
+    against a DNS server that never answers, those asks must not pile up behind one another."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        pool = WorkerPool(f"dns://127.0.0.1:{silent.getsockname()[1]}/workers.test:1", no_worker_timeout_s=60)
+        waiters = [asyncio.create_task(pool.acquire(f"swarm-{i}")) for i in range(64)]
+        await asyncio.sleep(3.5)
+        piled = pool_tasks() - len(waiters)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        left = pool_tasks()
+        await pool.close()
+    print(f"refresh tasks: {piled} while 64 subtasks waited 3.5 s, {left} after they left")
+    assert piled <= 1, f"{piled} refreshes in flight or queued"
+    assert left <= 1
