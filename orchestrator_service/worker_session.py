@@ -31,39 +31,62 @@ class SubtaskCallFailed(Exception):
         self.failure = failure
 
 
+class _Stream:
+    """One ExecuteSubtasks call and the subtasks on it: when it ends, it fails its own subtasks,
+    never those of a stream opened after it."""
+
+    def __init__(self) -> None:
+        self.outbox: Outbox = asyncio.Queue()
+        self.inboxes: dict[int, Inbox] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.ended = False
+
+    def send(self, call: worker_pb2.SubtaskCall) -> None:
+        if not self.ended:
+            self.outbox.put_nowait(call)
+
+    async def requests(self) -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
+        async for calls in batches(self.outbox):
+            yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
+
+    async def end(self) -> None:
+        """Closes the request side and stops reading; the subtasks still on it fail."""
+        self.ended = True
+        self.outbox.put_nowait(None)
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
 class WorkerSession:
     def __init__(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub) -> None:
         self._stub = stub
         self._ids = itertools.count(1)
-        self._inboxes: dict[int, Inbox] = {}
-        self._outbox: Outbox | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
 
-    def _open(self) -> Outbox:
-        if self._outbox is None:
-            outbox: Outbox = asyncio.Queue()
-
-            async def requests() -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
-                async for calls in batches(outbox):
-                    yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
-
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(self._stub.ExecuteSubtasks(requests()), outbox))
-        return self._outbox
+    def _open(self) -> _Stream:
+        if self._stream is None:
+            stream = _Stream()
+            stream.reader = asyncio.create_task(
+                self._read(stream, self._stub.ExecuteSubtasks(stream.requests()))
+            )
+            self._stream = stream
+        return self._stream
 
     async def _read(
         self,
+        stream: _Stream,
         call: grpc.aio.StreamStreamCall[
             worker_pb2.ExecuteSubtasksRequest, worker_pb2.ExecuteSubtasksResponse
         ],
-        outbox: Outbox,
     ) -> None:
         """Hands each reply to its subtask; when the stream ends, fails whatever is still open."""
         failure = CallFailure(grpc.StatusCode.UNAVAILABLE, "the worker closed the stream")
         try:
             async for response in call:
                 for reply in response.replies:
-                    inbox = self._inboxes.get(reply.call_id)
+                    inbox = stream.inboxes.get(reply.call_id)
                     if inbox is None:
                         continue  # a subtask cancelled here whose last replies were already on their way
                     if reply.HasField("error"):
@@ -74,44 +97,41 @@ class WorkerSession:
             failure = CallFailure(error.code(), error.details() or error.code().name)
         finally:
             call.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-            for inbox in self._inboxes.values():
+            stream.ended = True
+            if self._stream is stream:
+                self._stream = None
+            for inbox in stream.inboxes.values():
                 inbox.put_nowait(failure)
 
     async def execute(
         self, request: worker_pb2.ExecuteSubtaskRequest
     ) -> AsyncGenerator[worker_pb2.ExecuteSubtaskResponse, None]:
         """The subtask's chunks, then its result, as ExecuteSubtask would stream them; a failure
-        raises SubtaskCallFailed. Leaving early cancels the subtask on the worker."""
+        raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker."""
         call_id = next(self._ids)
         inbox: Inbox = asyncio.Queue()
-        self._inboxes[call_id] = inbox
-        outbox = self._open()
-        outbox.put_nowait(worker_pb2.SubtaskCall(call_id=call_id, start=request))
+        stream = self._open()
+        stream.inboxes[call_id] = inbox
+        stream.send(worker_pb2.SubtaskCall(call_id=call_id, start=request))
+        # The worker is done with the call once it sent its result or its error, whether or not
+        # the caller reads on after the result.
         finished = False
         try:
-            while True:
+            while not finished:
                 item = await inbox.get()
                 if isinstance(item, CallFailure):
                     finished = True
                     raise SubtaskCallFailed(item)
+                finished = item.HasField("result")
                 yield item
-                if item.HasField("result"):
-                    finished = True
-                    return
         finally:
-            del self._inboxes[call_id]
-            if not finished and self._outbox is outbox:
-                outbox.put_nowait(worker_pb2.SubtaskCall(call_id=call_id, cancel=worker_pb2.CancelSubtask()))
+            del stream.inboxes[call_id]
+            if not finished:
+                stream.send(worker_pb2.SubtaskCall(call_id=call_id, cancel=worker_pb2.CancelSubtask()))
 
     async def close(self) -> None:
-        """Ends the stream; subtasks still on it fail as if the worker had gone."""
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-            self._outbox = None
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        """Ends the stream; subtasks still on it fail as if the worker had gone. A subtask started
+        meanwhile opens a stream of its own."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.end()
