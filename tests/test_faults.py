@@ -62,6 +62,38 @@ async def test_a_hung_worker_is_given_up_on_and_its_subtasks_run_elsewhere() -> 
     )
 
 
+async def test_the_slots_of_a_hung_worker_go_to_no_waiting_subtask() -> None:
+    """Subtasks wait while every slot is taken; the hung worker's slots, freed as its attempts are
+    given up on, must not go to them: the worker is taken out first."""
+    with stack(
+        workers=2,
+        per_worker_args=[
+            ["--max-concurrency", "2", "--sim-latency-ms", "4000"],
+            ["--max-concurrency", "1", "--sim-latency-ms", "2000"],
+        ],
+        orchestrator_args=["--sim-latency-ms", "50", "--no-progress-timeout", "1"],
+    ) as running:
+        hung = running.workers[0]
+        async with AsyncSwarmClient(running.target) as client:
+            events: list[events_pb2.SwarmEvent] = []
+            hung_at = 0
+            async for event in client.run(IDEA, 4):
+                events.append(event)
+                if not hung_at and len(started_on(events, "worker-0")) == 2:
+                    hung.signal(signal.SIGSTOP)
+                    hung_at = event.sequence
+    assert_completed(events, 4)
+    assert hung_at, "worker-0 took two subtasks"
+    late = [e.subtask_started for e in events if e.sequence > hung_at and e.HasField("subtask_started")]
+    print(
+        f"attempts started on the hung worker after it hung: {len(started_on(events[hung_at:], 'worker-0'))}"
+    )
+    assert late and all(s.worker_id == "worker-1" for s in late), "no new work for a hung worker"
+    assert [f.worker_id for f in failures(events)] == ["worker-0", "worker-0"], (
+        "only the hung attempts failed"
+    )
+
+
 async def test_a_draining_worker_finishes_what_it_has_and_gets_nothing_new() -> None:
     with stack(
         workers=2, sim_latency_ms=1500, worker_args=["--max-concurrency", "2", "--shutdown-grace", "20"]
