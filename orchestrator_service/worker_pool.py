@@ -5,6 +5,8 @@ pool keeps one channel per worker address and decides itself:
 
 - **Discovery.** `dns:///name:port` is re-resolved every `refresh_interval_s` (every address is a
   worker); `dns://SERVER/name:port` asks that DNS server; `host:port,host:port` is a fixed list.
+  A worker whose address vanishes gets no new work, but stays until its running subtasks end, so
+  if the address comes back meanwhile their slots are still counted.
 - **Eligibility.** Each worker is watched over grpc.health.v1 `Watch`: NOT_SERVING (draining) or a
   broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
   until a probe (`GetWorkerInfo`) answers again.
@@ -239,10 +241,13 @@ class WorkerPool:
             log.warning(f"cannot resolve {self.target_text}: {error}")
             return
         for address in addresses:
-            if address not in self._workers:
+            worker = self._workers.get(address)
+            if worker is None:
                 self._add(address)
-        for address in [a for a in self._workers if a not in addresses]:
-            self._remove(self._workers.pop(address))
+            elif worker.removed:
+                self._rejoin(worker)
+        for worker in [w for w in self._workers.values() if w.address not in addresses and not w.removed]:
+            self._remove(worker)
         self._changed()
 
     def _add(self, address: str) -> None:
@@ -253,11 +258,26 @@ class WorkerPool:
         log.info("worker joined the pool", extra={"address": address})
 
     def _remove(self, worker: PoolWorker) -> None:
+        """No new work for the worker. It stays in the pool, holding its slots, until its running
+        subtasks are done, so that if its address comes back they are still counted."""
         worker.removed = True
         if worker.watcher is not None:
             worker.watcher.cancel()
         log.info("worker left the pool", extra={"address": worker.address, "worker_id": worker.worker_id})
-        self._spawn(self._close_when_idle(worker))
+        if worker.in_flight == 0:
+            self._retire(worker)
+
+    def _rejoin(self, worker: PoolWorker) -> None:
+        """The address came back while the worker still ran subtasks: the same worker, slots and
+        all, eligible again once a probe answers."""
+        worker.removed = False
+        worker.serving = worker.reachable = False
+        worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker.address}")
+        log.info("worker rejoined the pool", extra={"address": worker.address, "worker_id": worker.worker_id})
+
+    def _retire(self, worker: PoolWorker) -> None:
+        del self._workers[worker.address]
+        self._spawn(self._close(worker))
 
     async def _watch(self, worker: PoolWorker) -> None:
         """Probe, then follow the worker's health until the watch breaks; then again, with backoff."""
@@ -320,11 +340,8 @@ class WorkerPool:
         self._spawn(worker.session.close())
         self._changed()
 
-    async def _close_when_idle(self, worker: PoolWorker) -> None:
-        for _ in range(3600):
-            if worker.in_flight == 0:
-                break
-            await asyncio.sleep(1)
+    @staticmethod
+    async def _close(worker: PoolWorker) -> None:
         await worker.session.close()
         await worker.channel.close()
 
@@ -420,6 +437,8 @@ class WorkerPool:
 
     def release(self, worker: PoolWorker, swarm_id: str) -> None:
         worker.in_flight -= 1
+        if worker.removed and worker.in_flight == 0:
+            self._retire(worker)
         share = self._shares.get(swarm_id)
         if share is not None:
             share.running -= 1

@@ -186,6 +186,51 @@ async def test_workers_found_by_dns_join_and_leave_during_a_swarm() -> None:
                 process.stop()
 
 
+async def test_a_busy_worker_that_leaves_dns_and_comes_back_keeps_its_slots_counted() -> None:
+    port = free_port_on("127.0.0.2", "127.0.0.3")
+    worker_args = ["--provider", "simulated", "--sim-latency-ms", "2500"]
+    workers = [
+        start(name, "swarm-worker", [*worker_args, *args, "--worker-id", name, "--listen", f"{host}:{port}"])
+        for name, host, args in (
+            ("worker-a", "127.0.0.2", ["--max-concurrency", "2"]),
+            ("worker-b", "127.0.0.3", ["--max-concurrency", "1"]),
+        )
+    ]
+    orchestrator: Process | None = None
+    try:
+        with FakeDNS("workers.test", ["127.0.0.2", "127.0.0.3"]) as dns_server:
+            orchestrator = start(
+                "orchestrator",
+                "swarm-orchestrator",
+                [
+                    *["--provider", "simulated", "--sim-latency-ms", "50", "--refresh-interval", "0.2"],
+                    *["--workers", f"dns://127.0.0.1:{dns_server.port}/workers.test:{port}"],
+                ],
+            )
+            async with AsyncSwarmClient(orchestrator.address) as client:
+                events: list[events_pb2.SwarmEvent] = []
+                async for event in client.run(IDEA, 6):
+                    events.append(event)
+                    if len(started_on(events, "worker-a")) == 2 and dns_server.addresses[0] == "127.0.0.2":
+                        # worker-a leaves the pool with both its slots busy, and comes back.
+                        dns_server.addresses = ["127.0.0.3"]
+                        asked = dns_server.queries
+                        for _ in range(100):
+                            if dns_server.queries >= asked + 2:
+                                break
+                            await asyncio.sleep(0.05)
+                        dns_server.addresses = ["127.0.0.3", "127.0.0.2"]
+    finally:
+        for process in (orchestrator, *workers):
+            if process is not None:
+                process.stop()
+    assert dns_server.addresses[0] == "127.0.0.3", "worker-a left and came back during the swarm"
+    busy = [f for f in failures(events) if "running 2 subtasks" in f.error]
+    print(f"attempts refused by the returning worker as busy: {len(busy)}")
+    assert_completed(events, 6)
+    assert not failures(events), "no subtask was sent to a worker with no free slot"
+
+
 async def test_cancelling_a_swarm_stops_its_worker_calls_and_frees_capacity_for_others() -> None:
     fast_planning = ["--sim-latency-ms", "50"]  # only the workers' answers are slow
     with stack(
