@@ -11,7 +11,8 @@ pool keeps one channel per worker address and decides itself:
   broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
   until a probe (`GetWorkerInfo`) answers again.
 - **Capacity.** A worker's capacity is its own `--max-concurrency`, learned from `GetWorkerInfo`.
-  No worker is given more than that; the pick is the eligible worker with the most free slots.
+  No worker is given more than that; the pick is the eligible worker with the most free slots. A
+  cancelled subtask's slot is free once the worker says so, not when the cancel is sent.
 - **Fairness.** Waiting subtasks queue per swarm, and each free slot goes to the next swarm in
   round-robin order, so a small swarm is not stuck behind a big one. A swarm may cap how many of
   its subtasks hold slots at once.
@@ -34,7 +35,7 @@ import dns.exception
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator_service.worker_session import WorkerSession
+from orchestrator_service.worker_session import CANCEL_TIMEOUT_S, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.config import split_host_port
 
@@ -122,6 +123,7 @@ class PoolWorker:
     address: str
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerServiceAsyncStub
+    session: WorkerSession
     worker_id: str = ""
     capacity: int = 0
     in_flight: int = 0
@@ -133,10 +135,6 @@ class PoolWorker:
     last_pick: int = 0
     provider: str = ""
     watcher: asyncio.Task[None] | None = None
-    session: WorkerSession = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.session = WorkerSession(self.stub)
 
     @property
     def eligible(self) -> bool:
@@ -144,7 +142,8 @@ class PoolWorker:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.in_flight if self.eligible else 0
+        """Slots neither held by an attempt nor still held on the worker by a cancelled subtask."""
+        return self.capacity - self.in_flight - self.session.stopping if self.eligible else 0
 
 
 @dataclass(eq=False)
@@ -171,12 +170,15 @@ class WorkerPool:
         refresh_interval_s: float = 10.0,
         probe_timeout_s: float = 2.0,
         no_worker_timeout_s: float = 30.0,
+        cancel_timeout_s: float = CANCEL_TIMEOUT_S,
     ) -> None:
         self.target = PoolTarget.parse(target)
         self.target_text = target
         self.refresh_interval_s = refresh_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.no_worker_timeout_s = no_worker_timeout_s
+        # Longest a cancelled subtask's slot is held for the worker to say the subtask is over.
+        self.cancel_timeout_s = cancel_timeout_s
         self._workers: dict[str, PoolWorker] = {}
         # Insertion order is the round-robin order: a swarm that was just served moves to the end.
         self._shares: dict[str, _SwarmShare] = {}
@@ -252,7 +254,9 @@ class WorkerPool:
 
     def _add(self, address: str) -> None:
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        worker = PoolWorker(address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        session = WorkerSession(stub, on_slot_freed=self._dispatch, cancel_timeout_s=self.cancel_timeout_s)
+        worker = PoolWorker(address, channel, stub, session)
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})

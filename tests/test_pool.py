@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.worker_pool import PoolTarget, PoolWorker, WorkerPool
+from orchestrator_service.worker_session import WorkerSession
 from swarm_common.errors import RateLimited
 from swarm_common.providers import StreamRequest, Usage
 
@@ -29,7 +30,14 @@ def pool_of(capacities: dict[str, int]) -> WorkerPool:
     """A pool whose workers are ready-made (no channels: nothing here calls them)."""
     pool = WorkerPool(",".join(capacities))
     for address, capacity in capacities.items():
-        worker = PoolWorker(address, channel=None, stub=None, worker_id=address, capacity=capacity)  # type: ignore[arg-type]
+        worker = PoolWorker(
+            address,
+            channel=None,  # type: ignore[arg-type]
+            stub=None,  # type: ignore[arg-type]
+            session=WorkerSession(None),  # type: ignore[arg-type]
+            worker_id=address,
+            capacity=capacity,
+        )
         worker.serving = worker.reachable = True
         pool._workers[address] = worker
     pool._changed()

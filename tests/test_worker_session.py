@@ -1,20 +1,26 @@
-"""The orchestrator's side of the per-worker ExecuteSubtasks stream (`WorkerSession`), against a real
-grpc.aio worker server in this process that records every call it is sent."""
+"""The orchestrator's side of the per-worker ExecuteSubtasks stream (`WorkerSession`, and the pool's
+count of a worker's slots), against a real grpc.aio worker server in this process that records
+every call it is sent."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator_service.watchdog import Bounds, watched
+from orchestrator_service.worker_pool import WORKER_SERVICE, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
+from swarm_common.providers import Provider, StreamRequest, Usage
 from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
+from swarm_common.status import WORKER_BUSY
 from worker_service.servicer import WorkerServicer
 from worker_service.worker import Worker
 
@@ -42,24 +48,64 @@ class RecordingServicer(WorkerServicer):
             yield response
 
 
+class SlowToClose(SimulatedProvider):
+    """A model call whose stream, once cancelled, takes `close_s` to close (None: never), as an
+    SDK's stream may while it shuts its connection."""
+
+    def __init__(self, settings: SimulatedSettings, close_s: float | None) -> None:
+        super().__init__(settings)
+        self.close_s = close_s
+
+    async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
+        finished = False
+        try:
+            async for item in super().stream(request):
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                await (asyncio.sleep(self.close_s) if self.close_s is not None else asyncio.Event().wait())
+
+
+@asynccontextmanager
+async def worker_server(
+    provider: Provider, capacity: int = 4
+) -> AsyncIterator[tuple[str, RecordingServicer]]:
+    """A worker served on 127.0.0.1, with its health, and its servicer."""
+    servicer = RecordingServicer(Worker(provider, worker_id="w", max_concurrency=capacity, default_model="m"))
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set(WORKER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        await server.stop(0)
+
+
 @asynccontextmanager
 async def worker_session(latency_ms: float) -> AsyncIterator[tuple[WorkerSession, RecordingServicer]]:
     """A session to a simulated worker served on 127.0.0.1, and that worker's servicer."""
     provider = SimulatedProvider(SimulatedSettings(latency_ms=latency_ms, chunks=4))
-    servicer = RecordingServicer(Worker(provider, worker_id="w", max_concurrency=4, default_model="m"))
-    server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    async with worker_server(provider) as (address, servicer), grpc.aio.insecure_channel(address) as channel:
+        session = WorkerSession(worker_pb2_grpc.WorkerServiceStub(channel))
+        try:
+            yield session, servicer
+        finally:
+            await session.close()
+
+
+@asynccontextmanager
+async def worker_pool(address: str, **options: float) -> AsyncIterator[WorkerPool]:
+    pool = WorkerPool(address, **options)
+    await pool.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            session = WorkerSession(worker_pb2_grpc.WorkerServiceStub(channel))
-            try:
-                yield session, servicer
-            finally:
-                await session.close()
+        yield pool
     finally:
-        await server.stop(0)
+        await pool.close()
 
 
 def request(subtask_id: str) -> worker_pb2.ExecuteSubtaskRequest:
@@ -107,3 +153,53 @@ async def test_a_stream_reopened_while_the_old_one_closes_is_the_sessions_own() 
         async with asyncio.timeout(2):
             with pytest.raises(SubtaskCallFailed):
                 [response async for response in third]
+
+
+async def leave_early(session: WorkerSession, subtask_id: str) -> None:
+    """Starts a subtask and leaves at its first output, as the scheduler leaves a timed-out attempt."""
+    outputs = watched(session.execute(request(subtask_id)), Bounds(10, 10))
+    await anext(outputs)
+    await outputs.aclose()
+
+
+async def test_a_cancelled_subtasks_slot_is_taken_until_the_worker_has_freed_it() -> None:
+    close_s = 0.5
+    provider = SlowToClose(SimulatedSettings(latency_ms=1000, chunks=10), close_s=close_s)
+    async with worker_server(provider, capacity=1) as (address, _), worker_pool(address) as pool:
+        worker = await pool.acquire("s")
+        await leave_early(worker.session, "cancelled")
+        pool.release(worker, "s")
+        began = time.monotonic()
+        worker = await asyncio.wait_for(pool.acquire("s"), 10)
+        waited = time.monotonic() - began
+        try:
+            async with asyncio.timeout(10):
+                replies = [reply async for reply in worker.session.execute(request("next"))]
+        except SubtaskCallFailed as failed:
+            pytest.fail(f"the next subtask was refused: {failed.failure.kind} {failed}")
+        pool.release(worker, "s")
+    print(f"the next subtask waited {waited:.2f}s for a slot that took {close_s}s to free")
+    assert replies[-1].HasField("result")
+    assert waited >= close_s * 0.9, "the slot was given on before the worker said it was free"
+
+
+async def test_a_worker_that_never_confirms_a_cancel_has_its_slot_counted_free_after_the_bound() -> None:
+    cancel_timeout_s = 0.5
+    provider = SlowToClose(SimulatedSettings(latency_ms=1000, chunks=10), close_s=None)
+    async with (
+        worker_server(provider, capacity=1) as (address, _),
+        worker_pool(address, cancel_timeout_s=cancel_timeout_s) as pool,
+    ):
+        worker = await pool.acquire("s")
+        await leave_early(worker.session, "stuck")
+        pool.release(worker, "s")
+        began = time.monotonic()
+        worker = await asyncio.wait_for(pool.acquire("s"), 10)
+        waited = time.monotonic() - began
+        # The worker is still stuck closing the first call, and says so.
+        with pytest.raises(SubtaskCallFailed) as refused:
+            async with asyncio.timeout(10):
+                [reply async for reply in worker.session.execute(request("next"))]
+        pool.release(worker, "s")
+    assert waited >= cancel_timeout_s * 0.9
+    assert refused.value.failure.kind == WORKER_BUSY

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import grpc
 
+from fake_messages_api import FakeMessagesAPI
 from stack import start
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
@@ -88,3 +89,50 @@ async def test_batches_take_everything_ready_and_end_at_none() -> None:
     queue.put_nowait(None)
     assert await later == [4]
     assert [batch async for batch in stream] == []
+
+
+async def test_a_cancel_is_answered_once_the_model_stream_is_closed_and_its_slot_free() -> None:
+    """The anthropic provider closes the SDK's stream when cancelled, which takes a moment; the
+    worker says the subtask is over only then, and the slot is free by that reply."""
+    key = "sk-ant-cancel"
+    with FakeMessagesAPI(api_key=key, chunks=100, chunk_delay_s=0.1) as fake:  # 10 s answers
+        worker = start(
+            "worker",
+            "swarm-worker",
+            ["--provider", "anthropic", "--max-concurrency", "1", "--worker-id", "w"],
+            env={"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": fake.base_url},
+        )
+        try:
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest | None] = asyncio.Queue()
+
+                async def requests():  # type: ignore[no-untyped-def]
+                    while (request := await outbox.get()) is not None:
+                        yield request
+
+                def send(*calls: worker_pb2.SubtaskCall) -> None:
+                    outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls))
+
+                call = stub.ExecuteSubtasks(requests())
+                send(start_call(1, "first"))
+                replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
+                in_flight_when_answered = -1
+                async with asyncio.timeout(20):
+                    async for response in call:
+                        for reply in response.replies:
+                            replies[reply.call_id].append(reply)
+                        if len(replies[1]) == 1:
+                            send(worker_pb2.SubtaskCall(call_id=1, cancel=worker_pb2.CancelSubtask()))
+                        if in_flight_when_answered < 0 and replies[1][-1].HasField("cancelled"):
+                            info = await stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5)
+                            in_flight_when_answered = info.in_flight
+                            send(start_call(2, "second"))  # the freed slot, at once
+                        if replies[2]:
+                            break
+                call.cancel()
+        finally:
+            worker.stop()
+    assert [r.WhichOneof("kind") for r in replies[1]][-1] == "cancelled"
+    assert in_flight_when_answered == 0, "the slot was free when the cancel was answered"
+    assert replies[2][0].HasField("output"), f"the next subtask took the slot: {replies[2][0]}"
