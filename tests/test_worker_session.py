@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from orchestrator_service.watchdog import Bounds, watched
-from orchestrator_service.worker_pool import WORKER_SERVICE, WorkerPool
+from orchestrator_service.worker_pool import WORKER_SERVICE, PoolWorker, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.providers import Provider, StreamRequest, Usage
@@ -155,23 +155,25 @@ async def test_a_stream_reopened_while_the_old_one_closes_is_the_sessions_own() 
                 [response async for response in third]
 
 
-async def leave_early(session: WorkerSession, subtask_id: str) -> None:
-    """Starts a subtask and leaves at its first output, as the scheduler leaves a timed-out attempt."""
-    outputs = watched(session.execute(request(subtask_id)), Bounds(10, 10))
+async def cancel_and_acquire_again(pool: WorkerPool) -> tuple[PoolWorker, float]:
+    """Takes a slot, starts a subtask and leaves at its first output, as the scheduler leaves a
+    timed-out attempt, and gives the slot back; then takes a slot again. Returns the worker and
+    how long that took."""
+    worker = await pool.acquire("s")
+    outputs = watched(worker.session.execute(request("cancelled")), Bounds(10, 10))
     await anext(outputs)
     await outputs.aclose()
+    pool.release(worker, "s")
+    began = time.monotonic()
+    worker = await asyncio.wait_for(pool.acquire("s"), 10)
+    return worker, time.monotonic() - began
 
 
 async def test_a_cancelled_subtasks_slot_is_taken_until_the_worker_has_freed_it() -> None:
     close_s = 0.5
     provider = SlowToClose(SimulatedSettings(latency_ms=1000, chunks=10), close_s=close_s)
     async with worker_server(provider, capacity=1) as (address, _), worker_pool(address) as pool:
-        worker = await pool.acquire("s")
-        await leave_early(worker.session, "cancelled")
-        pool.release(worker, "s")
-        began = time.monotonic()
-        worker = await asyncio.wait_for(pool.acquire("s"), 10)
-        waited = time.monotonic() - began
+        worker, waited = await cancel_and_acquire_again(pool)
         try:
             async with asyncio.timeout(10):
                 replies = [reply async for reply in worker.session.execute(request("next"))]
@@ -190,12 +192,7 @@ async def test_a_worker_that_never_confirms_a_cancel_has_its_slot_counted_free_a
         worker_server(provider, capacity=1) as (address, _),
         worker_pool(address, cancel_timeout_s=cancel_timeout_s) as pool,
     ):
-        worker = await pool.acquire("s")
-        await leave_early(worker.session, "stuck")
-        pool.release(worker, "s")
-        began = time.monotonic()
-        worker = await asyncio.wait_for(pool.acquire("s"), 10)
-        waited = time.monotonic() - began
+        worker, waited = await cancel_and_acquire_again(pool)
         # The worker is still stuck closing the first call, and says so.
         with pytest.raises(SubtaskCallFailed) as refused:
             async with asyncio.timeout(10):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -20,6 +21,22 @@ def start_call(call_id: int, subtask_id: str) -> worker_pb2.SubtaskCall:
     return worker_pb2.SubtaskCall(call_id=call_id, start=request)
 
 
+def open_stream(
+    stub: worker_pb2_grpc.WorkerServiceStub,
+) -> tuple[AsyncIterator[worker_pb2.ExecuteSubtasksResponse], Callable[..., None]]:
+    """An ExecuteSubtasks call, and a function that sends it calls together in one message."""
+    outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
+        while True:
+            yield await outbox.get()
+
+    def send(*calls: worker_pb2.SubtaskCall) -> None:
+        outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls))
+
+    return stub.ExecuteSubtasks(requests()), send
+
+
 async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capacity() -> None:
     worker = start(
         "worker",
@@ -29,17 +46,9 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest | None] = asyncio.Queue()
-
-            async def requests():  # type: ignore[no-untyped-def]
-                while (request := await outbox.get()) is not None:
-                    yield request
-
-            call = stub.ExecuteSubtasks(requests())
+            call, send = open_stream(stub)
             # Four starts in one message: three fit the worker's capacity, the fourth does not.
-            outbox.put_nowait(
-                worker_pb2.ExecuteSubtasksRequest(calls=[start_call(i, f"t{i}") for i in (1, 2, 3, 4)])
-            )
+            send(*[start_call(i, f"t{i}") for i in (1, 2, 3, 4)])
             replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
             cancelled: set[int] = set()
             messages = 0
@@ -50,11 +59,7 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
                         replies[reply.call_id].append(reply)
                     if replies[1] and 2 not in cancelled:
                         cancelled.add(2)
-                        outbox.put_nowait(
-                            worker_pb2.ExecuteSubtasksRequest(
-                                calls=[worker_pb2.SubtaskCall(call_id=2, cancel=worker_pb2.CancelSubtask())]
-                            )
-                        )
+                        send(worker_pb2.SubtaskCall(call_id=2, cancel=worker_pb2.CancelSubtask()))
                     if any(r.output.HasField("result") for r in replies[1]) and any(
                         r.output.HasField("result") for r in replies[3]
                     ):
@@ -105,16 +110,7 @@ async def test_a_cancel_is_answered_once_the_model_stream_is_closed_and_its_slot
         try:
             async with grpc.aio.insecure_channel(worker.address) as channel:
                 stub = worker_pb2_grpc.WorkerServiceStub(channel)
-                outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest | None] = asyncio.Queue()
-
-                async def requests():  # type: ignore[no-untyped-def]
-                    while (request := await outbox.get()) is not None:
-                        yield request
-
-                def send(*calls: worker_pb2.SubtaskCall) -> None:
-                    outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls))
-
-                call = stub.ExecuteSubtasks(requests())
+                call, send = open_stream(stub)
                 send(start_call(1, "first"))
                 replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
                 in_flight_when_answered = -1
