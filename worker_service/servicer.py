@@ -5,6 +5,7 @@ stream shared with other subtasks."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,7 +50,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def _outputs(
         self, request: worker_pb2.ExecuteSubtaskRequest
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
-        """The subtask's chunks, then its result; a failure raises CallFailed."""
+        """The subtask's chunks, then its result once its slot is free again; a failure raises
+        CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
         worker_id = self._worker.worker_id
@@ -59,6 +61,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             raise CallFailed(
                 CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
             ) from None
+        usage: events_pb2.Usage | None = None
         try:
             async for item in self._worker.execute(_assignment(request)):
                 if isinstance(item, str):
@@ -69,12 +72,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         output_tokens=item.output_tokens,
                         cost_usd=item.cost_usd,
                     )
-                    result = worker_pb2.SubtaskResult(
-                        usage=usage, model=request.model or self._worker.default_model
-                    )
-                    yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
+        if usage is not None:
+            result = worker_pb2.SubtaskResult(usage=usage, model=request.model or self._worker.default_model)
+            yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
 
     async def ExecuteSubtask(
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
@@ -100,15 +102,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, output=output))
             except CallFailed as failed:
                 outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
-            finally:
-                running.pop(call_id, None)
+
+        def ended(call_id: int, task: asyncio.Task[None]) -> None:
+            if running.get(call_id) is task:
+                del running[call_id]
+            if task.cancelled():
+                # The model call's cleanup is over (or the subtask never began): only now is its
+                # slot free, and the caller counts it taken until told so.
+                outbox.put_nowait(
+                    worker_pb2.SubtaskReply(call_id=call_id, cancelled=worker_pb2.SubtaskCancelled())
+                )
 
         async def read() -> None:
             try:
                 async for request in requests:
                     for call in request.calls:
                         if call.HasField("start"):
-                            running[call.call_id] = asyncio.create_task(run(call.call_id, call.start))
+                            started = asyncio.create_task(run(call.call_id, call.start))
+                            running[call.call_id] = started
+                            started.add_done_callback(functools.partial(ended, call.call_id))
                         elif (task := running.get(call.call_id)) is not None:
                             task.cancel()
             finally:
