@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_polyglot import HEALTH_SERVICE, ORCHESTRATOR_SERVICE, json_documents
 
 from stack import Stack
-from test_polyglot import HEALTH_SERVICE, ORCHESTRATOR_SERVICE, json_documents
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 GRPCURL = Path(sys.executable).parent / "grpcurl"
