@@ -535,3 +535,38 @@ def test_the_console_refuses_a_bad_listen_address_in_one_line() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "swarm-web: --listen must be HOST:PORT, got 'nowhere'"
+
+
+def test_make_run_keeps_the_stack_and_its_console_up_after_the_demo(tmp_path: Path) -> None:
+    """`make run` is `swarm up --demo --stay`: the demo swarm, then the printed URL serves the
+    console until Ctrl-C."""
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    env.update({"SWARM_SIM_LATENCY_MS": "100", "COLUMNS": "120"})
+    command = ["up", "--workers", "1", "--demo", "--stay", "--agents", "2", "--log-dir", str(tmp_path)]
+    popen = subprocess.Popen(
+        [str(Path(sys.executable).parent / "swarm"), *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert popen.stderr is not None
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and popen.poll() is None:
+            lines.append(popen.stderr.readline())
+            if "the stack stays up" in lines[-1]:
+                break
+        found = re.search(r"open (http://127\.0\.0\.1:\d+/)", lines[-1])
+        assert found, "".join(lines)
+        url = found.group(1)
+        assert httpx.get(url + "api/info", timeout=30).json()["provider"] == "simulated"
+        assert "<title>Swarm console</title>" in httpx.get(url, timeout=30).text
+    finally:
+        popen.send_signal(signal.SIGINT)
+        returncode = popen.wait(30)
+    assert returncode == 130
+    assert (tmp_path / "web.log").exists()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url, timeout=5)
