@@ -139,11 +139,12 @@ def card_texts(page: Page) -> dict[str, str]:
     return texts
 
 
-def wait_for_streaming(page: Page, cards_with_text: int = 1) -> None:
-    """Until at least `cards_with_text` cards show output and the swarm has not ended."""
+def wait_for_streaming(page: Page, cards_with_text: int = 1, chars: int = 1) -> None:
+    """Until at least `cards_with_text` cards show `chars` of output and the swarm has not ended."""
     page.wait_for_function(
-        """(n) => [...document.querySelectorAll('#cards .text')].filter((t) => t.textContent).length >= n""",
-        arg=cards_with_text,
+        """([n, chars]) => [...document.querySelectorAll('#cards .text')]
+            .filter((t) => t.textContent.length >= chars).length >= n""",
+        arg=[cards_with_text, chars],
         timeout=SWARM_TIMEOUT_MS,
     )
     assert page.locator("#outcome").text_content() == "", "the swarm ended before the test could act mid-way"
@@ -210,7 +211,8 @@ def test_a_swarm_started_from_the_form_completes_with_every_card_and_the_synthes
         page, console, "Plan the launch of a community bike-share in a mid-sized city", agents
     )
     expect(page.locator("#cards .card")).to_have_count(agents, timeout=SWARM_TIMEOUT_MS)
-    wait_for_streaming(page, cards_with_text=agents)
+    wait_for_streaming(page, cards_with_text=agents, chars=150)
+    expect(page.locator(".history-item").first.locator(".badge")).to_have_text("running")
     screenshot = Path(os.environ.get("SWARM_WEB_SCREENSHOT") or tmp_path / "mid-swarm.png")
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.read_bytes().startswith(b"\x89PNG")

@@ -326,6 +326,12 @@ function drawHead(model) {
     : model.outcome === "cancelled" ? `Cancelled${model.outcomeText ? `: ${model.outcomeText}` : "."}`
     : "";
   $("cancel-button").disabled = !!model.outcome;
+  // The history lists this swarm as it was when listed: its badge follows the swarm.
+  const listed = document.querySelector(`.history-item[data-swarm-id="${CSS.escape(model.id)}"] .badge`);
+  if (listed && model.accepted) {
+    listed.textContent = state;
+    listed.className = `badge state-${state}`;
+  }
 }
 
 function drawSynthesis(model) {
@@ -559,6 +565,7 @@ async function loadHistory() {
   pages.next = body.nextPageToken ?? "";
   const items = (body.swarms ?? []).map((swarm) => {
     const item = element("li", "history-item");
+    item.dataset.swarmId = swarm.swarmId;
     const link = element("a", "history-link", swarm.idea || "(no idea)");
     link.href = `/swarms/${encodeURIComponent(swarm.swarmId)}`;
     const state = stateName(swarm.state);
