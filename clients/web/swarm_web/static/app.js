@@ -167,10 +167,7 @@ class SwarmModel {
       case "swarmCancelled":
         this.outcome = OUTCOMES[kind];
         this.outcomeText = body.error ?? body.reason ?? "";
-        if (kind === "swarmCompleted") {
-          this.total = body.usage ?? {};
-          if (!this.synthesis && body.result) this.synthesis = body.result;
-        }
+        if (kind === "swarmCompleted") this.total = body.usage ?? {};
         this.ended = this.lastEventTime;
         this.synthesisChanged = true;
         break;
