@@ -31,10 +31,16 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-run: install
-	$(BIN)/swarm up --workers 3 --demo
+# The web console's browser tests drive Debian's chromium (tests/test_web_console.py). It is
+# installed here where it is missing and apt-get may; elsewhere those tests fail and say so.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	-apt-get update -qq && apt-get install -y -qq chromium
 
-test: install $(NODE_STAMP)
+run: install
+	$(BIN)/swarm up --workers 3 --demo --stay
+
+test: install $(NODE_STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q
 
 # Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer

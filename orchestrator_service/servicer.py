@@ -127,3 +127,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except StoreError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return orchestrator_pb2.CancelSwarmResponse(swarm=swarm)
+
+    async def GetOrchestratorInfo(
+        self, request: orchestrator_pb2.GetOrchestratorInfoRequest, context: Context
+    ) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        orchestrator = self._orchestrator
+        return orchestrator_pb2.GetOrchestratorInfoResponse(
+            max_agents=orchestrator.limits.max_agents,
+            max_idea_bytes=orchestrator.limits.max_idea_bytes,
+            default_model=orchestrator.default_model,
+            provider=orchestrator.planner.provider.name,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -106,7 +107,8 @@ def test_up_demo_runs_a_local_stack_and_stops_it(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "local stack up" in done.stderr and "5/5 subtasks" in done.stdout
+    assert re.search(r"web console: http://127\.0\.0\.1:\d+/", done.stderr), done.stderr
     logs = {path.name: path.read_text() for path in tmp_path.glob("*.log")}
-    assert sorted(logs) == ["orchestrator.log", "worker-1.log", "worker-2.log", "worker-3.log"]
+    assert sorted(logs) == ["orchestrator.log", "web.log", "worker-1.log", "worker-2.log", "worker-3.log"]
     assert all('"msg": "worker stopped"' in logs[f"worker-{i}.log"] for i in (1, 2, 3)), "every child stopped"
     assert '"msg": "orchestrator stopped"' in logs["orchestrator.log"]

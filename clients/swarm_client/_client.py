@@ -133,6 +133,15 @@ class AsyncSwarmClient:
             raise from_rpc_error(error) from None
         return response.swarm
 
+    async def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        """What the orchestrator accepts (its largest num_agents, say) and its default model."""
+        try:
+            return await self._stub.GetOrchestratorInfo(
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
 
 class SwarmClient:
     """The blocking twin of AsyncSwarmClient, for scripts and notebooks."""
@@ -217,5 +226,13 @@ class SwarmClient:
             return self._stub.CancelSwarm(
                 orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason), timeout=self.timeout
             ).swarm
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        try:
+            return self._stub.GetOrchestratorInfo(
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

@@ -1,4 +1,4 @@
-"""`swarm up`: one orchestrator and K workers as child processes on free ports; Ctrl-C stops them all.
+"""`swarm up`: one orchestrator, K workers and the web console as child processes; Ctrl-C stops them all.
 
 The services are started as programs (their console scripts), never imported: a client does not
 depend on the services' code.
@@ -121,14 +121,24 @@ def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> in
             "swarm-orchestrator",
             ["--listen", listen, "--workers", ",".join(w.address for w in workers), "--db", str(db)],
         )
+        web_listen = args.web_listen or ("127.0.0.1:0" if args.demo else "127.0.0.1:8080")
+        console = stack.start("web", "swarm-web", ["--listen", web_listen, "--target", orchestrator.address])
         provider = "anthropic" if env.get("ANTHROPIC_API_KEY") else "simulated (no ANTHROPIC_API_KEY set)"
         err.print(
             f"[bold green]local stack up[/]: orchestrator {orchestrator.address}, "
             f"{len(workers)} workers ({', '.join(w.address for w in workers)}), provider {provider}; "
             f"logs in {log_dir}"
         )
+        err.print(f"[bold]web console[/]: http://{console.address}/")
         if args.demo:
-            return run_demo(orchestrator.address, args.idea, args.agents)
+            status = run_demo(orchestrator.address, args.idea, args.agents)
+            if not args.stay:
+                return status
+            err.print(
+                f"the stack stays up: open http://{console.address}/ to run more swarms; Ctrl-C stops it"
+            )
+            _wait_for_signal_or_exit(stack)
+            return status
         err.print(
             f"try: swarm --target {orchestrator.address} run 'your idea' --agents 5   (Ctrl-C stops the stack)"
         )
@@ -164,7 +174,15 @@ def add_up_command(commands: Any, run_demo: Callable[[str, str, int], int]) -> N
         default="",
         help="the orchestrator's database (default .swarm/swarms.db; with --demo, in the log dir)",
     )
+    parser.add_argument(
+        "--web-listen",
+        default="",
+        help="the web console's address (default 127.0.0.1:8080; a free port with --demo)",
+    )
     parser.add_argument("--demo", action="store_true", help="run a demo swarm with live progress, then stop")
+    parser.add_argument(
+        "--stay", action="store_true", help="demo: keep the stack and its console up afterwards, until Ctrl-C"
+    )
     parser.add_argument("--agents", type=int, default=5, help="demo: agents (default 5)")
     parser.add_argument("--idea", default=DEMO_IDEA, help="demo: the idea")
     parser.set_defaults(handler=lambda args: up(args, run_demo))
