@@ -13,6 +13,7 @@ import grpc
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.status import WORKER_BUSY, CallFailure
 from worker_service.worker import Assignment, Worker, WorkerBusy
 
@@ -39,6 +40,7 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
         model=request.model,
         attempt=request.attempt,
         deadline=deadline,
+        max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
     )
 
 
@@ -70,7 +72,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         cost_usd=item.cost_usd,
                     )
                     result = worker_pb2.SubtaskResult(
-                        usage=usage, model=request.model or self._worker.default_model
+                        usage=usage,
+                        model=request.model or self._worker.default_model,
+                        stop_reason=item.stop_reason,
                     )
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
         except ProviderError as error:
