@@ -13,6 +13,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from swarm_common import prompts
 from swarm_common.errors import InvalidModelRequest, ProviderUnavailable, RateLimited
 from swarm_common.model_limits import limits_of
 from swarm_common.providers.base import OutlineRequest, PlanDraft, PlanRequest, StreamRequest, Usage
@@ -211,7 +212,8 @@ class SimulatedProvider:
                 }
             )
         text = json.dumps({"subtasks": subtasks})
-        return await self._answer_whole(request.model, request.idea, text, request.max_tokens)
+        prompt = prompts.PLAN_SYSTEM + prompts.plan_prompt(request)
+        return await self._answer_whole(request.model, prompt, text, request.max_tokens)
 
     async def outline(self, request: OutlineRequest) -> PlanDraft:
         topic = " ".join(request.idea.split()[:12])
@@ -220,7 +222,8 @@ class SimulatedProvider:
             for i in range(1, request.areas + 1)
         ]
         text = json.dumps({"areas": areas})
-        return await self._answer_whole(request.model, request.idea, text, request.max_tokens)
+        prompt = prompts.OUTLINE_SYSTEM + prompts.outline_prompt(request)
+        return await self._answer_whole(request.model, prompt, text, request.max_tokens)
 
     async def aclose(self) -> None:
         return None
