@@ -42,15 +42,20 @@ MODEL = "claude-haiku-4-5"
 Event = events_pb2.SwarmEvent
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeMessagesAPI]:
-    limits = limits_of(MODEL)
-    with FakeMessagesAPI(
+def like(model: str) -> FakeMessagesAPI:
+    """The fake Messages API at a real model's sizes, within `model`'s limits."""
+    limits = limits_of(model)
+    return FakeMessagesAPI(
         api_key=KEY,
         answer=realistic_answer,
         context_window=limits.context_window,
         max_output_tokens=limits.max_output_tokens,
-    ) as api:
+    )
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMessagesAPI]:
+    with like(MODEL) as api:
         yield api
 
 
@@ -299,12 +304,7 @@ async def test_256_answers_of_4096_tokens_synthesize_within_the_context_window(m
     limits = limits_of(model)
     store = MemoryStore()
     swarm_id = await completed_swarm(store, 256, 4096, model)
-    with FakeMessagesAPI(
-        api_key=KEY,
-        answer=realistic_answer,
-        context_window=limits.context_window,
-        max_output_tokens=limits.max_output_tokens,
-    ) as api:
+    with like(model) as api:
         provider = AnthropicProvider(api_key=KEY, base_url=api.base_url)
         orchestrator = Orchestrator(Planner(provider), DoneScheduler(), store, default_model=model)  # type: ignore[arg-type]
         try:
