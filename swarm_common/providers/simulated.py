@@ -109,6 +109,11 @@ def _answer(prompt: str, words: int = 0) -> str:
     return "\n".join(parts)
 
 
+def _topic(idea: str) -> str:
+    """What a plan calls the idea: its first words, as a model would sum it up, never all of it."""
+    return " ".join(idea.split()[:12])[:100]
+
+
 def _within(text: str, max_tokens: int) -> tuple[str, str]:
     """The text as a model with this max_tokens gives it, and its stop reason."""
     if _tokens(text) <= max_tokens:
@@ -197,7 +202,7 @@ class SimulatedProvider:
         count = request.num_agents
         if self._plans_made <= self.settings.bad_plans:
             count += 1
-        topic = " ".join(request.idea.split()[:12])
+        topic = _topic(request.idea)
         area = f"{request.area.title}: " if request.area is not None else ""
         subtasks = []
         for i in range(count):
@@ -216,7 +221,7 @@ class SimulatedProvider:
         return await self._answer_whole(request.model, prompt, text, request.max_tokens)
 
     async def outline(self, request: OutlineRequest) -> PlanDraft:
-        topic = " ".join(request.idea.split()[:12])
+        topic = _topic(request.idea)
         areas = [
             {"title": f"Area {i} of {request.areas}", "scope": f"Part {i} of {request.areas} of: {topic}"}
             for i in range(1, request.areas + 1)
