@@ -97,13 +97,15 @@ class SynthesisTree:
         self.total = len(subtasks)
         self.estimate = TokenEstimate.calibrated((s.text, s.tokens) for s in self.sources)
         # A prompt's own text besides its sections, whichever of the two prompts it is.
-        self.fixed = max(
+        fixed = max(
             self.estimate.of(prompts.SYNTHESIS_SYSTEM + prompts.synthesis_prompt(idea, [])),
             self.estimate.of(
                 prompts.PARTIAL_SYNTHESIS_SYSTEM
                 + prompts.partial_synthesis_prompt(idea, [], self._covers(self.total, self.total))
             ),
         )
+        # The tokens a prompt's sections may take.
+        self.capacity = self.context_window - self.max_tokens - fixed
 
     def _covers(self, first: int, last: int) -> str:
         return f"results {first} to {last} of {self.total}"
@@ -113,20 +115,15 @@ class SynthesisTree:
             source.text, source.tokens
         )
 
-    @property
-    def _capacity(self) -> int:
-        """The tokens a prompt's sections may take."""
-        return self.context_window - self.max_tokens - self.fixed
-
     async def reduce(self) -> list[Source]:
         """Partial syntheses, level by level, until the sources fit one prompt."""
         sources = self.sources
         level = 1
         while True:
             costs = [self._cost(source) for source in sources]
-            if sum(costs) <= self._capacity:
+            if sum(costs) <= self.capacity:
                 return sources
-            groups = pack(costs, self._capacity)
+            groups = pack(costs, self.capacity)
             if len(groups) == len(sources):
                 raise CannotFit(
                     f"no two of the {len(sources)} texts to combine fit one prompt within the "
