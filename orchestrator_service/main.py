@@ -19,6 +19,7 @@ from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs
 from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
 from swarm_common.providers import (
+    DEFAULT_ANSWER_MAX_TOKENS,
     DEFAULT_MODEL,
     PROVIDER_CHOICES,
     ProviderConfigError,
@@ -71,6 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64 * 1024,
         type=positive_int,
         help="largest idea accepted, in UTF-8 bytes",
+    )
+    env_flag(
+        parser,
+        "--answer-max-tokens",
+        "SWARM_ANSWER_MAX_TOKENS",
+        default=DEFAULT_ANSWER_MAX_TOKENS,
+        type=positive_int,
+        help="most output tokens one subtask's answer may have, when the request sets none",
     )
     env_flag(
         parser,
@@ -258,7 +267,11 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
         ),
         store,
         default_model=args.model,
-        limits=Limits(max_agents=args.max_agents, max_idea_bytes=args.max_idea_bytes),
+        limits=Limits(
+            max_agents=args.max_agents,
+            max_idea_bytes=args.max_idea_bytes,
+            answer_max_tokens=args.answer_max_tokens,
+        ),
     )
     service = Service(
         name="orchestrator",

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
+from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Cursor, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
 
@@ -35,6 +37,8 @@ MAX_PAGE_SIZE = 1000
 class Limits:
     max_agents: int = 256
     max_idea_bytes: int = 64 * 1024
+    # A subtask's answer budget when the request sets none.
+    answer_max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
 
 
 class InvalidRequest(ValueError):
@@ -69,6 +73,15 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
     if spec.max_parallel < 0:
         violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
+    if spec.answer_max_tokens < 0:
+        violations.append(("answer_max_tokens", f"must not be negative, got {spec.answer_max_tokens}"))
+    if not violations:
+        # Only a request that is otherwise good is sized: the checks need a model and an idea.
+        violations = misfits(
+            idea=spec.idea,
+            model=spec.model,
+            answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
+        )
     if violations:
         raise InvalidRequest(violations)
 
@@ -109,6 +122,7 @@ class Orchestrator:
                 raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
             stored_through = record.last_sequence
             swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
+            swarm.default_answer_max_tokens = self.limits.answer_max_tokens
             self._launch(swarm)
             resumed.append(swarm_id)
             log.info(
@@ -126,6 +140,7 @@ class Orchestrator:
         request_id: str = "",
         max_parallel: int = 0,
         deadline: float | None = None,
+        answer_max_tokens: int = 0,
     ) -> str:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead.
         `deadline` (epoch seconds) bounds every attempt: the attached call's own deadline."""
@@ -135,6 +150,7 @@ class Orchestrator:
             model=model or self.default_model,
             request_id=request_id,
             max_parallel=max_parallel,
+            answer_max_tokens=answer_max_tokens,
         )
         validate(spec, self.limits)
         if request_id:
@@ -151,6 +167,7 @@ class Orchestrator:
             on_store_failure=self._store_failed,
         )
         swarm.deadline = deadline
+        swarm.default_answer_max_tokens = self.limits.answer_max_tokens
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return swarm.id

@@ -59,6 +59,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 request_id=request.request_id,
                 max_parallel=request.max_parallel,
                 deadline=_deadline(context) if not request.detach else None,
+                answer_max_tokens=request.answer_max_tokens,
             )
             events = await self._orchestrator.watch(swarm_id)
         except InvalidRequest as error:

@@ -14,6 +14,7 @@ import grpc
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.status import WORKER_BUSY, CallFailure
 from worker_service.worker import Assignment, Worker, WorkerBusy
 
@@ -40,6 +41,7 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
         model=request.model,
         attempt=request.attempt,
         deadline=deadline,
+        max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
     )
 
 
@@ -62,6 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
             ) from None
         usage: events_pb2.Usage | None = None
+        stop_reason = ""
         try:
             async for item in self._worker.execute(_assignment(request)):
                 if isinstance(item, str):
@@ -72,10 +75,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         output_tokens=item.output_tokens,
                         cost_usd=item.cost_usd,
                     )
+                    stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
         if usage is not None:
-            result = worker_pb2.SubtaskResult(usage=usage, model=request.model or self._worker.default_model)
+            result = worker_pb2.SubtaskResult(
+                usage=usage, model=request.model or self._worker.default_model, stop_reason=stop_reason
+            )
             yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
 
     async def ExecuteSubtask(

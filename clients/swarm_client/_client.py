@@ -29,7 +29,13 @@ def default_target() -> str:
 
 
 def _run_request(
-    idea: str, agents: int, model: str, detach: bool, request_id: str, max_parallel: int
+    idea: str,
+    agents: int,
+    model: str,
+    detach: bool,
+    request_id: str,
+    max_parallel: int,
+    answer_max_tokens: int,
 ) -> orchestrator_pb2.RunSwarmRequest:
     return orchestrator_pb2.RunSwarmRequest(
         idea=idea,
@@ -38,6 +44,7 @@ def _run_request(
         detach=detach,
         request_id=request_id,
         max_parallel=max_parallel,
+        answer_max_tokens=answer_max_tokens,
     )
 
 
@@ -77,11 +84,13 @@ class AsyncSwarmClient:
         request_id: str = "",
         max_parallel: int = 0,
         call_timeout: float | None = None,
+        answer_max_tokens: int = 0,
     ) -> AsyncIterator[SwarmEvent]:
         """Starts a swarm and yields its events until the terminal one. Leaving the loop early
         cancels the call, and with it the swarm unless `detach`. `max_parallel` caps the swarm's
-        subtasks running at once; `call_timeout` is the call's deadline, which every attempt keeps to."""
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
+        subtasks running at once; `call_timeout` is the call's deadline, which every attempt keeps to;
+        `answer_max_tokens` is each subtask's answer budget (0 = the server's)."""
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
         call = self._stub.RunSwarm(request, timeout=call_timeout)
         try:
             async for response in call:
@@ -179,8 +188,9 @@ class SwarmClient:
         request_id: str = "",
         max_parallel: int = 0,
         call_timeout: float | None = None,
+        answer_max_tokens: int = 0,
     ) -> Generator[SwarmEvent, None, None]:
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
         call = self._stub.RunSwarm(request, timeout=call_timeout)
         try:
             for response in call:

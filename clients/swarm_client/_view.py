@@ -19,8 +19,11 @@ _STATE_STYLE = {
     "running": "cyan",
     "retrying": "yellow",
     "done": "green",
+    "cut off": "yellow",
     "failed": "red",
 }
+# Stop reasons that mean an answer was cut off rather than finished.
+CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
 
 
 @dataclass
@@ -58,13 +61,19 @@ class SwarmView:
         self.rows: dict[str, AgentRow] = {}
         self.synthesis: list[str] = []
         self.synthesis_attempt = 0
+        # Partial syntheses done, by level: how many the level has, and which are done.
+        self.partials: dict[int, tuple[int, set[str]]] = {}
         self.resumed = 0
         self.outcome: events_pb2.SwarmEvent | None = None
         self.last_sequence = 0
 
     @property
     def done(self) -> int:
-        return sum(1 for row in self.rows.values() if row.state == "done")
+        return sum(1 for row in self.rows.values() if row.state in ("done", "cut off"))
+
+    @property
+    def cut_off(self) -> int:
+        return sum(1 for row in self.rows.values() if row.state == "cut off")
 
     def _row(self, subtask_id: str) -> AgentRow:
         """A watch that starts after plan_created never saw the plan: such rows are made as met."""
@@ -92,8 +101,14 @@ class SwarmView:
         elif kind == "subtask_delta":
             self._row(event.subtask_delta.subtask_id).chars += len(event.subtask_delta.text)
         elif kind == "subtask_completed":
-            row = self._row(event.subtask_completed.subtask_id)
-            row.state, row.output_tokens = "done", event.subtask_completed.usage.output_tokens
+            completed = event.subtask_completed
+            row = self._row(completed.subtask_id)
+            row.state = "cut off" if completed.stop_reason in CUT_OFF else "done"
+            row.output_tokens = completed.usage.output_tokens
+        elif kind == "partial_synthesis":
+            partial = event.partial_synthesis
+            _, done = self.partials.get(partial.level, (0, set()))
+            self.partials[partial.level] = (partial.count, done | {partial.id})
         elif kind == "subtask_failed":
             failed = event.subtask_failed
             row = self._row(failed.subtask_id)
@@ -142,6 +157,12 @@ class SwarmView:
             Text(f"{self.done}/{total} subtasks · {time.monotonic() - self.started:.1f}s"),
         )
         parts.append(bar)
+        if self.partials and not self.synthesis and self.outcome is None:
+            levels = " · ".join(
+                f"level {level}: {len(done)}/{count}"
+                for level, (count, done) in sorted(self.partials.items())
+            )
+            parts.append(Text(f"synthesis in parts, partial syntheses done: {levels}", style="cyan"))
         if self.synthesis and self.outcome is None:
             tail = "".join(self.synthesis)[-1500:]
             parts.append(Panel(Text(tail), title="synthesis (streaming)", border_style="cyan"))
@@ -160,6 +181,11 @@ class SwarmView:
                 f"{usage.input_tokens:,} input / {usage.output_tokens:,} output tokens · ${usage.cost_usd:.4f}",
                 style="bold green",
             )
+            if self.cut_off:
+                line.append(
+                    f"\n{self.cut_off} answer(s) cut off at their answer budget (stop_reason max_tokens)",
+                    style="bold yellow",
+                )
             return Group(Panel(Markdown(self.outcome.swarm_completed.result), title="result"), line)
         if kind == "swarm_failed":
             return Text(f"swarm failed: {self.outcome.swarm_failed.error}", style="bold red")

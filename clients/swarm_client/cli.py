@@ -17,7 +17,7 @@ from rich.table import Table
 from swarm.v1 import orchestrator_pb2
 from swarm_client._client import SwarmClient, SwarmEvent, default_target
 from swarm_client._errors import InvalidArgument, SwarmError, Unavailable
-from swarm_client._view import SwarmView, describe_provider
+from swarm_client._view import CUT_OFF, SwarmView, describe_provider
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 STATE_NAMES = [
@@ -60,6 +60,7 @@ def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
         detach=args.detach,
         request_id=args.request_id,
         max_parallel=args.max_parallel,
+        answer_max_tokens=args.answer_max_tokens,
     )
     try:
         return follow(events, json_lines=args.json)
@@ -94,17 +95,27 @@ def cmd_get(args: argparse.Namespace, client: SwarmClient) -> int:
     table = Table(box=None, header_style="bold")
     for column in ("subtask", "title", "state", "worker", "tries", "output tokens"):
         table.add_column(column)
+    cut_off = 0
     for status in swarm.subtasks:
+        state = orchestrator_pb2.SubtaskState.Name(status.state).removeprefix("SUBTASK_STATE_").lower()
+        if status.stop_reason in CUT_OFF:
+            cut_off += 1
+            state += " [yellow](cut off)[/]"
         table.add_row(
             status.subtask.id,
             status.subtask.title[:48],
-            orchestrator_pb2.SubtaskState.Name(status.state).removeprefix("SUBTASK_STATE_").lower(),
+            state,
             status.worker_id,
             str(status.attempts),
             f"{status.usage.output_tokens:,}",
         )
     if swarm.subtasks:
         out.print(table)
+    if cut_off:
+        out.print(
+            f"[yellow]{cut_off} answer(s) cut off at their answer budget (stop_reason max_tokens): "
+            "swarm run --answer-max-tokens raises it[/]"
+        )
     if swarm.error:
         out.print(f"[red]error:[/] {swarm.error}")
     if swarm.result:
@@ -161,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-parallel", type=int, default=0, help="at most this many subtasks at once (0 = no cap)"
     )
+    run.add_argument(
+        "--answer-max-tokens",
+        type=int,
+        default=0,
+        help="most output tokens each agent's answer may have (0 = the server's default)",
+    )
     run.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
     run.set_defaults(handler=cmd_run)
 
@@ -197,7 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(target: str, idea: str, agents: int) -> int:
     with SwarmClient(target) as client:
         args = argparse.Namespace(
-            idea=idea, agents=agents, model="", detach=False, request_id="", max_parallel=0, json=False
+            idea=idea,
+            agents=agents,
+            model="",
+            detach=False,
+            request_id="",
+            max_parallel=0,
+            answer_max_tokens=0,
+            json=False,
         )
         return cmd_run(args, client)
 

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import os
 
-from swarm_common.providers.base import PlanDraft, PlanRequest, Provider, StreamRequest, Usage
+from swarm_common.providers.base import (
+    DEFAULT_ANSWER_MAX_TOKENS,
+    OutlineRequest,
+    PlanArea,
+    PlanDraft,
+    PlanRequest,
+    Provider,
+    StreamRequest,
+    Usage,
+)
 from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
 
 __all__ = [
+    "DEFAULT_ANSWER_MAX_TOKENS",
     "DEFAULT_MODEL",
     "PROVIDER_CHOICES",
+    "OutlineRequest",
+    "PlanArea",
     "PlanDraft",
     "PlanRequest",
     "Provider",
