@@ -46,6 +46,12 @@ def mid_dispatch(event: SwarmEvent) -> bool:
     return event.HasField("subtask_completed")
 
 
+def long_subtasks_stack() -> AbstractContextManager[Stack]:
+    """Subtasks of 10 s (planning 0.2 s): a swarm that a client killed at its first start is still
+    running when the client, resuming, has found the restarted orchestrator, however slow the machine."""
+    return stack(workers=2, sim_latency_ms=10_000, orchestrator_args=["--sim-latency-ms", "200"])
+
+
 class Crash:
     """SIGKILLs the orchestrator at once, and restarts it on the same --db and port `after_s` later,
     in a thread, while the clients try to resume."""
@@ -371,12 +377,12 @@ def test_the_cli_through_a_cut_connection_completes_detached_and_explains_an_att
 
 async def test_leaving_a_resumed_attached_run_still_cancels_the_swarm() -> None:
     """After a restart the orchestrator runs the swarm detached; the caller that leaves cancels it."""
-    with slow_stack() as running:
+    with long_subtasks_stack() as running:
         async with AsyncSwarmClient(running.target) as client:
             run = client.run(IDEA, AGENTS)
             crash: Crash | None = None
             async for event in run:
-                if crash is None and mid_dispatch(event):
+                if crash is None and event.HasField("subtask_started"):
                     crash = Crash(running)
                 if event.HasField("swarm_resumed"):
                     break
@@ -389,10 +395,10 @@ async def test_leaving_a_resumed_attached_run_still_cancels_the_swarm() -> None:
 
 
 def test_ctrl_c_after_a_resume_cancels_the_swarm_as_before() -> None:
-    with slow_stack() as running:
+    with long_subtasks_stack() as running:
         cli = Command([SWARM, "--target", running.target, "run", IDEA, "-n", str(AGENTS), "--json"])
         swarm_id = json.loads(cli.wait_for_line(is_kind("accepted")))["swarm_id"]
-        cli.wait_for_line(is_kind("subtask_completed"))
+        cli.wait_for_line(is_kind("subtask_started"))
         crash = Crash(running)
         cli.wait_for_line(is_kind("swarm_resumed"))
         cli.popen.send_signal(signal.SIGINT)

@@ -126,10 +126,9 @@ class AsyncSwarmClient:
         request = _run_request(idea, agents, model, detach, request_id, max_parallel)
         return self._follow(
             lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
-            Resumption("", 0, self.resume_within_s),
+            Resumption("", 0, self.resume_within_s, attached=not detach),
             call_timeout=call_timeout,
             on_reconnect=on_reconnect,
-            cancel_on_leave=not detach,
         )
 
     def watch(
@@ -143,7 +142,6 @@ class AsyncSwarmClient:
             place,
             call_timeout=None,
             on_reconnect=on_reconnect,
-            cancel_on_leave=False,
         )
 
     async def _follow(
@@ -153,8 +151,9 @@ class AsyncSwarmClient:
         *,
         call_timeout: float | None,
         on_reconnect: OnReconnect | None,
-        cancel_on_leave: bool,
     ) -> AsyncGenerator[SwarmEvent, None]:
+        """The events of `open_call`'s stream, then of each WatchSwarm that resumes it, as `place`
+        decides; the caller's leaving is caught to cancel what it must."""
         deadline = None if call_timeout is None else time.monotonic() + call_timeout
         call = open_call(call_timeout)
         try:
@@ -169,9 +168,7 @@ class AsyncSwarmClient:
                         return
                     cause = ENDED_EARLY
                 except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE or not place.can_resume():
-                        raise from_rpc_error(error) from None
-                    cause = error.details() or error.code().name
+                    cause = place.cause_of(error)
                 except Unavailable as error:  # the GetSwarm above
                     cause = error.message
                 finally:
@@ -182,7 +179,7 @@ class AsyncSwarmClient:
                 await asyncio.sleep(attempt.delay_s)
                 call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
         except (GeneratorExit, asyncio.CancelledError):
-            if cancel_on_leave and place.resumed and not place.ended:
+            if place.cancels_on_leave():
                 try:
                     await self.cancel(place.swarm_id, LEFT_REASON)
                 except SwarmError as error:
@@ -268,10 +265,9 @@ class SwarmClient:
         request = _run_request(idea, agents, model, detach, request_id, max_parallel)
         return self._follow(
             lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
-            Resumption("", 0, self.resume_within_s),
+            Resumption("", 0, self.resume_within_s, attached=not detach),
             call_timeout=call_timeout,
             on_reconnect=on_reconnect,
-            cancel_on_leave=not detach,
         )
 
     def watch(
@@ -283,7 +279,6 @@ class SwarmClient:
             place,
             call_timeout=None,
             on_reconnect=on_reconnect,
-            cancel_on_leave=False,
         )
 
     def _follow(
@@ -293,7 +288,6 @@ class SwarmClient:
         *,
         call_timeout: float | None,
         on_reconnect: OnReconnect | None,
-        cancel_on_leave: bool,
     ) -> Generator[SwarmEvent, None, None]:
         """The sync twin of AsyncSwarmClient._follow, line for line."""
         deadline = None if call_timeout is None else time.monotonic() + call_timeout
@@ -310,9 +304,7 @@ class SwarmClient:
                         return
                     cause = ENDED_EARLY
                 except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE or not place.can_resume():
-                        raise from_rpc_error(error) from None
-                    cause = error.details() or error.code().name
+                    cause = place.cause_of(error)
                 except Unavailable as error:  # the GetSwarm above
                     cause = error.message
                 finally:
@@ -323,7 +315,7 @@ class SwarmClient:
                 time.sleep(attempt.delay_s)
                 call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
         except (GeneratorExit, KeyboardInterrupt):
-            if cancel_on_leave and place.resumed and not place.ended:
+            if place.cancels_on_leave():
                 try:
                     self.cancel(place.swarm_id, LEFT_REASON)
                 except SwarmError as error:

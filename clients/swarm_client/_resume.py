@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 
 from swarm.v1 import events_pb2, orchestrator_pb2
-from swarm_client._errors import ResumeFailed, SwarmError
+from swarm_client._errors import ResumeFailed, SwarmError, from_rpc_error
 
 DEFAULT_RESUME_WITHIN_S = 60.0
 FIRST_DELAY_S = 0.2
@@ -57,8 +57,11 @@ class Reconnecting:
 class Resumption:
     """One stream's place (swarm id, last sequence) and its reconnection schedule."""
 
-    def __init__(self, swarm_id: str, after_sequence: int, within_s: float) -> None:
+    def __init__(
+        self, swarm_id: str, after_sequence: int, within_s: float, *, attached: bool = False
+    ) -> None:
         self.swarm_id = swarm_id  # "" until a RunSwarm stream's first event names it
+        self.attached = attached  # a run() without detach: the caller's leaving cancels the swarm
         self.last_sequence = after_sequence
         self.within_s = within_s
         self.resumed = False  # a WatchSwarm has replaced the first call
@@ -93,6 +96,18 @@ class Resumption:
         """Only a named swarm can be watched: a RunSwarm that breaks before its first event
         reports the break (a `request_id` makes calling run() again safe)."""
         return bool(self.swarm_id)
+
+    def cause_of(self, error: grpc.RpcError) -> str:
+        """Why the stream broke, when resuming can mend it; else the error as a SwarmError."""
+        code: grpc.StatusCode = error.code()
+        if code != grpc.StatusCode.UNAVAILABLE or not self.can_resume():
+            raise from_rpc_error(error) from None
+        return str(error.details() or code.name)
+
+    def cancels_on_leave(self) -> bool:
+        """A caller leaving an attached run() cancels the swarm: the client must do it once a
+        WatchSwarm has replaced the RunSwarm call whose end would have."""
+        return self.attached and self.resumed and not self.ended
 
     def broke(self, cause: str) -> Reconnecting:
         """The stream (or the last attempt) broke: the next attempt, or ResumeFailed."""

@@ -55,7 +55,7 @@ class Display:
     def reconnecting(self, attempt: Reconnecting) -> None:
         self.view.reconnect(attempt)
         if self._live is not None:
-            self._live.update(self.view.render())
+            self._live.update(self.view.render(), refresh=True)  # at once: no event will redraw it
         elif attempt.attempt == 1:
             err.print(
                 safe_text(
