@@ -423,7 +423,8 @@ async def test_a_sigterm_leaves_a_running_swarm_to_the_next_start() -> None:
         sim_latency_ms=1500,
         orchestrator_args=["--sim-latency-ms", "50", "--shutdown-grace", "0.2"],
     ) as running:
-        async with AsyncSwarmClient(running.target) as client:
+        # Resuming off: the stream's own end is what is checked here, not the client's resume.
+        async with AsyncSwarmClient(running.target, resume_within_s=0) as client:
             seen: list[Event] = []
             with pytest.raises(Unavailable, match="WatchSwarm it after sequence"):
                 async for event in client.run(IDEA, 4):

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from swarm.v1 import orchestrator_pb2
-from swarm_client import AsyncSwarmClient, InvalidArgument, SwarmError, SwarmEvent
+from swarm_client import AsyncSwarmClient, InvalidArgument, SwarmError
 
 log = logging.getLogger("swarm.web")
 
@@ -130,16 +130,14 @@ async def start_swarm(request: Request) -> Response:
     except json_format.ParseError as error:
         raise BadRequest("body", f"not a RunSwarmRequest in JSON: {error}") from None
     # The client's run() is an async generator: closing it after the first event cancels the call.
-    run_events = cast(
-        AsyncGenerator[SwarmEvent, None],
-        _client(request).run(
-            run.idea,
-            run.num_agents,
-            model=run.model,
-            detach=True,
-            request_id=run.request_id,
-            max_parallel=run.max_parallel,
-        ),
+    run_events = _client(request).run(
+        run.idea,
+        run.num_agents,
+        model=run.model,
+        detach=True,
+        request_id=run.request_id,
+        max_parallel=run.max_parallel,
+        answer_max_tokens=run.answer_max_tokens,
     )
     async with aclosing(run_events) as events:
         accepted = await anext(events)
