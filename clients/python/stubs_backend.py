@@ -18,8 +18,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PROTOS = REPO / "protos"
 LIBRARY = REPO / "clients" / "swarm_client"
-# The library's own modules: the CLI and `swarm up` need the services' package and stay out.
-LIBRARY_FILES = ("__init__.py", "_client.py", "_errors.py", "py.typed")
+# The library's modules all go in, but for the terminal's: the CLI, its views and `swarm up` need
+# rich and the services, which a client alone does not carry.
+TERMINAL_FILES = frozenset({"cli.py", "_view.py", "_terminal.py", "_local_stack.py"})
 SRC = HERE / "src"
 
 
@@ -60,8 +61,9 @@ def _lay_out() -> None:
     for marker in (SRC / "swarm" / "__init__.py", stubs / "__init__.py", SRC / "swarm" / "py.typed"):
         marker.touch()
     (SRC / "swarm_client").mkdir()
-    for name in LIBRARY_FILES:
-        shutil.copy2(LIBRARY / name, SRC / "swarm_client" / name)
+    for path in sorted(LIBRARY.iterdir()):
+        if path.is_file() and path.suffix in (".py", ".typed") and path.name not in TERMINAL_FILES:
+            shutil.copy2(path, SRC / "swarm_client" / path.name)
 
 
 # setuptools reads the packages in every hook, so each one lays out src/ first.
