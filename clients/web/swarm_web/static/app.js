@@ -544,8 +544,10 @@ async function loadInfo() {
 // ---- history ------------------------------------------------------------------------------------
 
 const pages = { tokens: [""], index: 0, next: "" };
+let historyAsked = 0; // only the latest listing is shown: an older answer may arrive after it
 
 async function loadHistory() {
+  const asked = ++historyAsked;
   const params = new URLSearchParams({ page_size: `${HISTORY_PAGE_SIZE}`, page_token: pages.tokens[pages.index] });
   const state = $("history-state").value;
   if (state) params.set("state", state);
@@ -555,10 +557,13 @@ async function loadHistory() {
     body = await response.json();
     if (!response.ok) throw new Error(body.error ?? response.statusText);
   } catch (error) {
-    $("history-error").textContent = `Cannot list swarms: ${error.message}`;
+    if (asked === historyAsked) $("history-error").textContent = `Cannot list swarms: ${error.message}`;
     return;
   }
+  if (asked !== historyAsked) return;
   $("history-error").textContent = "";
+  // A keyboard user on a link keeps their place when the list is drawn anew.
+  const focused = document.activeElement?.closest?.(".history-item")?.dataset.swarmId;
   pages.next = body.nextPageToken ?? "";
   const items = (body.swarms ?? []).map((swarm) => {
     const item = element("li", "history-item");
@@ -572,6 +577,9 @@ async function loadHistory() {
     return item;
   });
   $("history-list").replaceChildren(...(items.length ? items : [element("li", "history-none", "No swarms here yet.")]));
+  if (focused) {
+    document.querySelector(`.history-item[data-swarm-id="${CSS.escape(focused)}"] .history-link`)?.focus();
+  }
   $("history-newer").disabled = pages.index === 0;
   $("history-older").disabled = !pages.next;
 }
