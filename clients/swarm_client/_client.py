@@ -137,10 +137,14 @@ class AsyncSwarmClient:
 class SwarmClient:
     """The blocking twin of AsyncSwarmClient, for scripts and notebooks."""
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, target: str | None = None, *, timeout: float | None = 30.0, channel: grpc.Channel | None = None
+    ) -> None:
+        """`channel` replaces the one made for `target` (tests pass grpc_testing's fake one); the
+        client closes it as it would its own."""
         self.target = target or default_target()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target)
+        self._channel = channel if channel is not None else grpc.insecure_channel(self.target)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     def __enter__(self) -> Self:
