@@ -65,7 +65,9 @@ def _env_twin(name: str) -> str:
 
 
 class SimulatedProviderSettings(BaseSettings):
-    """the simulated provider (offline runs, demos, tests and benchmarks)"""
+    """the simulated provider (offline runs, demos, tests and benchmarks)
+
+    The first line of a settings class's docstring titles its flags' group in `--help`."""
 
     model_config = SettingsConfigDict(
         alias_generator=AliasGenerator(validation_alias=_env_twin),
@@ -104,9 +106,11 @@ class SimulatedProviderSettings(BaseSettings):
 
 
 class ServiceSettings(SimulatedProviderSettings):
-    """every service"""
+    """every service
 
-    # A service's model names its program, says what it does, and declares its own `listen`.
+    What every service is told: which model to call and how, when to stop, what to log. A service's
+    own model names its program, says what it does, and declares its `listen` with its own port."""
+
     prog: ClassVar[str]
     description: ClassVar[str]
 
