@@ -40,8 +40,14 @@ $(CHROMIUM):
 run: install
 	$(BIN)/swarm up --workers 3 --demo --stay
 
+# Independent test files run side by side on a fixed number of workers (most of their time is spent
+# waiting on services, not computing); then the `serial` ones, which hold a system to a time bound,
+# run alone. Both parts always run, and either failing fails the target.
+TEST_WORKERS ?= 4
 test: install $(NODE_STAMP) $(CHROMIUM)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
+	$(BIN)/pytest -q -m serial; serial=$$?; \
+	test $$parallel -eq 0 -a $$serial -eq 0
 
 # Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer
 # in 1g) and py-spy; without it (say, no registry) that benchmark reports itself unavailable.

@@ -243,11 +243,16 @@ class SwarmClient:
         *,
         timeout: float | None = 30.0,
         resume_within_s: float = DEFAULT_RESUME_WITHIN_S,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """`channel` replaces the one made for `target` (tests pass grpc_testing's fake one); the
+        client closes it as it would its own."""
         self.target = target or default_target()
         self.timeout = timeout
         self.resume_within_s = resume_within_s
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = (
+            channel if channel is not None else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     def __enter__(self) -> Self:

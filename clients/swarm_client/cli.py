@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console, Group
@@ -324,7 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(dispatch(handler, args))
 
 
-def dispatch(handler: Callable[..., Any], args: argparse.Namespace) -> int:
+def dispatch(
+    handler: Callable[..., Any], args: argparse.Namespace, *, channel: grpc.Channel | None = None
+) -> int:
+    """Runs a command and turns its outcome into the exit status; `channel`, when given, is the
+    client's instead of one to `--target` (tests pass a fake one)."""
     if args.command == "up":
         return int(handler(args))
     if args.command == "run" and args.agents < 1:
@@ -334,7 +339,7 @@ def dispatch(handler: Callable[..., Any], args: argparse.Namespace) -> int:
         err.print(f"swarm: --resume-within must not be negative, got {args.resume_within:g}")
         return EXIT_USAGE
     try:
-        with SwarmClient(args.target, resume_within_s=args.resume_within) as client:
+        with SwarmClient(args.target, resume_within_s=args.resume_within, channel=channel) as client:
             return int(handler(args, client))
     except InvalidArgument as error:
         fields = "; ".join(f"{field}: {text}" for field, text in error.violations) or error.message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 from swarm_common.providers.base import (
     DEFAULT_ANSWER_MAX_TOKENS,
@@ -25,6 +26,7 @@ __all__ = [
     "PlanDraft",
     "PlanRequest",
     "Provider",
+    "ProviderChoice",
     "ProviderConfigError",
     "SimulatedProvider",
     "SimulatedSettings",
@@ -36,7 +38,8 @@ __all__ = [
 
 # A current model that the installed SDK lists and does not mark deprecated (a test checks both).
 DEFAULT_MODEL = "claude-sonnet-5-5"
-PROVIDER_CHOICES = ("auto", "anthropic", "simulated")
+ProviderChoice = Literal["auto", "anthropic", "simulated"]
+PROVIDER_CHOICES: tuple[str, ...] = get_args(ProviderChoice)
 
 
 class ProviderConfigError(ValueError):
