@@ -364,6 +364,7 @@ def test_html_in_ideas_and_model_output_renders_as_text(page: Page, browser: Bro
     expect(markup).to_have_count(0)
 
 
+@pytest.mark.serial  # a bound on the page's long tasks: other tests' load must not skew it
 def test_a_hundred_agent_swarm_streams_without_freezing_the_page(
     page: Page, console: str, web_stack: Stack
 ) -> None:
