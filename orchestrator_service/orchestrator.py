@@ -25,7 +25,7 @@ from swarm.v1 import events_pb2, orchestrator_pb2
 
 log = logging.getLogger("swarm.orchestrator")
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 MAX_REQUEST_ID = 128
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -63,7 +63,7 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
     if not 1 <= spec.num_agents <= limits.max_agents:
         violations.append(("num_agents", f"must be between 1 and {limits.max_agents}, got {spec.num_agents}"))
-    if spec.model and not MODEL_NAME.match(spec.model):
+    if spec.model and not MODEL_NAME.fullmatch(spec.model):  # `$` would let a final newline through
         violations.append(("model", f"{spec.model[:40]!r} is not a model name"))
     if len(spec.request_id) > MAX_REQUEST_ID:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))

@@ -74,6 +74,16 @@ async def test_bad_input_is_invalid_argument_with_field_violations(
         assert len((await client.list(page_size=1000)).swarms) == before, "no swarm was started"
 
 
+@pytest.mark.parametrize("model", ["claude-sonnet-5-5\n", "claude sonnet", "-flag", "m" * 129])
+async def test_a_model_name_with_anything_around_it_is_refused(swarm_stack: Stack, model: str) -> None:
+    async with AsyncSwarmClient(swarm_stack.target) as client:
+        with pytest.raises(InvalidArgument) as raised:
+            await run_all(client, agents=1, model=model)
+        assert [field for field, _ in raised.value.violations] == ["model"]
+        page = await client.list(page_size=1000)
+    assert not [s for s in page.swarms if s.model == model], "nothing was stored under that name"
+
+
 async def test_an_idea_at_the_size_limit_is_accepted(swarm_stack: Stack) -> None:
     async with AsyncSwarmClient(swarm_stack.target) as client:
         events = await run_all(client, idea="y" * (64 * 1024), agents=1)
