@@ -17,7 +17,13 @@ from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs
-from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
+from swarm_common.config import (
+    add_call_limit_flags,
+    add_simulated_flags,
+    env_flag,
+    non_negative_float,
+    positive_int,
+)
 from swarm_common.providers import (
     DEFAULT_MODEL,
     PROVIDER_CHOICES,
@@ -25,7 +31,7 @@ from swarm_common.providers import (
     SimulatedSettings,
     make_provider,
 )
-from swarm_common.serving import Service
+from swarm_common.serving import CallLimits, Service
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +77,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=64 * 1024,
         type=positive_int,
         help="largest idea accepted, in UTF-8 bytes",
+    )
+    env_flag(
+        parser,
+        "--max-swarm-input-bytes",
+        "SWARM_MAX_SWARM_INPUT_BYTES",
+        default=4 * 1024 * 1024,
+        type=positive_int,
+        help="largest idea bytes x num_agents accepted: each agent's prompt carries the idea",
+    )
+    env_flag(
+        parser,
+        "--max-agents-in-flight",
+        "SWARM_MAX_AGENTS_IN_FLIGHT",
+        default=4096,
+        type=positive_int,
+        help="agents of unfinished swarms (running or queued) at once; a swarm beyond is refused",
+    )
+    env_flag(
+        parser,
+        "--max-watchers-per-swarm",
+        "SWARM_MAX_WATCHERS_PER_SWARM",
+        default=100,
+        type=positive_int,
+        help="RunSwarm and WatchSwarm calls reading one swarm at once",
+    )
+    env_flag(
+        parser,
+        "--max-page-bytes",
+        "SWARM_MAX_PAGE_BYTES",
+        default=1024 * 1024,
+        type=positive_int,
+        help="a ListSwarms page ends at this many bytes, whatever its page_size",
+    )
+    env_flag(
+        parser,
+        "--list-text-bytes",
+        "SWARM_LIST_TEXT_BYTES",
+        default=1024,
+        type=positive_int,
+        help="ListSwarms cuts each swarm's idea, result and error to this many bytes (GetSwarm has them whole)",
     )
     env_flag(
         parser,
@@ -193,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds running swarms may take to finish after SIGTERM",
     )
     env_flag(parser, "--log-level", "SWARM_LOG_LEVEL", default="INFO", help="log level")
+    add_call_limit_flags(parser)
     add_simulated_flags(parser)
     return parser.parse_args(argv)
 
@@ -258,7 +305,15 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
         ),
         store,
         default_model=args.model,
-        limits=Limits(max_agents=args.max_agents, max_idea_bytes=args.max_idea_bytes),
+        limits=Limits(
+            max_agents=args.max_agents,
+            max_idea_bytes=args.max_idea_bytes,
+            max_swarm_input_bytes=args.max_swarm_input_bytes,
+            max_agents_in_flight=args.max_agents_in_flight,
+            max_watchers_per_swarm=args.max_watchers_per_swarm,
+            max_page_bytes=args.max_page_bytes,
+            list_text_bytes=args.list_text_bytes,
+        ),
     )
     service = Service(
         name="orchestrator",
@@ -268,6 +323,7 @@ async def _serve_on(store: Store, args: argparse.Namespace, log: logging.Logger)
         ),
         listen=args.listen,
         log=log,
+        limits=CallLimits.from_args(args),
     )
     await pool.start()
     background: list[asyncio.Task[None]] = []

@@ -22,6 +22,7 @@ from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common.errors import ProviderError
 from swarm_common.providers import Usage
+from swarm_common.rpc_errors import internal_message, new_error_id
 
 log = logging.getLogger("swarm.orchestrator.swarm")
 
@@ -172,8 +173,11 @@ class Swarm:
         except SwarmError as error:
             self._fail(str(error))
         except Exception as error:
-            log.error("swarm failed unexpectedly", exc_info=error, extra={"swarm_id": self.id})
-            self._fail(f"internal error: {type(error).__name__}")
+            error_id = new_error_id()
+            log.error(
+                "swarm failed unexpectedly", exc_info=error, extra={"swarm_id": self.id, "error_id": error_id}
+            )
+            self._fail(internal_message(error_id))
 
     async def _run(self, planner: Planner, scheduler: Scheduler) -> None:
         spec = self.spec

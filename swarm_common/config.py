@@ -49,6 +49,13 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"{raw} is not a positive number")
+    return value
+
+
 def non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -121,4 +128,40 @@ def add_simulated_flags(parser: argparse.ArgumentParser) -> None:
         default=0,
         type=int,
         help="simulated provider: chunks a stalling call streams before it hangs (0 = none)",
+    )
+
+
+def add_call_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What one connection and one call may hold of the service: both services take them."""
+    env_flag(
+        parser,
+        "--max-streams-per-connection",
+        "SWARM_MAX_STREAMS_PER_CONNECTION",
+        default=1000,
+        type=positive_int,
+        help="HTTP/2 streams (calls) one client connection may have open at once",
+    )
+    env_flag(
+        parser,
+        "--stream-write-timeout",
+        "SWARM_STREAM_WRITE_TIMEOUT_S",
+        default=30.0,
+        type=positive_float,
+        help="seconds a streamed reply may wait for a caller that does not read it before the call ends",
+    )
+    env_flag(
+        parser,
+        "--keepalive-time",
+        "SWARM_KEEPALIVE_TIME_S",
+        default=30.0,
+        type=positive_float,
+        help="seconds of quiet on a connection before the service pings the peer",
+    )
+    env_flag(
+        parser,
+        "--keepalive-timeout",
+        "SWARM_KEEPALIVE_TIMEOUT_S",
+        default=20.0,
+        type=positive_float,
+        help="seconds a peer has to answer a ping before its connection and calls are ended",
     )

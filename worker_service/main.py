@@ -9,14 +9,20 @@ import sys
 
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common import logs
-from swarm_common.config import add_simulated_flags, env_flag, non_negative_float, positive_int
+from swarm_common.config import (
+    add_call_limit_flags,
+    add_simulated_flags,
+    env_flag,
+    non_negative_float,
+    positive_int,
+)
 from swarm_common.providers import (
     DEFAULT_MODEL,
     PROVIDER_CHOICES,
     SimulatedSettings,
     make_provider,
 )
-from swarm_common.serving import Service
+from swarm_common.serving import CallLimits, Service
 from worker_service.servicer import WorkerServicer
 from worker_service.worker import Worker
 
@@ -75,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds in-flight subtasks may take to finish after SIGTERM",
     )
     env_flag(parser, "--log-level", "SWARM_LOG_LEVEL", default="INFO", help="log level")
+    add_call_limit_flags(parser)
     add_simulated_flags(parser)
     return parser.parse_args(argv)
 
@@ -103,6 +110,7 @@ async def serve(args: argparse.Namespace) -> None:
         ),
         listen=args.listen,
         log=log,
+        limits=CallLimits.from_args(args),
     )
     worker.worker_id = args.worker_id or f"{socket.gethostname()}:{service.port}"
     log.info(
