@@ -49,6 +49,13 @@ def positive_int(raw: str) -> int:
     return value
 
 
+def non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{raw} is negative")
+    return value
+
+
 def positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:

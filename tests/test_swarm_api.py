@@ -189,12 +189,13 @@ async def test_both_services_serve_health_and_reflection(swarm_stack: Stack) -> 
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
 
 
-async def test_a_worker_refuses_work_beyond_its_max_concurrency() -> None:
-    with stack(workers=1, worker_args=["--max-concurrency", "2"], sim_latency_ms=2000) as running:
+async def test_a_worker_refuses_direct_calls_beyond_its_direct_slots() -> None:
+    worker_args = ["--max-concurrency", "4", "--direct-slots", "2"]
+    with stack(workers=1, worker_args=worker_args, sim_latency_ms=2000) as running:
         async with grpc.aio.insecure_channel(running.workers[0].address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             info = await stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5)
-            assert (info.worker_id, info.max_concurrency) == ("worker-0", 2)
+            assert (info.worker_id, info.max_concurrency, info.direct_slots) == ("worker-0", 4, 2)
             request = worker_pb2.ExecuteSubtaskRequest(swarm_id="s", subtask={"id": "a", "title": "t"})
             calls = [stub.ExecuteSubtask(request) for _ in range(3)]
             firsts = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)

@@ -14,8 +14,10 @@ from swarm_common.config import (
     add_simulated_flags,
     env_flag,
     non_negative_float,
+    non_negative_int,
     positive_int,
 )
+from swarm_common.pricing import PRICES_PER_MTOK
 from swarm_common.providers import (
     DEFAULT_MODEL,
     PROVIDER_CHOICES,
@@ -24,7 +26,7 @@ from swarm_common.providers import (
 )
 from swarm_common.serving import CallLimits, Service
 from worker_service.servicer import WorkerServicer
-from worker_service.worker import Worker
+from worker_service.worker import Worker, WorkerLimits
 
 DRAIN_NOTICE_S = 1.0
 
@@ -74,6 +76,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env_flag(parser, "--model", "CLAUDE_MODEL", default=DEFAULT_MODEL, help="default model")
     env_flag(
         parser,
+        "--direct-slots",
+        "SWARM_DIRECT_SLOTS",
+        default=2,
+        type=non_negative_int,
+        help="subtasks run at once for direct ExecuteSubtask callers, apart from --max-concurrency (0 = refuse them)",
+    )
+    env_flag(
+        parser,
+        "--max-idea-bytes",
+        "SWARM_MAX_IDEA_BYTES",
+        default=64 * 1024,
+        type=positive_int,
+        help="largest idea, and largest subtask title and instructions, accepted, in UTF-8 bytes",
+    )
+    env_flag(
+        parser,
+        "--allowed-models",
+        "SWARM_ALLOWED_MODELS",
+        default=",".join(PRICES_PER_MTOK),
+        help="comma list of the models this worker calls (its --model always among them)",
+    )
+    env_flag(
+        parser,
+        "--stream-queue",
+        "SWARM_STREAM_QUEUE",
+        default=1024,
+        type=positive_int,
+        help="replies an ExecuteSubtasks stream holds for a slow reader before it stops reading requests",
+    )
+    env_flag(
+        parser,
         "--shutdown-grace",
         "SWARM_SHUTDOWN_GRACE_S",
         default=30.0,
@@ -100,13 +133,21 @@ async def serve(args: argparse.Namespace) -> None:
     )
     provider = make_provider(args.provider, settings)
     worker = Worker(
-        provider, worker_id=args.worker_id, max_concurrency=args.max_concurrency, default_model=args.model
+        provider,
+        worker_id=args.worker_id,
+        max_concurrency=args.max_concurrency,
+        default_model=args.model,
+        limits=WorkerLimits(
+            max_idea_bytes=args.max_idea_bytes,
+            allowed_models=frozenset(m.strip() for m in args.allowed_models.split(",") if m.strip()),
+            direct_slots=args.direct_slots,
+        ),
     )
     service = Service(
         name="worker",
         service_names=[worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(worker), server
+            WorkerServicer(worker, stream_queue=args.stream_queue), server
         ),
         listen=args.listen,
         log=log,

@@ -1,10 +1,13 @@
-"""Translates WorkerService calls to and from the Worker. A subtask's outputs come from one place
-(`_outputs`); ExecuteSubtask streams them as a call of their own, ExecuteSubtasks as messages on a
-stream shared with other subtasks."""
+"""Translates WorkerService calls to and from the Worker. A subtask is admitted in one place
+(`_admit`) and its outputs come from one place (`_outputs`); ExecuteSubtask streams them as a call
+of their own, ExecuteSubtasks as messages on a stream shared with other subtasks. Whatever a
+subtask ends in, its caller is told: an error the worker did not expect ends it as INTERNAL, with
+an error id that the worker's log line carries too, and nothing else about it."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,8 +16,12 @@ import grpc
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
+from swarm_common.logs import Throttle
+from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
-from worker_service.worker import Assignment, Worker, WorkerBusy
+from worker_service.worker import Assignment, RefusedAssignment, Worker, WorkerBusy
+
+log = logging.getLogger("swarm.worker")
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -24,6 +31,10 @@ class CallFailed(Exception):
     def __init__(self, failure: CallFailure) -> None:
         super().__init__(failure.message)
         self.failure = failure
+
+
+class DuplicateCall(Exception):
+    """A start reused the id of a call still running on the stream: the caller has lost track."""
 
 
 def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
@@ -43,24 +54,35 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, *, stream_queue: int = 1024) -> None:
+        """`stream_queue`: replies an ExecuteSubtasks stream holds for a caller that reads slowly
+        before its subtasks wait, and the stream stops reading the caller's requests."""
         self._worker = worker
+        self._stream_queue = stream_queue
+        self._unexpected = Throttle()
 
-    async def _outputs(
-        self, request: worker_pb2.ExecuteSubtaskRequest
-    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
-        """The subtask's chunks, then its result; a failure raises CallFailed."""
+    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> Assignment:
+        """The request as an assignment holding a slot; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
-        worker_id = self._worker.worker_id
+        assignment = _assignment(request)
         try:
-            self._worker.claim()
+            self._worker.claim(assignment, direct=direct)
+        except RefusedAssignment as refused:
+            raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, str(refused))) from None
         except WorkerBusy as busy:
             raise CallFailed(
                 CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
             ) from None
+        return assignment
+
+    async def _outputs(
+        self, assignment: Assignment, *, direct: bool
+    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
+        """An admitted subtask's chunks, then its result; a failure raises CallFailed."""
+        worker_id = self._worker.worker_id
         try:
-            async for item in self._worker.execute(_assignment(request)):
+            async for item in self._worker.execute(assignment, direct=direct):
                 if isinstance(item, str):
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
                 else:
@@ -70,17 +92,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         cost_usd=item.cost_usd,
                     )
                     result = worker_pb2.SubtaskResult(
-                        usage=usage, model=request.model or self._worker.default_model
+                        usage=usage, model=assignment.model or self._worker.default_model
                     )
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
+        except Exception as error:
+            raise CallFailed(self._unexpected_failure(error, assignment)) from None
+
+    def _unexpected_failure(self, error: Exception, assignment: Assignment) -> CallFailure:
+        error_id = new_error_id()
+        left_out = self._unexpected.take()
+        if left_out is not None:
+            log.error(
+                "a subtask failed unexpectedly",
+                exc_info=error,
+                extra={
+                    "swarm_id": assignment.swarm_id,
+                    "subtask_id": assignment.subtask_id,
+                    "error_id": error_id,
+                    "left_out": left_out or None,
+                },
+            )
+        return CallFailure(grpc.StatusCode.INTERNAL, internal_message(error_id))
 
     async def ExecuteSubtask(
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
-            async for response in self._outputs(request):
+            async for response in self._outputs(self._admit(request, direct=True), direct=True):
                 yield response
         except CallFailed as failed:
             context.set_trailing_metadata(failed.failure.trailers())
@@ -89,17 +129,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ExecuteSubtasks(
         self, requests: AsyncIterator[worker_pb2.ExecuteSubtasksRequest], context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtasksResponse]:
-        """Runs each started subtask as a task of its own; their replies share this stream, sent
-        together when several are ready."""
+        """Runs each admitted subtask as a task of its own; their replies share this stream, sent
+        together when several are ready.
+
+        What a stream may hold is bounded. Its running calls hold the worker's slots, so a start
+        beyond them is answered worker_busy at once, without a task. Replies wait in a queue of
+        `stream_queue`: when it is full, the subtasks wait to add theirs and the stream reads no
+        more requests, so HTTP/2 flow control holds the caller back. A start that reuses the id of
+        a running call ends the stream (INVALID_ARGUMENT): replies to the two could not be told
+        apart, and the first would run on unseen."""
         outbox: asyncio.Queue[worker_pb2.SubtaskReply | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self._stream_queue)  # replies queued and not yet taken to be sent
         running: dict[int, asyncio.Task[None]] = {}
 
-        async def run(call_id: int, request: worker_pb2.ExecuteSubtaskRequest) -> None:
+        async def reply(message: worker_pb2.SubtaskReply) -> None:
+            await room.acquire()
+            outbox.put_nowait(message)
+
+        async def run(call_id: int, assignment: Assignment) -> None:
+            """One call from its start to its last reply: a result or an error."""
             try:
-                async for output in self._outputs(request):
-                    outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, output=output))
+                async for output in self._outputs(assignment, direct=False):
+                    await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
             except CallFailed as failed:
-                outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
+                await reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
             finally:
                 running.pop(call_id, None)
 
@@ -108,7 +161,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 async for request in requests:
                     for call in request.calls:
                         if call.HasField("start"):
-                            running[call.call_id] = asyncio.create_task(run(call.call_id, call.start))
+                            if call.call_id in running:
+                                raise DuplicateCall(
+                                    f"call_id {call.call_id} is already running on this stream"
+                                )
+                            try:
+                                assignment = self._admit(call.start, direct=False)
+                            except CallFailed as refused:
+                                error = refused.failure.to_proto()
+                                await reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
+                                continue
+                            running[call.call_id] = asyncio.create_task(run(call.call_id, assignment))
                         elif (task := running.get(call.call_id)) is not None:
                             task.cancel()
             finally:
@@ -117,7 +180,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             async for replies in batches(outbox):
+                for _ in replies:
+                    room.release()
                 yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if isinstance(failure, DuplicateCall):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+            if failure is not None and not isinstance(failure, grpc.aio.AbortError):
+                raise failure
         finally:
             reader.cancel()
             for task in list(running.values()):
@@ -132,4 +202,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             in_flight=self._worker.in_flight,
             provider=self._worker.provider.name,
             default_model=self._worker.default_model,
+            direct_slots=self._worker.limits.direct_slots,
+            direct_in_flight=self._worker.direct_in_flight,
         )
