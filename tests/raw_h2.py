@@ -32,8 +32,9 @@ class RawH2:
         self.events: list[h2.events.Event] = []
         self.silent = False
 
-    def open(self, method: str, request: bytes) -> int:
-        """Starts a call of `method` (/package.Service/Method) with one request; its stream id."""
+    def open(self, method: str, request: bytes | None, *, end: bool = True) -> int:
+        """Starts a call of `method` (/package.Service/Method) with one request, or none yet (then
+        `send` sends them); its stream id. `end`: the client sends nothing more."""
         stream_id: int = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             stream_id,
@@ -46,9 +47,27 @@ class RawH2:
                 ("te", "trailers"),
             ],
         )
-        self.conn.send_data(stream_id, grpc_frame(request), end_stream=True)
+        if request is not None:
+            self.conn.send_data(stream_id, grpc_frame(request), end_stream=end)
         self.sock.sendall(self.conn.data_to_send())
         return stream_id
+
+    def send(self, stream_id: int, message: bytes, within_s: float) -> bool:
+        """Sends one more request message, as the server's flow control lets it through; False if
+        the server has not made room for it within `within_s` (it stopped reading)."""
+        data = grpc_frame(message)
+        end = time.monotonic() + within_s
+        while data:
+            room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+            if room <= 0:
+                if time.monotonic() >= end:
+                    return False
+                self.pump(0.05)
+                continue
+            self.conn.send_data(stream_id, data[:room])
+            data = data[room:]
+            self.sock.sendall(self.conn.data_to_send())
+        return True
 
     def pump(self, seconds: float) -> None:
         """Reads what the server sends for `seconds`, answering its pings and settings unless
