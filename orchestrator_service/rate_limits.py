@@ -58,7 +58,7 @@ class ModelLimits:
         return per_minute * self.window_s / 60.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Spend:
     at: float
     input_tokens: int
@@ -68,15 +68,21 @@ class _Spend:
 class Permit:
     """One model call's share of the budget: `settle` it with the real usage, then `release` it."""
 
-    def __init__(self, limiter: ModelRateLimiter, spend: _Spend) -> None:
+    def __init__(self, limiter: ModelRateLimiter, spend: _Spend, *, counted: bool) -> None:
         self._limiter = limiter
         self._spend = spend
+        # In the limiter's window; a call granted with no budget to count against is not.
+        self._counted = counted
+        self._answered = False
         self._released = False
 
     def answered(self) -> None:
-        """The first output came back: the API has counted the call by now. Counting it from here
-        (not from the grant) keeps the budget right however long the trip through a worker was."""
-        self._spend.at = max(self._spend.at, self._limiter._clock())
+        """Output came back: the API counted the call when it began to answer. Counting it from
+        its first output (not from the grant, nor from any later chunk) keeps the budget right
+        however long the trip through a worker was."""
+        if not self._answered:
+            self._answered = True
+            self._limiter._answered(self._spend, counted=self._counted)
 
     def settle(self, input_tokens: int, output_tokens: int) -> None:
         self._spend.input_tokens = input_tokens
@@ -154,7 +160,7 @@ class ModelRateLimiter:
         if not self.limits.bounded and self._paused_until <= self._clock():
             # Nothing to keep count of: no budget, no cap, no pause.
             self._in_flight += 1
-            return Permit(self, _Spend(self._clock(), input_tokens, output))
+            return Permit(self, _Spend(self._clock(), input_tokens, output), counted=False)
         async with self._turn:
             while self.limits.concurrent_requests and self._in_flight >= self.limits.concurrent_requests:
                 self._freed.clear()
@@ -166,7 +172,16 @@ class ModelRateLimiter:
             spend = _Spend(self._clock(), input_tokens, output)
             self._spent.append(spend)
             self._in_flight += 1
-        return Permit(self, spend)
+        return Permit(self, spend, counted=True)
+
+    def _answered(self, spend: _Spend, *, counted: bool) -> None:
+        """Stamps `spend` with now, the latest time in the window, so it moves to the window's end:
+        the window stays in time order, which expiry and the wait computation rely on."""
+        spend.at = self._clock()
+        if counted:
+            with contextlib.suppress(ValueError):  # expired already: the answer took a window
+                self._spent.remove(spend)
+            self._spent.append(spend)
 
     def _release(self) -> None:
         self._in_flight -= 1

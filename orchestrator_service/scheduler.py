@@ -173,6 +173,7 @@ class Scheduler:
         for attempt in range(first_attempt, last_attempt + 1):
             worker = await self.pool.acquire(log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel)
             tried.add(worker.address)
+            error: AttemptError | None = None
             try:
                 return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
             except SubtaskCallFailed as failed:
@@ -185,9 +186,11 @@ class Scheduler:
             except IncompleteAttempt as incomplete:
                 error = AttemptError(str(incomplete), retryable=True)
             finally:
+                # A suspect worker is out before its slot is given back, or the slot would go
+                # straight to a waiting subtask.
+                if error is not None and error.worker_suspect:
+                    self.pool.mark_unreachable(worker)
                 self.pool.release(worker, log.swarm_id)
-            if error.worker_suspect:
-                self.pool.mark_unreachable(worker)
             will_retry = error.retryable and attempt < last_attempt
             log.append(
                 "subtask_failed",

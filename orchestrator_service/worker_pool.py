@@ -5,11 +5,14 @@ pool keeps one channel per worker address and decides itself:
 
 - **Discovery.** `dns:///name:port` is re-resolved every `refresh_interval_s` (every address is a
   worker); `dns://SERVER/name:port` asks that DNS server; `host:port,host:port` is a fixed list.
+  A worker whose address vanishes gets no new work, but stays until its running subtasks end, so
+  if the address comes back meanwhile their slots are still counted.
 - **Eligibility.** Each worker is watched over grpc.health.v1 `Watch`: NOT_SERVING (draining) or a
   broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
   until a probe (`GetWorkerInfo`) answers again.
 - **Capacity.** A worker's capacity is its own `--max-concurrency`, learned from `GetWorkerInfo`.
-  No worker is given more than that; the pick is the eligible worker with the most free slots.
+  No worker is given more than that; the pick is the eligible worker with the most free slots. A
+  cancelled subtask's slot is free once the worker says so, not when the cancel is sent.
 - **Fairness.** Waiting subtasks queue per swarm, and each free slot goes to the next swarm in
   round-robin order, so a small swarm is not stuck behind a big one. A swarm may cap how many of
   its subtasks hold slots at once.
@@ -32,7 +35,7 @@ import dns.exception
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator_service.worker_session import WorkerSession
+from orchestrator_service.worker_session import CANCEL_TIMEOUT_S, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.config import split_host_port
 
@@ -120,6 +123,7 @@ class PoolWorker:
     address: str
     channel: grpc.aio.Channel
     stub: worker_pb2_grpc.WorkerServiceAsyncStub
+    session: WorkerSession
     worker_id: str = ""
     capacity: int = 0
     in_flight: int = 0
@@ -131,10 +135,6 @@ class PoolWorker:
     last_pick: int = 0
     provider: str = ""
     watcher: asyncio.Task[None] | None = None
-    session: WorkerSession = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.session = WorkerSession(self.stub)
 
     @property
     def eligible(self) -> bool:
@@ -142,7 +142,8 @@ class PoolWorker:
 
     @property
     def free(self) -> int:
-        return self.capacity - self.in_flight if self.eligible else 0
+        """Slots neither held by an attempt nor still held on the worker by a cancelled subtask."""
+        return self.capacity - self.in_flight - self.session.stopping if self.eligible else 0
 
 
 @dataclass(eq=False)
@@ -169,18 +170,21 @@ class WorkerPool:
         refresh_interval_s: float = 10.0,
         probe_timeout_s: float = 2.0,
         no_worker_timeout_s: float = 30.0,
+        cancel_timeout_s: float = CANCEL_TIMEOUT_S,
     ) -> None:
         self.target = PoolTarget.parse(target)
         self.target_text = target
         self.refresh_interval_s = refresh_interval_s
         self.probe_timeout_s = probe_timeout_s
         self.no_worker_timeout_s = no_worker_timeout_s
+        # Longest a cancelled subtask's slot is held for the worker to say the subtask is over.
+        self.cancel_timeout_s = cancel_timeout_s
         self._workers: dict[str, PoolWorker] = {}
         # Insertion order is the round-robin order: a swarm that was just served moves to the end.
         self._shares: dict[str, _SwarmShare] = {}
         self._picks = itertools.count(1)
         self._refresher: asyncio.Task[None] | None = None
-        self._refresh_lock = asyncio.Lock()
+        self._refreshing: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._none_eligible_since: float | None = time.monotonic()
         self._some_eligible = asyncio.Event()
@@ -199,7 +203,12 @@ class WorkerPool:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="worker-pool-refresh")
 
     async def close(self) -> None:
-        tasks = [self._refresher, *self._background, *(w.watcher for w in self._workers.values())]
+        tasks = [
+            self._refresher,
+            self._refreshing,
+            *self._background,
+            *(w.watcher for w in self._workers.values()),
+        ]
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -218,32 +227,61 @@ class WorkerPool:
 
     async def refresh(self) -> None:
         """Re-resolves the target: new addresses join the pool, vanished ones leave it."""
-        async with self._refresh_lock:
-            try:
-                addresses = await self.target.resolve()
-            except OSError as error:
-                log.warning(f"cannot resolve {self.target_text}: {error}")
-                return
-            for address in addresses:
-                if address not in self._workers:
-                    self._add(address)
-            for address in [a for a in self._workers if a not in addresses]:
-                self._remove(self._workers.pop(address))
+        await asyncio.shield(self._refresh_in_flight())
+
+    def _refresh_in_flight(self) -> asyncio.Task[None]:
+        """The refresh under way, started if there is none. Everyone who wants one shares it, so
+        while a DNS server is slow to answer, lookups do not queue up behind it."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._resolve(), name="worker-pool-resolve")
+        return self._refreshing
+
+    async def _resolve(self) -> None:
+        try:
+            addresses = await self.target.resolve()
+        except OSError as error:
+            log.warning(f"cannot resolve {self.target_text}: {error}")
+            return
+        for address in addresses:
+            worker = self._workers.get(address)
+            if worker is None:
+                self._add(address)
+            elif worker.removed:
+                self._rejoin(worker)
+        for worker in [w for w in self._workers.values() if w.address not in addresses and not w.removed]:
+            self._remove(worker)
         self._changed()
 
     def _add(self, address: str) -> None:
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        worker = PoolWorker(address, channel, worker_pb2_grpc.WorkerServiceStub(channel))
+        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+        session = WorkerSession(stub, on_slot_freed=self._dispatch, cancel_timeout_s=self.cancel_timeout_s)
+        worker = PoolWorker(address, channel, stub, session)
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})
 
     def _remove(self, worker: PoolWorker) -> None:
+        """No new work for the worker. It stays in the pool, holding its slots, until its running
+        subtasks are done, so that if its address comes back they are still counted."""
         worker.removed = True
         if worker.watcher is not None:
             worker.watcher.cancel()
         log.info("worker left the pool", extra={"address": worker.address, "worker_id": worker.worker_id})
-        self._spawn(self._close_when_idle(worker))
+        if worker.in_flight == 0:
+            self._retire(worker)
+
+    def _rejoin(self, worker: PoolWorker) -> None:
+        """The address came back while the worker still ran subtasks: the same worker, slots and
+        all, eligible again once a probe answers."""
+        worker.removed = False
+        worker.serving = worker.reachable = False
+        worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker.address}")
+        log.info("worker rejoined the pool", extra={"address": worker.address, "worker_id": worker.worker_id})
+
+    def _retire(self, worker: PoolWorker) -> None:
+        del self._workers[worker.address]
+        self._spawn(self._close(worker))
 
     async def _watch(self, worker: PoolWorker) -> None:
         """Probe, then follow the worker's health until the watch breaks; then again, with backoff."""
@@ -306,11 +344,8 @@ class WorkerPool:
         self._spawn(worker.session.close())
         self._changed()
 
-    async def _close_when_idle(self, worker: PoolWorker) -> None:
-        for _ in range(3600):
-            if worker.in_flight == 0:
-                break
-            await asyncio.sleep(1)
+    @staticmethod
+    async def _close(worker: PoolWorker) -> None:
         await worker.session.close()
         await worker.channel.close()
 
@@ -399,7 +434,7 @@ class WorkerPool:
                     )
                     raise NoWorkersAvailable(f"no worker could take work for {self.no_worker_timeout_s:g}s")
                 if since is not None:
-                    self._spawn(self.refresh())
+                    self._refresh_in_flight()
         except asyncio.CancelledError:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 self.release(waiter.granted.result(), swarm_id)
@@ -409,6 +444,8 @@ class WorkerPool:
 
     def release(self, worker: PoolWorker, swarm_id: str) -> None:
         worker.in_flight -= 1
+        if worker.removed and worker.in_flight == 0:
+            self._retire(worker)
         share = self._shares.get(swarm_id)
         if share is not None:
             share.running -= 1

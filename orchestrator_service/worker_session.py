@@ -6,6 +6,10 @@ worker and runs every subtask it gives that worker on it, each call and reply ta
 id, and each message carrying whatever was ready to send. The stream opens on first use and again
 after it breaks; a break fails every subtask on it, as if each had been a call of its own to a
 worker that went away.
+
+A subtask left before its end is cancelled on the worker, which frees its slot only once the model
+call's cleanup is done, and says so. Until then, or for at most `cancel_timeout_s`, the slot counts
+as taken (`stopping`), so a subtask sent next is not refused for want of it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
@@ -21,8 +26,14 @@ from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.status import CallFailure
 
+log = logging.getLogger("swarm.orchestrator.session")
+
 Outbox = asyncio.Queue[worker_pb2.SubtaskCall | None]
 Inbox = asyncio.Queue[worker_pb2.ExecuteSubtaskResponse | CallFailure]
+
+# A worker confirms a cancel within milliseconds (its model stream closes); one that does not is
+# stuck or predates the confirmation, and its slot is counted free after this long regardless.
+CANCEL_TIMEOUT_S = 5.0
 
 
 class SubtaskCallFailed(Exception):
@@ -31,87 +42,158 @@ class SubtaskCallFailed(Exception):
         self.failure = failure
 
 
+class _Stream:
+    """One ExecuteSubtasks call and the subtasks on it: when it ends, it fails its own subtasks,
+    never those of a stream opened after it."""
+
+    def __init__(self, on_slot_freed: Callable[[], None]) -> None:
+        self.outbox: Outbox = asyncio.Queue()
+        self.inboxes: dict[int, Inbox] = {}
+        # Subtasks cancelled here that the worker has not yet said are over, each with the timer
+        # that stops waiting for it.
+        self.stopping: dict[int, asyncio.TimerHandle] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.ended = False
+        self._on_slot_freed = on_slot_freed
+
+    def send(self, call: worker_pb2.SubtaskCall) -> None:
+        if not self.ended:
+            self.outbox.put_nowait(call)
+
+    def cancel(self, call_id: int, timeout_s: float) -> None:
+        """Cancels the subtask on the worker; its slot stays taken until the worker says the
+        subtask is over, for at most `timeout_s`."""
+        if self.ended:
+            return
+        self.send(worker_pb2.SubtaskCall(call_id=call_id, cancel=worker_pb2.CancelSubtask()))
+        self.stopping[call_id] = asyncio.get_running_loop().call_later(
+            timeout_s, self._unconfirmed, call_id, timeout_s
+        )
+
+    def over(self, call_id: int) -> None:
+        """The worker ended a subtask cancelled here (or the stream ended): its slot is free."""
+        timer = self.stopping.pop(call_id, None)
+        if timer is not None:
+            timer.cancel()
+            self._on_slot_freed()
+
+    def _unconfirmed(self, call_id: int, timeout_s: float) -> None:
+        log.warning(
+            f"a cancelled subtask's end was not confirmed within {timeout_s:g}s: its slot is counted free"
+        )
+        self.over(call_id)
+
+    async def requests(self) -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
+        async for calls in batches(self.outbox):
+            yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
+
+    async def end(self) -> None:
+        """Closes the request side and stops reading; the subtasks still on it fail."""
+        self.ended = True
+        self.outbox.put_nowait(None)
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+
+
 class WorkerSession:
-    def __init__(self, stub: worker_pb2_grpc.WorkerServiceAsyncStub) -> None:
+    def __init__(
+        self,
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub,
+        *,
+        on_slot_freed: Callable[[], None] = lambda: None,
+        cancel_timeout_s: float = CANCEL_TIMEOUT_S,
+    ) -> None:
+        """`on_slot_freed` is called when a cancelled subtask's slot is free again."""
         self._stub = stub
         self._ids = itertools.count(1)
-        self._inboxes: dict[int, Inbox] = {}
-        self._outbox: Outbox | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
+        self._on_slot_freed = on_slot_freed
+        self._cancel_timeout_s = cancel_timeout_s
 
-    def _open(self) -> Outbox:
-        if self._outbox is None:
-            outbox: Outbox = asyncio.Queue()
+    @property
+    def stopping(self) -> int:
+        """The worker's slots still held by subtasks cancelled here."""
+        return len(self._stream.stopping) if self._stream is not None else 0
 
-            async def requests() -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
-                async for calls in batches(outbox):
-                    yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
-
-            self._outbox = outbox
-            self._reader = asyncio.create_task(self._read(self._stub.ExecuteSubtasks(requests()), outbox))
-        return self._outbox
+    def _open(self) -> _Stream:
+        if self._stream is None:
+            stream = _Stream(self._on_slot_freed)
+            stream.reader = asyncio.create_task(
+                self._read(stream, self._stub.ExecuteSubtasks(stream.requests()))
+            )
+            self._stream = stream
+        return self._stream
 
     async def _read(
         self,
+        stream: _Stream,
         call: grpc.aio.StreamStreamCall[
             worker_pb2.ExecuteSubtasksRequest, worker_pb2.ExecuteSubtasksResponse
         ],
-        outbox: Outbox,
     ) -> None:
         """Hands each reply to its subtask; when the stream ends, fails whatever is still open."""
         failure = CallFailure(grpc.StatusCode.UNAVAILABLE, "the worker closed the stream")
         try:
             async for response in call:
                 for reply in response.replies:
-                    inbox = self._inboxes.get(reply.call_id)
+                    kind = reply.WhichOneof("kind")
+                    inbox = stream.inboxes.get(reply.call_id)
                     if inbox is None:
-                        continue  # a subtask cancelled here whose last replies were already on their way
-                    if reply.HasField("error"):
+                        # A subtask cancelled here, whose last replies were on their way: the
+                        # one that ends it says its slot is free.
+                        if kind != "output" or reply.output.HasField("result"):
+                            stream.over(reply.call_id)
+                    elif kind == "error":
                         inbox.put_nowait(CallFailure.of_proto(reply.error))
+                    elif kind == "cancelled":
+                        inbox.put_nowait(
+                            CallFailure(grpc.StatusCode.CANCELLED, "the worker cancelled the subtask")
+                        )
                     else:
                         inbox.put_nowait(reply.output)
         except grpc.aio.AioRpcError as error:
             failure = CallFailure(error.code(), error.details() or error.code().name)
         finally:
             call.cancel()
-            if self._outbox is outbox:
-                self._outbox = None
-            for inbox in self._inboxes.values():
+            stream.ended = True
+            if self._stream is stream:
+                self._stream = None
+            for inbox in stream.inboxes.values():
                 inbox.put_nowait(failure)
+            for call_id in list(stream.stopping):
+                stream.over(call_id)
 
     async def execute(
         self, request: worker_pb2.ExecuteSubtaskRequest
     ) -> AsyncGenerator[worker_pb2.ExecuteSubtaskResponse, None]:
         """The subtask's chunks, then its result, as ExecuteSubtask would stream them; a failure
-        raises SubtaskCallFailed. Leaving early cancels the subtask on the worker."""
+        raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker."""
         call_id = next(self._ids)
         inbox: Inbox = asyncio.Queue()
-        self._inboxes[call_id] = inbox
-        outbox = self._open()
-        outbox.put_nowait(worker_pb2.SubtaskCall(call_id=call_id, start=request))
+        stream = self._open()
+        stream.inboxes[call_id] = inbox
+        stream.send(worker_pb2.SubtaskCall(call_id=call_id, start=request))
+        # The worker is done with the call once it sent its result or its error, whether or not
+        # the caller reads on after the result.
         finished = False
         try:
-            while True:
+            while not finished:
                 item = await inbox.get()
                 if isinstance(item, CallFailure):
                     finished = True
                     raise SubtaskCallFailed(item)
+                finished = item.HasField("result")
                 yield item
-                if item.HasField("result"):
-                    finished = True
-                    return
         finally:
-            del self._inboxes[call_id]
-            if not finished and self._outbox is outbox:
-                outbox.put_nowait(worker_pb2.SubtaskCall(call_id=call_id, cancel=worker_pb2.CancelSubtask()))
+            del stream.inboxes[call_id]
+            if not finished:
+                stream.cancel(call_id, self._cancel_timeout_s)
 
     async def close(self) -> None:
-        """Ends the stream; subtasks still on it fail as if the worker had gone."""
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-            self._outbox = None
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        """Ends the stream; subtasks still on it fail as if the worker had gone. A subtask started
+        meanwhile opens a stream of its own."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.end()

@@ -37,9 +37,11 @@ import contextlib
 import itertools
 import json
 import math
+import random
 import re
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -353,6 +355,12 @@ class _Server(ThreadingHTTPServer):
             self.connections.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that vanished (a killed process) is how the real API's clients go too: no
+        traceback for that; anything else is still reported."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         with self.connections_lock:
             connections = list(self.connections)
@@ -394,6 +402,9 @@ class FakeMessagesAPI:
       answer: the default answer's text, from the request body (replaces `default_answer`).
       known_models: if set, any other model gets 404 not_found_error.
       rate_limits: sliding-window budgets, see `RateLimits`.
+      fault_rate: the probability that a valid request, before any script, gets a 429 or a 529
+        (chosen evenly) with a short retry-after, as a busy API does now and then (soak tests);
+        `seed` makes the draws repeatable.
 
     Counters (read them directly; `wait_for`/`async_wait_for` to wait on them): `streams_opened`,
     `streams_completed`, `streams_disconnected` (the client left before message_stop, or the server
@@ -409,8 +420,12 @@ class FakeMessagesAPI:
         answer: Callable[[dict[str, Any]], str] | None = None,
         known_models: Collection[str] | None = None,
         rate_limits: RateLimits | None = None,
+        fault_rate: float = 0.0,
+        seed: int | None = None,
     ) -> None:
         self.api_key = api_key
+        self.fault_rate = fault_rate
+        self._random = random.Random(seed)
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
         self.answer = answer or default_answer
@@ -429,6 +444,7 @@ class FakeMessagesAPI:
         self.streams_disconnected = 0
         self.streams_failed = 0
         self.rate_limited = 0  # requests refused by `rate_limits`
+        self.random_faults = 0  # requests answered 429/529 by `fault_rate`
 
     # --- lifecycle
 
@@ -649,6 +665,10 @@ class FakeMessagesAPI:
                 if wait_s is not None:
                     self.rate_limited += 1
                     return _Decision(self._rate_limit_fault(limits, wait_s))
+            if self.fault_rate and self._random.random() < self.fault_rate:
+                self.random_faults += 1
+                status = self._random.choice((429, 529))
+                return _Decision(Fault(status, retry_after_ms=self._random.uniform(20, 200)))
             item: Scripted = self._script.pop(0) if self._script else Reply(self.answer(body))
             if limits is not None and isinstance(item, Reply | StreamFault):
                 text = item.text

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from fake_dns import FakeDNS
 
+from orchestrator_service.worker_pool import WorkerPool
 from stack import Process, stack, start
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds
@@ -58,6 +59,38 @@ async def test_a_hung_worker_is_given_up_on_and_its_subtasks_run_elsewhere() -> 
     late = [e for e in events if e.sequence > hung_at and e.HasField("subtask_started")]
     assert late and all(e.subtask_started.worker_id == "worker-0" for e in late), (
         "no new work for a hung worker"
+    )
+
+
+async def test_the_slots_of_a_hung_worker_go_to_no_waiting_subtask() -> None:
+    """Subtasks wait while every slot is taken; the hung worker's slots, freed as its attempts are
+    given up on, must not go to them: the worker is taken out first."""
+    with stack(
+        workers=2,
+        per_worker_args=[
+            ["--max-concurrency", "2", "--sim-latency-ms", "4000"],
+            ["--max-concurrency", "1", "--sim-latency-ms", "2000"],
+        ],
+        orchestrator_args=["--sim-latency-ms", "50", "--no-progress-timeout", "1"],
+    ) as running:
+        hung = running.workers[0]
+        async with AsyncSwarmClient(running.target) as client:
+            events: list[events_pb2.SwarmEvent] = []
+            hung_at = 0
+            async for event in client.run(IDEA, 4):
+                events.append(event)
+                if not hung_at and len(started_on(events, "worker-0")) == 2:
+                    hung.signal(signal.SIGSTOP)
+                    hung_at = event.sequence
+    assert_completed(events, 4)
+    assert hung_at, "worker-0 took two subtasks"
+    late = [e.subtask_started for e in events if e.sequence > hung_at and e.HasField("subtask_started")]
+    print(
+        f"attempts started on the hung worker after it hung: {len(started_on(events[hung_at:], 'worker-0'))}"
+    )
+    assert late and all(s.worker_id == "worker-1" for s in late), "no new work for a hung worker"
+    assert [f.worker_id for f in failures(events)] == ["worker-0", "worker-0"], (
+        "only the hung attempts failed"
     )
 
 
@@ -153,6 +186,51 @@ async def test_workers_found_by_dns_join_and_leave_during_a_swarm() -> None:
                 process.stop()
 
 
+async def test_a_busy_worker_that_leaves_dns_and_comes_back_keeps_its_slots_counted() -> None:
+    port = free_port_on("127.0.0.2", "127.0.0.3")
+    worker_args = ["--provider", "simulated", "--sim-latency-ms", "2500"]
+    workers = [
+        start(name, "swarm-worker", [*worker_args, *args, "--worker-id", name, "--listen", f"{host}:{port}"])
+        for name, host, args in (
+            ("worker-a", "127.0.0.2", ["--max-concurrency", "2"]),
+            ("worker-b", "127.0.0.3", ["--max-concurrency", "1"]),
+        )
+    ]
+    orchestrator: Process | None = None
+    try:
+        with FakeDNS("workers.test", ["127.0.0.2", "127.0.0.3"]) as dns_server:
+            orchestrator = start(
+                "orchestrator",
+                "swarm-orchestrator",
+                [
+                    *["--provider", "simulated", "--sim-latency-ms", "50", "--refresh-interval", "0.2"],
+                    *["--workers", f"dns://127.0.0.1:{dns_server.port}/workers.test:{port}"],
+                ],
+            )
+            async with AsyncSwarmClient(orchestrator.address) as client:
+                events: list[events_pb2.SwarmEvent] = []
+                async for event in client.run(IDEA, 6):
+                    events.append(event)
+                    if len(started_on(events, "worker-a")) == 2 and dns_server.addresses[0] == "127.0.0.2":
+                        # worker-a leaves the pool with both its slots busy, and comes back.
+                        dns_server.addresses = ["127.0.0.3"]
+                        asked = dns_server.queries
+                        for _ in range(100):
+                            if dns_server.queries >= asked + 2:
+                                break
+                            await asyncio.sleep(0.05)
+                        dns_server.addresses = ["127.0.0.3", "127.0.0.2"]
+    finally:
+        for process in (orchestrator, *workers):
+            if process is not None:
+                process.stop()
+    assert dns_server.addresses[0] == "127.0.0.3", "worker-a left and came back during the swarm"
+    busy = [f for f in failures(events) if "running 2 subtasks" in f.error]
+    print(f"attempts refused by the returning worker as busy: {len(busy)}")
+    assert_completed(events, 6)
+    assert not failures(events), "no subtask was sent to a worker with no free slot"
+
+
 async def test_cancelling_a_swarm_stops_its_worker_calls_and_frees_capacity_for_others() -> None:
     fast_planning = ["--sim-latency-ms", "50"]  # only the workers' answers are slow
     with stack(
@@ -237,3 +315,27 @@ async def _timed(client: AsyncSwarmClient, agents: int) -> tuple[list[events_pb2
     began = time.monotonic()
     events = [e async for e in client.run(IDEA, agents)]
     return events, time.monotonic() - began
+
+
+def pool_tasks() -> int:
+    """Tasks the worker pool runs (its refreshes), not the DNS library's own or the test's."""
+    return sum(task.get_coro().__qualname__.startswith("WorkerPool.") for task in asyncio.all_tasks())
+
+
+async def test_waiting_subtasks_share_one_refresh_while_the_dns_server_is_silent() -> None:
+    """While no worker can take work, waiting subtasks ask for the target to be resolved again;
+    against a DNS server that never answers, those asks must not pile up behind one another."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        pool = WorkerPool(f"dns://127.0.0.1:{silent.getsockname()[1]}/workers.test:1", no_worker_timeout_s=60)
+        waiters = [asyncio.create_task(pool.acquire(f"swarm-{i}")) for i in range(64)]
+        await asyncio.sleep(3.5)
+        piled = pool_tasks() - len(waiters)
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        left = pool_tasks()
+        await pool.close()
+    print(f"refresh tasks: {piled} while 64 subtasks waited 3.5 s, {left} after they left")
+    assert piled <= 1, f"{piled} refreshes in flight or queued"
+    assert left <= 1

@@ -4,12 +4,15 @@ rate limiter's budget arithmetic on a manual clock."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter
+from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.worker_pool import PoolTarget, PoolWorker, WorkerPool
+from orchestrator_service.worker_session import WorkerSession
 from swarm_common.errors import RateLimited
+from swarm_common.providers import StreamRequest, Usage
 
 
 def test_targets_parse() -> None:
@@ -27,7 +30,14 @@ def pool_of(capacities: dict[str, int]) -> WorkerPool:
     """A pool whose workers are ready-made (no channels: nothing here calls them)."""
     pool = WorkerPool(",".join(capacities))
     for address, capacity in capacities.items():
-        worker = PoolWorker(address, channel=None, stub=None, worker_id=address, capacity=capacity)  # type: ignore[arg-type]
+        worker = PoolWorker(
+            address,
+            channel=None,  # type: ignore[arg-type]
+            stub=None,  # type: ignore[arg-type]
+            session=WorkerSession(None),  # type: ignore[arg-type]
+            worker_id=address,
+            capacity=capacity,
+        )
         worker.serving = worker.reachable = True
         pool._workers[address] = worker
     pool._changed()
@@ -131,3 +141,38 @@ async def test_a_429_pauses_every_caller() -> None:
     assert limiter._wait_needed(1, 1) == pytest.approx(4.0)
     clock.now += 4
     assert limiter._wait_needed(1, 1) == 0
+
+
+class Streaming:
+    """A provider that answers at once, then takes a second per further chunk, on `clock`."""
+
+    name = "fake"
+
+    def __init__(self, clock: Clock, chunks: int) -> None:
+        self._clock = clock
+        self._chunks = chunks
+
+    async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
+        for index in range(self._chunks):
+            if index:
+                self._clock.now += 1
+            yield "chunk"
+        yield Usage(10, 20)
+
+
+async def test_a_request_is_counted_from_its_first_answer_not_its_last_chunk() -> None:
+    clock = Clock()
+    limiter = ModelRateLimiter(ModelLimits(requests_per_minute=120, window_s=1.0, margin_s=0.05), clock)
+    request = StreamRequest(model="m", system="s", prompt="p")
+    began = clock.now
+    # Two requests a second. A three-second stream and a short call start together; a third
+    # request comes a second later, while the stream still runs.
+    stream = RateLimitedProvider(Streaming(clock, 3), limiter).stream(request)
+    await anext(stream)
+    [_ async for _ in RateLimitedProvider(Streaming(clock, 1), limiter).stream(request)]
+    await anext(stream)
+    granted_at = clock.now - began + limiter._wait_needed(10, 20)
+    assert granted_at == pytest.approx(1.05), "both went out at 0 s: the third fits once they leave"
+    [_ async for _ in stream]
+    stamps = [spend.at - began for spend in limiter._spent]
+    assert stamps == [0, 0], "each request keeps the time of its first answer"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from fake_messages_api import FakeMessagesAPI
 from stack import start
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
@@ -19,6 +21,22 @@ def start_call(call_id: int, subtask_id: str) -> worker_pb2.SubtaskCall:
     return worker_pb2.SubtaskCall(call_id=call_id, start=request)
 
 
+def open_stream(
+    stub: worker_pb2_grpc.WorkerServiceStub,
+) -> tuple[AsyncIterator[worker_pb2.ExecuteSubtasksResponse], Callable[..., None]]:
+    """An ExecuteSubtasks call, and a function that sends it calls together in one message."""
+    outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
+        while True:
+            yield await outbox.get()
+
+    def send(*calls: worker_pb2.SubtaskCall) -> None:
+        outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls))
+
+    return stub.ExecuteSubtasks(requests()), send
+
+
 async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capacity() -> None:
     worker = start(
         "worker",
@@ -28,17 +46,9 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
-            outbox: asyncio.Queue[worker_pb2.ExecuteSubtasksRequest | None] = asyncio.Queue()
-
-            async def requests():  # type: ignore[no-untyped-def]
-                while (request := await outbox.get()) is not None:
-                    yield request
-
-            call = stub.ExecuteSubtasks(requests())
+            call, send = open_stream(stub)
             # Four starts in one message: three fit the worker's capacity, the fourth does not.
-            outbox.put_nowait(
-                worker_pb2.ExecuteSubtasksRequest(calls=[start_call(i, f"t{i}") for i in (1, 2, 3, 4)])
-            )
+            send(*[start_call(i, f"t{i}") for i in (1, 2, 3, 4)])
             replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
             cancelled: set[int] = set()
             messages = 0
@@ -49,11 +59,7 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
                         replies[reply.call_id].append(reply)
                     if replies[1] and 2 not in cancelled:
                         cancelled.add(2)
-                        outbox.put_nowait(
-                            worker_pb2.ExecuteSubtasksRequest(
-                                calls=[worker_pb2.SubtaskCall(call_id=2, cancel=worker_pb2.CancelSubtask())]
-                            )
-                        )
+                        send(worker_pb2.SubtaskCall(call_id=2, cancel=worker_pb2.CancelSubtask()))
                     if any(r.output.HasField("result") for r in replies[1]) and any(
                         r.output.HasField("result") for r in replies[3]
                     ):
@@ -88,3 +94,41 @@ async def test_batches_take_everything_ready_and_end_at_none() -> None:
     queue.put_nowait(None)
     assert await later == [4]
     assert [batch async for batch in stream] == []
+
+
+async def test_a_cancel_is_answered_once_the_model_stream_is_closed_and_its_slot_free() -> None:
+    """The anthropic provider closes the SDK's stream when cancelled, which takes a moment; the
+    worker says the subtask is over only then, and the slot is free by that reply."""
+    key = "sk-ant-cancel"
+    with FakeMessagesAPI(api_key=key, chunks=100, chunk_delay_s=0.1) as fake:  # 10 s answers
+        worker = start(
+            "worker",
+            "swarm-worker",
+            ["--provider", "anthropic", "--max-concurrency", "1", "--worker-id", "w"],
+            env={"ANTHROPIC_API_KEY": key, "ANTHROPIC_BASE_URL": fake.base_url},
+        )
+        try:
+            async with grpc.aio.insecure_channel(worker.address) as channel:
+                stub = worker_pb2_grpc.WorkerServiceStub(channel)
+                call, send = open_stream(stub)
+                send(start_call(1, "first"))
+                replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
+                in_flight_when_answered = -1
+                async with asyncio.timeout(20):
+                    async for response in call:
+                        for reply in response.replies:
+                            replies[reply.call_id].append(reply)
+                        if len(replies[1]) == 1:
+                            send(worker_pb2.SubtaskCall(call_id=1, cancel=worker_pb2.CancelSubtask()))
+                        if in_flight_when_answered < 0 and replies[1][-1].HasField("cancelled"):
+                            info = await stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5)
+                            in_flight_when_answered = info.in_flight
+                            send(start_call(2, "second"))  # the freed slot, at once
+                        if replies[2]:
+                            break
+                call.cancel()
+        finally:
+            worker.stop()
+    assert [r.WhichOneof("kind") for r in replies[1]][-1] == "cancelled"
+    assert in_flight_when_answered == 0, "the slot was free when the cancel was answered"
+    assert replies[2][0].HasField("output"), f"the next subtask took the slot: {replies[2][0]}"

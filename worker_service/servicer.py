@@ -7,6 +7,7 @@ an error id that the worker's log line carries too, and nothing else about it.""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from swarm_common.errors import ProviderError
 from swarm_common.logs import Throttle
 from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
-from worker_service.worker import Assignment, RefusedAssignment, Worker, WorkerBusy
+from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy
 
 log = logging.getLogger("swarm.worker")
 
@@ -61,28 +62,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._stream_queue = stream_queue
         self._unexpected = Throttle()
 
-    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> Assignment:
-        """The request as an assignment holding a slot; a refusal raises CallFailed."""
+    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> tuple[Assignment, Slot]:
+        """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
         assignment = _assignment(request)
         try:
-            self._worker.claim(assignment, direct=direct)
+            return assignment, self._worker.claim(assignment, direct=direct)
         except RefusedAssignment as refused:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, str(refused))) from None
         except WorkerBusy as busy:
             raise CallFailed(
                 CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
             ) from None
-        return assignment
 
     async def _outputs(
-        self, assignment: Assignment, *, direct: bool
+        self, assignment: Assignment, slot: Slot
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
-        """An admitted subtask's chunks, then its result; a failure raises CallFailed."""
+        """An admitted subtask's chunks, then its result once its slot is free again; a failure
+        raises CallFailed."""
         worker_id = self._worker.worker_id
+        usage: events_pb2.Usage | None = None
         try:
-            async for item in self._worker.execute(assignment, direct=direct):
+            async for item in self._worker.execute(assignment, slot):
                 if isinstance(item, str):
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
                 else:
@@ -91,14 +93,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         output_tokens=item.output_tokens,
                         cost_usd=item.cost_usd,
                     )
-                    result = worker_pb2.SubtaskResult(
-                        usage=usage, model=assignment.model or self._worker.default_model
-                    )
-                    yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
         except Exception as error:
             raise CallFailed(self._unexpected_failure(error, assignment)) from None
+        if usage is not None:
+            result = worker_pb2.SubtaskResult(
+                usage=usage, model=assignment.model or self._worker.default_model
+            )
+            yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
 
     def _unexpected_failure(self, error: Exception, assignment: Assignment) -> CallFailure:
         error_id = new_error_id()
@@ -120,8 +123,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
-            async for response in self._outputs(self._admit(request, direct=True), direct=True):
-                yield response
+            assignment, slot = self._admit(request, direct=True)
+            try:
+                async for response in self._outputs(assignment, slot):
+                    yield response
+            finally:
+                slot.release()
         except CallFailed as failed:
             context.set_trailing_metadata(failed.failure.trailers())
             await context.abort(failed.failure.code, failed.failure.message)
@@ -135,9 +142,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         What a stream may hold is bounded. Its running calls hold the worker's slots, so a start
         beyond them is answered worker_busy at once, without a task. Replies wait in a queue of
         `stream_queue`: when it is full, the subtasks wait to add theirs and the stream reads no
-        more requests, so HTTP/2 flow control holds the caller back. A start that reuses the id of
-        a running call ends the stream (INVALID_ARGUMENT): replies to the two could not be told
-        apart, and the first would run on unseen."""
+        more requests, so HTTP/2 flow control holds the caller back. (A cancel's answer does not
+        wait: there is at most one per running call.) A start that reuses the id of a running call
+        ends the stream (INVALID_ARGUMENT): replies to the two could not be told apart, and the
+        first would run on unseen."""
         outbox: asyncio.Queue[worker_pb2.SubtaskReply | None] = asyncio.Queue()
         room = asyncio.Semaphore(self._stream_queue)  # replies queued and not yet taken to be sent
         running: dict[int, asyncio.Task[None]] = {}
@@ -146,15 +154,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await room.acquire()
             outbox.put_nowait(message)
 
-        async def run(call_id: int, assignment: Assignment) -> None:
+        async def run(call_id: int, assignment: Assignment, slot: Slot) -> None:
             """One call from its start to its last reply: a result or an error."""
             try:
-                async for output in self._outputs(assignment, direct=False):
+                async for output in self._outputs(assignment, slot):
                     await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
             except CallFailed as failed:
                 await reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
-            finally:
-                running.pop(call_id, None)
+
+        def ended(call_id: int, slot: Slot, task: asyncio.Task[None]) -> None:
+            slot.release()  # a call cancelled before it began never reached `execute`
+            if running.get(call_id) is task:
+                del running[call_id]
+            if task.cancelled():
+                # The model call's cleanup is over (or the subtask never began): only now is its
+                # slot free, and the caller counts it taken until told so.
+                outbox.put_nowait(
+                    worker_pb2.SubtaskReply(call_id=call_id, cancelled=worker_pb2.SubtaskCancelled())
+                )
 
         async def read() -> None:
             try:
@@ -166,12 +183,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                     f"call_id {call.call_id} is already running on this stream"
                                 )
                             try:
-                                assignment = self._admit(call.start, direct=False)
+                                assignment, slot = self._admit(call.start, direct=False)
                             except CallFailed as refused:
                                 error = refused.failure.to_proto()
                                 await reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
                                 continue
-                            running[call.call_id] = asyncio.create_task(run(call.call_id, assignment))
+                            started = asyncio.create_task(run(call.call_id, assignment, slot))
+                            running[call.call_id] = started
+                            started.add_done_callback(functools.partial(ended, call.call_id, slot))
                         elif (task := running.get(call.call_id)) is not None:
                             task.cancel()
             finally:
@@ -180,8 +199,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             async for replies in batches(outbox):
-                for _ in replies:
-                    room.release()
+                for sent in replies:
+                    if not sent.HasField("cancelled"):
+                        room.release()
                 yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
             if isinstance(failure, DuplicateCall):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from swarm_common import prompts
@@ -55,6 +55,19 @@ class Assignment:
     deadline: float | None = None
 
 
+class Slot:
+    """A slot taken by `claim`: given back once, by whichever comes first of the end of `execute`
+    and `release` (for a subtask that never began)."""
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back: Callable[[], None] | None = give_back
+
+    def release(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
 class Worker:
     def __init__(
         self,
@@ -76,7 +89,7 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def claim(self, assignment: Assignment, *, direct: bool) -> None:
+    def claim(self, assignment: Assignment, *, direct: bool) -> Slot:
         """Checks the assignment against the limits (RefusedAssignment), then takes a slot of its
         pool or raises WorkerBusy; `execute` gives it back."""
         self._check(assignment)
@@ -95,6 +108,15 @@ class Worker:
                 raise WorkerBusy(f"worker {self.worker_id} is running {self.in_flight} subtasks, its maximum")
             self.in_flight += 1
         self._idle.clear()
+        return Slot(lambda: self._give_back(direct=direct))
+
+    def _give_back(self, *, direct: bool) -> None:
+        if direct:
+            self.direct_in_flight -= 1
+        else:
+            self.in_flight -= 1
+        if self.in_flight == self.direct_in_flight == 0:
+            self._idle.set()
 
     def _check(self, assignment: Assignment) -> None:
         limit = self.limits.max_idea_bytes
@@ -108,7 +130,7 @@ class Worker:
         if model not in self.allowed_models:
             raise RefusedAssignment(f"model {model[:80]!r} is not among this worker's allowed models")
 
-    async def execute(self, assignment: Assignment, *, direct: bool) -> AsyncIterator[str | Usage]:
+    async def execute(self, assignment: Assignment, slot: Slot) -> AsyncIterator[str | Usage]:
         """Runs a claimed assignment: yields the output's chunks as they arrive, then one Usage."""
         try:
             timeout_s = None
@@ -125,12 +147,7 @@ class Worker:
             async for item in self.provider.stream(request):
                 yield item
         finally:
-            if direct:
-                self.direct_in_flight -= 1
-            else:
-                self.in_flight -= 1
-            if self.in_flight == self.direct_in_flight == 0:
-                self._idle.set()
+            slot.release()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once nothing is in flight; False if the timeout came first."""
