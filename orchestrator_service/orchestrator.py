@@ -12,7 +12,7 @@ import base64
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from orchestrator_service.event_log import replay
@@ -271,7 +271,9 @@ class Orchestrator:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
         return stored
 
-    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
+    async def watch(
+        self, swarm_id: str, after_sequence: int = 0
+    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
         the swarm's watchers: beyond the limit, the first read raises OverLimit."""
@@ -288,7 +290,7 @@ class Orchestrator:
 
     async def _watched(
         self, swarm_id: str, events: AsyncIterator[events_pb2.SwarmEvent]
-    ) -> AsyncIterator[events_pb2.SwarmEvent]:
+    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
         watchers = self._watchers.get(swarm_id, 0)
         if watchers >= self.limits.max_watchers_per_swarm:
             raise OverLimit(

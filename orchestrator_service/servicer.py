@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
@@ -74,8 +75,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except (ShuttingDown, StoreError) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
-            async for event in events:
-                yield orchestrator_pb2.RunSwarmResponse(event=event)
+            # Closed here, whatever ends the call, so the swarm's watcher place is free at once.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield orchestrator_pb2.RunSwarmResponse(event=event)
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:
@@ -99,8 +102,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except StoreError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
-            async for event in events:
-                yield orchestrator_pb2.WatchSwarmResponse(event=event)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield orchestrator_pb2.WatchSwarmResponse(event=event)
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:

@@ -142,6 +142,7 @@ async def test_direct_callers_cannot_take_the_orchestrators_slots_nor_skip_its_l
     """16 direct calls against a worker of 4 slots: only its 2 direct slots are taken, and a swarm
     through the orchestrator runs on the 4 slots meanwhile, with no attempt refused."""
     worker_args = ["--max-concurrency", "4", "--direct-slots", "2", "--max-idea-bytes", "1000"]
+    worker_args += ["--max-subtask-bytes", "2000"]
     with stack(workers=1, worker_args=worker_args, sim_latency_ms=1500) as running:
         address = running.workers[0].address
         async with grpc.aio.insecure_channel(address) as channel:
@@ -152,18 +153,27 @@ async def test_direct_callers_cannot_take_the_orchestrators_slots_nor_skip_its_l
             async with AsyncSwarmClient(running.target) as client:
                 events = [e async for e in client.run("Plant the verges", 4)]
             too_big = stub.ExecuteSubtask(subtask("big", idea="i" * 1001))
+            too_long = worker_pb2.ExecuteSubtaskRequest(
+                subtask={"id": "long", "title": "t", "instructions": "i" * 2000}
+            )
             other_model = stub.ExecuteSubtask(subtask("pricey", model="claude-opus-9-unpriced"))
-            bad = [await asyncio.gather(c.read(), return_exceptions=True) for c in (too_big, other_model)]
+            calls = (too_big, stub.ExecuteSubtask(too_long), other_model)
+            bad = [await asyncio.gather(c.read(), return_exceptions=True) for c in calls]
             for call in direct:
                 call.cancel()
     assert len(refused) == 14 and {r.code() for r in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all(("swarm-error-kind", WORKER_BUSY) in tuple(r.trailing_metadata() or ()) for r in refused)
     assert_completed(events, 4)
     assert not [e for e in events if e.HasField("subtask_failed")], "no attempt was refused"
-    (too_big_error,), (model_error,) = bad
-    assert isinstance(too_big_error, grpc.aio.AioRpcError) and isinstance(model_error, grpc.aio.AioRpcError)
-    assert too_big_error.code() == model_error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "over this worker's limit of 1000 bytes" in (too_big_error.details() or "")
+    (too_big_error,), (too_long_error,), (model_error,) = bad
+    assert all(isinstance(e, grpc.aio.AioRpcError) for e in (too_big_error, too_long_error, model_error))
+    assert {e.code() for e in (too_big_error, too_long_error, model_error)} == {
+        grpc.StatusCode.INVALID_ARGUMENT
+    }
+    assert "the idea is over this worker's limit of 1000 bytes" in (too_big_error.details() or "")
+    assert "title and instructions are over this worker's limit of 2000 bytes" in (
+        too_long_error.details() or ""
+    )
     assert "'claude-opus-9-unpriced' is not among this worker's allowed models" in (
         model_error.details() or ""
     )

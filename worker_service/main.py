@@ -88,7 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "SWARM_MAX_IDEA_BYTES",
         default=64 * 1024,
         type=positive_int,
-        help="largest idea, and largest subtask title and instructions, accepted, in UTF-8 bytes",
+        help="largest idea accepted, in UTF-8 bytes",
+    )
+    env_flag(
+        parser,
+        "--max-subtask-bytes",
+        "SWARM_MAX_SUBTASK_BYTES",
+        default=128 * 1024,
+        type=positive_int,
+        help="largest subtask title and instructions accepted together, in UTF-8 bytes",
     )
     env_flag(
         parser,
@@ -139,6 +147,7 @@ async def serve(args: argparse.Namespace) -> None:
         default_model=args.model,
         limits=WorkerLimits(
             max_idea_bytes=args.max_idea_bytes,
+            max_subtask_bytes=args.max_subtask_bytes,
             allowed_models=frozenset(m.strip() for m in args.allowed_models.split(",") if m.strip()),
             direct_slots=args.direct_slots,
         ),

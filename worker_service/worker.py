@@ -3,9 +3,10 @@
 The worker keeps its own limits, whoever calls it: an orchestrator, a buggy one, or anyone who can
 reach its port. mTLS between orchestrator and worker is the door; these are the wall behind it.
 
-- **Requests.** An idea, or a subtask's title and instructions, over `max_idea_bytes`, or a model
-  outside `allowed_models`, is refused before any model call: a direct caller cannot skip the
-  orchestrator's idea limit, or spend on a model the operator did not mean to pay for.
+- **Requests.** An idea over `max_idea_bytes`, a subtask whose title and instructions pass
+  `max_subtask_bytes`, or a model outside `allowed_models`, is refused before any model call: a
+  direct caller cannot skip the orchestrator's idea limit, or spend on a model the operator did
+  not mean to pay for.
 - **Capacity.** `max_concurrency` slots serve the ExecuteSubtasks streams, which are the
   orchestrators' path; direct ExecuteSubtask callers get `direct_slots` of their own, apart from
   those (0 refuses them). A direct caller can never take a slot an orchestrator counts on.
@@ -37,6 +38,8 @@ class RefusedAssignment(ValueError):
 @dataclass(frozen=True, slots=True)
 class WorkerLimits:
     max_idea_bytes: int = 64 * 1024
+    # A plan's instructions may quote the idea: room for that, and for a model's longest plan.
+    max_subtask_bytes: int = 128 * 1024
     # Models this worker calls; the default model is always among them.
     allowed_models: frozenset[str] = frozenset()
     direct_slots: int = 2
@@ -119,12 +122,12 @@ class Worker:
             self._idle.set()
 
     def _check(self, assignment: Assignment) -> None:
-        limit = self.limits.max_idea_bytes
-        if len(assignment.idea.encode()) > limit:
-            raise RefusedAssignment(f"the idea is over this worker's limit of {limit} bytes")
-        if len(assignment.title.encode()) + len(assignment.instructions.encode()) > limit:
+        limits = self.limits
+        if len(assignment.idea.encode()) > limits.max_idea_bytes:
+            raise RefusedAssignment(f"the idea is over this worker's limit of {limits.max_idea_bytes} bytes")
+        if len(assignment.title.encode()) + len(assignment.instructions.encode()) > limits.max_subtask_bytes:
             raise RefusedAssignment(
-                f"the subtask's title and instructions are over this worker's limit of {limit} bytes"
+                f"the subtask's title and instructions are over this worker's limit of {limits.max_subtask_bytes} bytes"
             )
         model = assignment.model or self.default_model
         if model not in self.allowed_models:
