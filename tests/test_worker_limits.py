@@ -143,7 +143,10 @@ async def test_direct_callers_cannot_take_the_orchestrators_slots_nor_skip_its_l
     through the orchestrator runs on the 4 slots meanwhile, with no attempt refused."""
     worker_args = ["--max-concurrency", "4", "--direct-slots", "2", "--max-idea-bytes", "1000"]
     worker_args += ["--max-subtask-bytes", "2000"]
-    with stack(workers=1, worker_args=worker_args, sim_latency_ms=1500) as running:
+    quick_planning = ["--sim-latency-ms", "50"]  # the direct calls still run when the swarm's start
+    with stack(
+        workers=1, worker_args=worker_args, orchestrator_args=quick_planning, sim_latency_ms=3000
+    ) as running:
         address = running.workers[0].address
         async with grpc.aio.insecure_channel(address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
