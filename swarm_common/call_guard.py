@@ -166,12 +166,54 @@ class CallGuard(grpc.aio.ServerInterceptor):
         if inspect.isawaitable(responses):
             await responses
             return
+        watch = _WriteWatch(self._write_timeout_s)
         try:
             async for response in responses:
-                try:
-                    async with asyncio.timeout(self._write_timeout_s):
-                        await context.write(response)
-                except TimeoutError:
-                    raise ReaderStalled from None
+                await watch.write(context, response)
         finally:
+            watch.close()
             await responses.aclose()  # type: ignore[attr-defined]  # an async generator's
+
+
+class _WriteWatch:
+    """The write timeout of one stream, kept by one timer for the stream rather than one per write:
+    a timer armed and cancelled on every write cost the dispatch benchmark more than the write."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "a write is always made by a task"
+        self._task = task
+        self._since: float | None = None  # when the write under way began
+        self._timer: asyncio.TimerHandle | None = None
+        self._stalled = False
+
+    async def write(self, context: Context, response: Any) -> None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._timeout_s, self._check)
+        try:
+            await context.write(response)
+        except asyncio.CancelledError:
+            if self._stalled:
+                self._task.uncancel()
+                raise ReaderStalled from None
+            raise
+        finally:
+            self._since = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # no write is waiting; the next one sets the timer again
+        due = self._since + self._timeout_s
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self._stalled = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
