@@ -31,11 +31,23 @@ $(NODE_STAMP): clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-run: install
-	$(BIN)/swarm up --workers 3 --demo
+# The web console's browser tests drive Debian's chromium (tests/test_web_console.py). It is
+# installed here where it is missing and apt-get may; elsewhere those tests fail and say so.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	-apt-get update -qq && apt-get install -y -qq chromium
 
-test: install $(NODE_STAMP)
-	$(BIN)/pytest -q
+run: install
+	$(BIN)/swarm up --workers 3 --demo --stay
+
+# Independent test files run side by side on a fixed number of workers (most of their time is spent
+# waiting on services, not computing); then the `serial` ones, which hold a system to a time bound,
+# run alone. Both parts always run, and either failing fails the target.
+TEST_WORKERS ?= 4
+test: install $(NODE_STAMP) $(CHROMIUM)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
+	$(BIN)/pytest -q -m serial; serial=$$?; \
+	test $$parallel -eq 0 -a $$serial -eq 0
 
 # Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer
 # in 1g) and py-spy; without it (say, no registry) that benchmark reports itself unavailable.

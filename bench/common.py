@@ -1,24 +1,15 @@
 """What every benchmark shares: real service processes, a timed RunSwarm client, /proc readings, stats.
 
-Services are the venv's console scripts (`swarm-orchestrator`, `swarm-worker`) started on 127.0.0.1
-port 0 with `--provider simulated`; a service is ready when it prints `listening on HOST:PORT` on
-standard error. Every process started here is stopped in a `finally` (SIGTERM, then SIGKILL), and
-every wait is bounded in time.
+Services are started by `swarm_client.stack`, the starter the tests share: the venv's console scripts
+on 127.0.0.1 port 0 with `--provider simulated`, ready once they print `listening on HOST:PORT`, and
+stopped on the way out (SIGTERM, then SIGKILL). Every wait is bounded in time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import math
 import os
-import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,10 +20,10 @@ from typing import Any, Literal
 import grpc
 
 from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from swarm_client.stack import Stack
+from swarm_client.stack import stack as service_stack
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Each client channel gets its own connection (grpc would otherwise share one between channels).
 CLIENT_OPTIONS = [
@@ -74,93 +65,6 @@ class Context:
 # --------------------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Process:
-    """A running child process; the last lines of its standard error are kept for error messages."""
-
-    name: str
-    popen: subprocess.Popen[str]
-    address: str = ""
-    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, wait up to `timeout`, then SIGKILL."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
-
-
-def service_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: no model key (benchmarks never call a model), unbuffered output."""
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY" and not k.startswith("SWARM_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def start_process(
-    name: str, argv: Sequence[str], *, timeout_s: float = 30.0, cwd: Path | None = None
-) -> Process:
-    """Starts argv and returns once it printed `listening on HOST:PORT` on standard error."""
-    popen = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=service_env(),
-    )
-    process = Process(name, popen)
-    found = threading.Event()
-
-    def read() -> None:
-        assert popen.stderr is not None
-        for line in popen.stderr:  # drained to the end, so a chatty child never blocks on a full pipe
-            process.lines.append(line.rstrip("\n"))
-            match = LISTENING.search(line)
-            if match and not found.is_set():
-                process.address = f"127.0.0.1:{match.group(2)}"
-                found.set()
-        found.set()
-
-    threading.Thread(target=read, name=f"stderr-{name}", daemon=True).start()
-    if not found.wait(timeout_s) or not process.address:
-        process.stop()
-        raise RuntimeError(f"{name} did not print 'listening on' within {timeout_s:g}s:\n{process.output()}")
-    return process
-
-
-def console_script(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        raise RuntimeError(f"{path} is missing: run `make install` first")
-    return str(path)
-
-
-@dataclass
-class Stack:
-    orchestrator: Process
-    workers: list[Process]
-
-    @property
-    def target(self) -> str:
-        return self.orchestrator.address
-
-
 @contextmanager
 def stack(
     *,
@@ -174,65 +78,26 @@ def stack(
 ) -> Iterator[Stack]:
     """One orchestrator and `workers` workers, all simulated, on 127.0.0.1 with port 0; all stopped
     on exit. The orchestrator's own latency is its planning and synthesis time."""
-    started: list[Process] = []
-    # The orchestrator's store goes to a directory of its own, removed afterwards.
-    store = tempfile.TemporaryDirectory(prefix="swarm-bench-")
-    try:
-        for index in range(workers):
-            started.append(
-                start_process(
-                    f"worker-{index}",
-                    [
-                        console_script("swarm-worker"),
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--provider",
-                        "simulated",
-                        "--worker-id",
-                        f"worker-{index}",
-                        "--max-concurrency",
-                        str(max_concurrency),
-                        "--sim-latency-ms",
-                        f"{worker_latency_ms:g}",
-                        "--sim-chunks",
-                        str(worker_chunks),
-                        "--shutdown-grace",
-                        "1",
-                        *worker_args,
-                    ],
-                )
-            )
-        orchestrator = start_process(
-            "orchestrator",
-            [
-                console_script("swarm-orchestrator"),
-                "--listen",
-                "127.0.0.1:0",
-                "--provider",
-                "simulated",
-                "--workers",
-                ",".join(w.address for w in started),
-                "--sim-latency-ms",
-                f"{orchestrator_latency_ms:g}",
-                "--shutdown-grace",
-                "1",
-                "--db",
-                str(Path(store.name) / "swarms.db"),
-                *orchestrator_args,
-            ],
-        )
-        started.append(orchestrator)
-        yield Stack(orchestrator, started[:-1])
-    except BaseException:
-        for process in started:  # what the services said, for the failure's report
-            state = "running" if process.popen.poll() is None else f"exited {process.popen.returncode}"
-            tail = "\n    ".join(list(process.lines)[-15:])
-            print(f"--- {process.name} ({state}), last lines:\n    {tail}", file=sys.stderr)
-        raise
-    finally:
-        for process in reversed(started):
-            process.stop()
-        store.cleanup()
+    quick_stop = ["--shutdown-grace", "1"]
+    with service_stack(
+        workers,
+        worker_args=[
+            "--max-concurrency",
+            str(max_concurrency),
+            "--sim-chunks",
+            str(worker_chunks),
+            *quick_stop,
+            *worker_args,
+        ],
+        orchestrator_args=[
+            "--sim-latency-ms",
+            f"{orchestrator_latency_ms:g}",
+            *quick_stop,
+            *orchestrator_args,
+        ],
+        sim_latency_ms=worker_latency_ms,
+    ) as running:
+        yield running
 
 
 # ------------------------------------------------------------------------------------------- /proc

@@ -22,7 +22,8 @@ from typing import Any
 
 import grpc
 
-from bench.common import ROOT, Process, client_channel, start_process
+from bench.common import ROOT, client_channel
+from swarm_client.stack import Process, start
 
 METHOD = "/bench.Floor/Stream"
 PAYLOAD = b"x" * 32
@@ -49,7 +50,9 @@ async def serve(listen: str) -> None:
 
 
 def start_server() -> Process:
-    return start_process("floor", [sys.executable, "-m", "bench.floor", "--listen", "127.0.0.1:0"], cwd=ROOT)
+    return start(
+        "floor", sys.executable, ["-m", "bench.floor", "--listen", "127.0.0.1:0"], listen=None, cwd=ROOT
+    )
 
 
 async def measure(

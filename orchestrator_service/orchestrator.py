@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
+from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Cursor, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
 
@@ -39,6 +41,8 @@ LIST_READ = 100
 class Limits:
     max_agents: int = 256
     max_idea_bytes: int = 64 * 1024
+    # A subtask's answer budget when the request sets none.
+    answer_max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
     # What one request may cost, whatever its size: each agent's prompt carries the idea, and
     # every unfinished swarm's agents are in flight or queued until it ends. (The floor under
     # per-tenant quotas.)
@@ -103,6 +107,15 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
     if spec.max_parallel < 0:
         violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
+    if spec.answer_max_tokens < 0:
+        violations.append(("answer_max_tokens", f"must not be negative, got {spec.answer_max_tokens}"))
+    if not violations:
+        # Only a request that is otherwise good is sized: the checks need a model and an idea.
+        violations = misfits(
+            idea=spec.idea,
+            model=spec.model,
+            answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
+        )
     if violations:
         raise InvalidRequest(violations)
     input_bytes = len(spec.idea.encode()) * spec.num_agents
@@ -114,15 +127,10 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
 
 
-def differences(asked: SwarmSpec, accepted: events_pb2.SwarmAccepted) -> list[str]:
+def differences(asked: SwarmSpec, started: SwarmSpec) -> list[str]:
     """The parameters in which a request differs from the one that started a swarm."""
-    pairs = {
-        "idea": (asked.idea, accepted.idea),
-        "num_agents": (asked.num_agents, accepted.num_agents),
-        "model": (asked.model, accepted.model),
-        "max_parallel": (asked.max_parallel, accepted.max_parallel),
-    }
-    return [name for name, (mine, theirs) in pairs.items() if mine != theirs]
+    names = ("idea", "num_agents", "model", "max_parallel", "answer_max_tokens")
+    return [name for name in names if getattr(asked, name) != getattr(started, name)]
 
 
 class Orchestrator:
@@ -162,6 +170,7 @@ class Orchestrator:
                 raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
             stored_through = record.last_sequence
             swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
+            swarm.default_answer_max_tokens = self.limits.answer_max_tokens
             self._launch(swarm)
             resumed.append(swarm_id)
             log.info(
@@ -179,6 +188,7 @@ class Orchestrator:
         request_id: str = "",
         max_parallel: int = 0,
         deadline: float | None = None,
+        answer_max_tokens: int = 0,
     ) -> Started:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
         if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
@@ -189,12 +199,13 @@ class Orchestrator:
             model=model or self.default_model,
             request_id=request_id,
             max_parallel=max_parallel,
+            answer_max_tokens=answer_max_tokens,
         )
         validate(spec, self.limits)
         if request_id:
             seen = await self._find_request(request_id)
             if seen is not None:
-                differ = differences(spec, await self._accepted(seen))
+                differ = differences(spec, await self._requested(seen))
                 if differ:
                     raise RequestIdReused(
                         f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
@@ -217,17 +228,21 @@ class Orchestrator:
             on_store_failure=self._store_failed,
         )
         swarm.deadline = deadline
+        swarm.default_answer_max_tokens = self.limits.answer_max_tokens
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return Started(swarm.id, new=True)
 
-    async def _accepted(self, swarm_id: str) -> events_pb2.SwarmAccepted:
-        """What the swarm was asked for: its first event."""
+    async def _requested(self, swarm_id: str) -> SwarmSpec:
+        """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
+        request set one)."""
         running = self._swarms.get(swarm_id)
         if running is not None:
-            return running.record.accepted
-        first = await self.store.events(swarm_id, after_sequence=0, limit=1)
-        return first[0].accepted if first else events_pb2.SwarmAccepted()
+            return running.spec
+        record = SwarmRecord(swarm_id)
+        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):
+            record.apply(event)
+        return SwarmSpec.of(record)
 
     async def _find_request(self, request_id: str) -> str | None:
         running = self._by_request_id.get(request_id)

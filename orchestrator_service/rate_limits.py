@@ -15,11 +15,11 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from swarm_common.errors import Overloaded, RateLimited
-from swarm_common.providers import PlanDraft, PlanRequest, Provider, StreamRequest, Usage
+from swarm_common.providers import OutlineRequest, PlanDraft, PlanRequest, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.orchestrator.limits")
 
@@ -229,9 +229,16 @@ class RateLimitedProvider:
             permit.release()
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
-        permit = await self._limiter.acquire(estimate_tokens(request.idea) + 300)
+        return await self._whole(lambda: self._provider.plan(request), estimate_tokens(request.idea) + 300)
+
+    async def outline(self, request: OutlineRequest) -> PlanDraft:
+        return await self._whole(lambda: self._provider.outline(request), estimate_tokens(request.idea) + 300)
+
+    async def _whole(self, call: Callable[[], Awaitable[PlanDraft]], input_tokens: int) -> PlanDraft:
+        """A call answered whole, made under a permit."""
+        permit = await self._limiter.acquire(input_tokens)
         try:
-            draft = await self._provider.plan(request)
+            draft = await call()
         except (RateLimited, Overloaded) as error:
             self._limiter.note_error(error)
             raise

@@ -163,11 +163,13 @@ class Scheduler:
         max_parallel: int = 0,
         deadline: float | None = None,
         first_attempt: int = 1,
+        max_tokens: int = 0,
     ) -> SubtaskOutcome:
         """Attempts the subtask until one attempt succeeds; every step goes to `log`.
 
         `max_parallel` caps the swarm's subtasks holding worker slots at once (0 = no cap);
-        `deadline` (epoch seconds) bounds every attempt; `first_attempt` continues a count."""
+        `deadline` (epoch seconds) bounds every attempt; `first_attempt` continues a count;
+        `max_tokens` is the answer's budget (0 = the worker's default)."""
         tried: set[str] = set()
         last_attempt = first_attempt + self.policy.max_attempts - 1
         for attempt in range(first_attempt, last_attempt + 1):
@@ -175,7 +177,7 @@ class Scheduler:
             tried.add(worker.address)
             error: AttemptError | None = None
             try:
-                return await self._attempt(log, worker, subtask, idea, model, attempt, deadline)
+                return await self._attempt(log, worker, subtask, idea, model, attempt, deadline, max_tokens)
             except SubtaskCallFailed as failed:
                 error = classify(failed.failure, self.limiter)
             except Overtime as overtime:
@@ -222,6 +224,7 @@ class Scheduler:
         model: str,
         attempt: int,
         deadline: float | None,
+        max_tokens: int,
     ) -> SubtaskOutcome:
         permit = await self.limiter.acquire(
             estimate_tokens(prompts.WORKER_SYSTEM, idea, subtask.title, subtask.instructions)
@@ -233,7 +236,12 @@ class Scheduler:
             )
             timeout = self._timeout(deadline)
             request = worker_pb2.ExecuteSubtaskRequest(
-                swarm_id=log.swarm_id, subtask=subtask, model=model, attempt=attempt, idea=idea
+                swarm_id=log.swarm_id,
+                subtask=subtask,
+                model=model,
+                attempt=attempt,
+                idea=idea,
+                max_tokens=max_tokens,
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
@@ -265,6 +273,7 @@ class Scheduler:
                     output=output,
                     usage=usage,
                     attempt=attempt,
+                    stop_reason=response.result.stop_reason,
                 ),
             )
             return SubtaskOutcome(output, usage)

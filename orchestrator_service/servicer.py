@@ -64,6 +64,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 request_id=request.request_id,
                 max_parallel=request.max_parallel,
                 deadline=_deadline(context) if not request.detach else None,
+                answer_max_tokens=request.answer_max_tokens,
             )
             events = await self._orchestrator.watch(started.swarm_id)
         except InvalidRequest as error:
@@ -146,3 +147,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except StoreError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         return orchestrator_pb2.CancelSwarmResponse(swarm=swarm)
+
+    async def GetOrchestratorInfo(
+        self, request: orchestrator_pb2.GetOrchestratorInfoRequest, context: Context
+    ) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        orchestrator = self._orchestrator
+        return orchestrator_pb2.GetOrchestratorInfoResponse(
+            max_agents=orchestrator.limits.max_agents,
+            max_idea_bytes=orchestrator.limits.max_idea_bytes,
+            default_model=orchestrator.default_model,
+            provider=orchestrator.planner.provider.name,
+        )

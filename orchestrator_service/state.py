@@ -36,6 +36,7 @@ class SubtaskRecord:
     output: str = ""
     error: str = ""
     usage: events_pb2.Usage = field(default_factory=events_pb2.Usage)
+    stop_reason: str = ""
 
     def to_proto(self) -> orchestrator_pb2.SubtaskStatus:
         return orchestrator_pb2.SubtaskStatus(
@@ -46,6 +47,7 @@ class SubtaskRecord:
             output=self.output,
             error=self.error,
             usage=self.usage,
+            stop_reason=self.stop_reason,
         )
 
 
@@ -56,10 +58,15 @@ class SwarmRecord:
         self.swarm_id = swarm_id
         self.state: int = S.SWARM_STATE_UNSPECIFIED
         self.accepted = events_pb2.SwarmAccepted()
+        # The request's own answer budget per subtask; 0 = the orchestrator's default.
+        self.answer_max_tokens = 0
         self.planned = False
         self.plan_usage = events_pb2.Usage()
         self.subtasks: dict[str, SubtaskRecord] = {}
         self.synthesis_attempt = 0
+        # Partial syntheses by id, and what all of them cost.
+        self.partials: dict[str, events_pb2.PartialSynthesis] = {}
+        self.partial_usage = events_pb2.Usage()
         self.result = ""
         self.error = ""
         self.usage = events_pb2.Usage()
@@ -117,6 +124,7 @@ class SwarmRecord:
         record.worker_id = body.worker_id
         record.output = body.output
         record.usage = body.usage
+        record.stop_reason = body.stop_reason
         return Change(subtask_ids=(body.subtask_id,))
 
     def _apply_subtask_failed(self, body: events_pb2.SubtaskFailed) -> Change:
@@ -126,11 +134,26 @@ class SwarmRecord:
         return Change(subtask_ids=(body.subtask_id,))
 
     def _apply_synthesis_delta(self, body: events_pb2.SynthesisDelta) -> Change:
-        self.synthesis_attempt = max(self.synthesis_attempt, body.attempt)
+        return self._synthesizing(body.attempt)
+
+    def _apply_partial_synthesis(self, body: events_pb2.PartialSynthesis) -> Change:
+        self.partials[body.id] = body
+        usage = self.partial_usage
+        usage.input_tokens += body.usage.input_tokens
+        usage.output_tokens += body.usage.output_tokens
+        usage.cost_usd += body.usage.cost_usd
+        return self._synthesizing(body.attempt)
+
+    def _synthesizing(self, attempt: int) -> Change:
+        self.synthesis_attempt = max(self.synthesis_attempt, attempt)
         if self.state == S.SWARM_STATE_SYNTHESIZING:
             return Change()
         self.state = S.SWARM_STATE_SYNTHESIZING
         return Change(summary=True)
+
+    def _apply_answer_budget(self, body: events_pb2.AnswerBudget) -> Change:
+        self.answer_max_tokens = body.max_tokens
+        return Change()
 
     def _apply_swarm_completed(self, body: events_pb2.SwarmCompleted) -> Change:
         self.state = S.SWARM_STATE_COMPLETED

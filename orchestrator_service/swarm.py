@@ -18,10 +18,11 @@ from orchestrator_service.planner import Planner, PlanningFailed
 from orchestrator_service.scheduler import Scheduler, SubtaskFailed
 from orchestrator_service.state import SwarmRecord, T
 from orchestrator_service.store import Store, StoreError
+from orchestrator_service.synthesis import CannotFit, SynthesisTree
 from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common.errors import ProviderError
-from swarm_common.providers import Usage
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Usage
 from swarm_common.rpc_errors import internal_message, new_error_id
 
 log = logging.getLogger("swarm.orchestrator.swarm")
@@ -36,6 +37,21 @@ class SwarmSpec:
     model: str
     request_id: str = ""
     max_parallel: int = 0
+    # The request's own answer budget per subtask; 0 = the orchestrator's default.
+    answer_max_tokens: int = 0
+
+    @classmethod
+    def of(cls, record: SwarmRecord) -> SwarmSpec:
+        """What the swarm was asked for, from its record (its first events are enough)."""
+        accepted = record.accepted
+        return cls(
+            accepted.idea,
+            accepted.num_agents,
+            accepted.model,
+            accepted.request_id,
+            accepted.max_parallel,
+            record.answer_max_tokens,
+        )
 
 
 def usage_proto(usage: Usage) -> events_pb2.Usage:
@@ -59,6 +75,8 @@ class Swarm:
         # When the RunSwarm call that is attached to the swarm runs out (epoch seconds): every
         # attempt ends by then. Not stored: a resumed swarm is attached to no call.
         self.deadline: float | None = None
+        # The answer budget of a subtask when the request set none (the orchestrator's setting).
+        self.default_answer_max_tokens = DEFAULT_ANSWER_MAX_TOKENS
         self._suspending = False
 
     @classmethod
@@ -84,6 +102,8 @@ class Swarm:
                 max_parallel=spec.max_parallel,
             ),
         )
+        if spec.answer_max_tokens:
+            swarm.log.append("answer_budget", events_pb2.AnswerBudget(max_tokens=spec.answer_max_tokens))
         return swarm
 
     @classmethod
@@ -125,10 +145,7 @@ class Swarm:
 
     @property
     def spec(self) -> SwarmSpec:
-        accepted = self.record.accepted
-        return SwarmSpec(
-            accepted.idea, accepted.num_agents, accepted.model, accepted.request_id, accepted.max_parallel
-        )
+        return SwarmSpec.of(self.record)
 
     @property
     def finished(self) -> bool:
@@ -190,25 +207,24 @@ class Swarm:
                 "plan_created", events_pb2.PlanCreated(subtasks=plan.subtasks, usage=usage_proto(plan.usage))
             )
         await self._run_subtasks(scheduler, spec)
-        usage = usage_of(self.record.plan_usage)
-        results = []
+        result, usage = await self._synthesize(planner, spec)
+        usage += usage_of(self.record.plan_usage) + usage_of(self.record.partial_usage)
         for subtask in self.record.subtasks.values():
             usage += usage_of(subtask.usage)
-            results.append((subtask.subtask.title, subtask.output))
-        result, usage = await self._synthesize(planner, spec, results, usage)
         self.log.append("swarm_completed", events_pb2.SwarmCompleted(result=result, usage=usage_proto(usage)))
 
-    async def _synthesize(
-        self, planner: Planner, spec: SwarmSpec, results: list[tuple[str, str]], usage: Usage
-    ) -> tuple[str, Usage]:
-        """The synthesis, asked again afresh (its attempt counting up) when a call fails in a way a
-        retry can fix: a hung or failed call must not cost the subtasks' work."""
+    async def _synthesize(self, planner: Planner, spec: SwarmSpec) -> tuple[str, Usage]:
+        """The synthesis and its final call's usage, asked again afresh (its attempt counting up)
+        when a call fails in a way a retry can fix: a hung or failed call must not cost the
+        subtasks' work, nor the partial syntheses already made."""
         first = self.record.synthesis_attempt + 1
         attempts = planner.synthesis_attempts
         for attempt in range(first, first + attempts):
             parts: list[str] = []
+            usage = Usage()
+            tree = SynthesisTree(planner, self.log, idea=spec.idea, model=spec.model, attempt=attempt)
             try:
-                async for item in planner.synthesize(idea=spec.idea, results=results, model=spec.model):
+                async for item in tree.final(await tree.reduce()):
                     if isinstance(item, str):
                         parts.append(item)
                         self.log.append(
@@ -216,7 +232,14 @@ class Swarm:
                         )
                     else:
                         usage += item
+                        if item.cut_off:
+                            log.warning(
+                                f"the synthesis was cut off at its answer budget ({item.stop_reason})",
+                                extra={"swarm_id": self.id},
+                            )
                 return "".join(parts), usage
+            except CannotFit as error:
+                raise SwarmError(f"synthesis failed: {error}") from None
             except ProviderError as error:
                 if not error.retryable or attempt == first + attempts - 1:
                     raise SwarmError(f"synthesis failed: {error.message}") from None
@@ -247,6 +270,7 @@ class Swarm:
                                 max_parallel=spec.max_parallel,
                                 deadline=self.deadline,
                                 first_attempt=subtask.attempts + 1,
+                                max_tokens=spec.answer_max_tokens or self.default_answer_max_tokens,
                             )
                         )
         except ExceptionGroup as group:

@@ -6,6 +6,8 @@ List prices of the Messages API; batch and cache discounts are not modelled. An 
 
 from __future__ import annotations
 
+from swarm_common.model_limits import base_model
+
 PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
     "claude-opus-5-5": (5.0, 25.0),
     "claude-opus-5": (5.0, 25.0),
@@ -22,14 +24,8 @@ PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
 }
 
 
-def _base_name(model: str) -> str:
-    """`claude-haiku-4-5-20251001` is priced as `claude-haiku-4-5`."""
-    head, _, tail = model.rpartition("-")
-    return head if tail.isdigit() and len(tail) == 8 else model
-
-
 def cost_usd(model: str, input_tokens: int, output_tokens: int) -> float:
-    price = PRICES_PER_MTOK.get(_base_name(model))
+    price = PRICES_PER_MTOK.get(base_model(model))
     if price is None:
         return 0.0
     return (input_tokens * price[0] + output_tokens * price[1]) / 1_000_000

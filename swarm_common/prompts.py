@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from swarm_common.providers.base import OutlineRequest, PlanRequest
+
 PLAN_SYSTEM = (
     "You are the planner of a swarm of parallel agents. Split the user's idea into exactly the "
     "requested number of independent subtasks. Each subtask must be doable on its own, without "
@@ -32,16 +34,68 @@ PLAN_SCHEMA: dict[str, Any] = {
 }
 
 
-def plan_prompt(idea: str, num_agents: int, feedback: str = "") -> str:
-    prompt = (
-        f"Idea:\n{idea}\n\n"
-        f"Split it into exactly {num_agents} independent subtasks. "
+OUTLINE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "areas": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "title": {"type": "string"},
+                    "scope": {"type": "string"},
+                },
+                "required": ["title", "scope"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["areas"],
+    "additionalProperties": False,
+}
+
+
+def _answer_again(feedback: str) -> str:
+    return f"\n\nYour previous answer was rejected: {feedback}. Answer again, correctly." if feedback else ""
+
+
+def plan_prompt(request: PlanRequest) -> str:
+    count, area = request.num_agents, request.area
+    prompt = f"Idea:\n{request.idea}\n\n"
+    if area is None:
+        prompt += f"Split it into exactly {count} independent subtasks. "
+    else:
+        areas = "\n".join(f"{index}. {title}" for index, title in enumerate(area.titles, start=1))
+        prompt += (
+            f"The work on it is divided into {len(area.titles)} areas, each planned on its own:\n{areas}\n\n"
+            f"Your area is area {area.index}, {area.title}: {area.scope}\n"
+            f"Split your area alone into exactly {count} independent subtasks. "
+        )
+    prompt += (
+        f"Keep each subtask's instructions concise: at most {request.instruction_words} words. "
         'Answer as {"subtasks": [{"title": "...", "instructions": "..."}, ...]} '
-        f"with exactly {num_agents} items."
+        f"with exactly {count} items."
     )
-    if feedback:
-        prompt += f"\n\nYour previous answer was rejected: {feedback}. Answer again, correctly."
-    return prompt
+    return prompt + _answer_again(request.feedback)
+
+
+OUTLINE_SYSTEM = (
+    "You are the planner of a swarm of parallel agents. The swarm is too big to plan in one answer, "
+    "so its plan is made in parts: first you divide the user's idea into areas, then each area is "
+    "split into subtasks on its own. The areas must be about equal in size and together cover the "
+    "idea without overlapping. Answer with JSON only."
+)
+
+
+def outline_prompt(request: OutlineRequest) -> str:
+    count = request.areas
+    prompt = (
+        f"Idea:\n{request.idea}\n\n"
+        f"Divide it into exactly {count} areas. Give each area a short title and a scope of at most "
+        'forty words that says what belongs to it. Answer as {"areas": [{"title": "...", "scope": "..."}, '
+        f"...]}} with exactly {count} items."
+    )
+    return prompt + _answer_again(request.feedback)
 
 
 WORKER_SYSTEM = (
@@ -61,7 +115,25 @@ SYNTHESIS_SYSTEM = (
 )
 
 
+def _sections(results: list[tuple[str, str]]) -> str:
+    return "\n\n".join(f"### {title}\n{output}" for title, output in results)
+
+
 def synthesis_prompt(idea: str, results: list[tuple[str, str]]) -> str:
     """results: (subtask title, output) in plan order."""
-    sections = "\n\n".join(f"### {title}\n{output}" for title, output in results)
-    return f"Synthesis of {len(results)} results for the idea:\n{idea}\n\nThe agents' results:\n\n{sections}"
+    return f"Synthesis of {len(results)} results for the idea:\n{idea}\n\nThe agents' results:\n\n{_sections(results)}"
+
+
+PARTIAL_SYNTHESIS_SYSTEM = (
+    "You are combining one group of a swarm's results into a partial synthesis. A later step "
+    "combines the partial syntheses of all groups into the final answer, so keep every concrete "
+    "finding, figure and recommendation, merge what overlaps, and leave out introductions and "
+    "conclusions. Answer in Markdown."
+)
+
+
+def partial_synthesis_prompt(idea: str, results: list[tuple[str, str]], covers: str) -> str:
+    """results: (title, output) in plan order; `covers` says which of the swarm's results they are."""
+    return (
+        f"Partial synthesis of {covers} for the idea:\n{idea}\n\nThe agents' results:\n\n{_sections(results)}"
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import signal
@@ -30,16 +29,6 @@ class CallLimits:
     # timeout is gone: its connection and calls end, also when it vanished without a reset.
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CallLimits:
-        """From the flags that `config.add_call_limit_flags` adds."""
-        return cls(
-            max_streams_per_connection=args.max_streams_per_connection,
-            stream_write_timeout_s=args.stream_write_timeout,
-            keepalive_time_s=args.keepalive_time,
-            keepalive_timeout_s=args.keepalive_timeout,
-        )
 
     def options(self) -> list[tuple[str, int]]:
         return [

@@ -20,11 +20,19 @@ What a request gets, in order of precedence:
    `Authorization: Bearer KEY` matches;
 3. 400 `invalid_request_error` for a body that is not JSON or lacks model/max_tokens/messages,
    or a request without an `anthropic-version` header; 404 for a model outside `known_models`;
+   400 for a `max_tokens` over `max_output_tokens`, a prompt over `context_window` ("prompt is too
+   long"), or a prompt and `max_tokens` that together exceed it, each with the real API's message;
 4. 429 `rate_limit_error` when `rate_limits` are set and their budget is spent (see `RateLimits`);
 5. the next scripted item (`Reply`, `Fault` or `StreamFault`), consumed one per request, FIFO;
 6. the default answer: `answer(body)` if given, else for plan calls (`output_config.format.type ==
    "json_schema"`) a valid `{"subtasks": [...]}` with exactly the N the prompt asks for
-   ("exactly N independent subtasks"), else "fake answer to: <first 60 chars of the last user message>".
+   ("exactly N independent subtasks"), or for outline calls (a schema of `areas`) exactly the N
+   areas asked for ("exactly N areas"), else "fake answer to: <first 60 chars of the last user
+   message>". `realistic_answer` answers the same at a real model's length: about 90 words a
+   planned subtask, about 700 words an answer.
+
+An answer longer than the request's `max_tokens` is cut off there, with `stop_reason: "max_tokens"`,
+as the real API does, scripted replies included.
 
 Token counts are estimates, `estimate_tokens(text)` = ceil(len / 4) (at least 1): input over the
 system prompt and all messages, output over the answer text. A `Reply` can set them exactly.
@@ -34,6 +42,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -62,12 +72,23 @@ __all__ = [
     "default_answer",
     "estimate_tokens",
     "plan_answer",
+    "realistic_answer",
     "split_chunks",
 ]
 
 MESSAGES_PATH = "/v1/messages"
 PLAN_SUBTASKS = re.compile(r"exactly (\d+) independent subtasks")
-PLAN_IDEA = re.compile(r"Idea:\n(.*?)\n\nSplit it", re.DOTALL)
+PLAN_IDEA = re.compile(r"Idea:\n(.*?)\n\n", re.DOTALL)
+PLAN_AREA = re.compile(r"Your area is area (\d+), (.*?): ")
+OUTLINE_AREAS = re.compile(r"exactly (\d+) areas")
+# The real API's default context window, in tokens.
+CONTEXT_WINDOW = 200_000
+# Words for filler prose (a string, to read as one).
+FILLER = (  # noqa: SIM905
+    "the plan sets a clear owner for each step and measures the outcome against a baseline so that "
+    "risks surface early while the budget and the schedule stay visible to everyone involved in the "
+    "rollout of the service to its users with a fallback for every dependency and a review of capacity"
+).split()
 
 # The error `type` the real API sends with each status.
 ERROR_TYPES: dict[int, str] = {
@@ -227,7 +248,12 @@ class RecordedRequest:
 
     @property
     def is_plan(self) -> bool:
+        """A structured-output call: a plan, or a plan's outline."""
         return _is_plan(self.body)
+
+    @property
+    def is_outline(self) -> bool:
+        return _is_outline(self.body)
 
     @property
     def last_user_text(self) -> str:
@@ -296,6 +322,14 @@ def _is_plan(body: Any) -> bool:
     return isinstance(fmt, dict) and fmt.get("type") == "json_schema"
 
 
+def _is_outline(body: Any) -> bool:
+    if not _is_plan(body):
+        return False
+    schema = body["output_config"]["format"].get("schema")
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    return isinstance(properties, dict) and "areas" in properties
+
+
 def _input_text(body: dict[str, Any]) -> str:
     parts = [_text_of(body.get("system"))]
     for message in body.get("messages") or []:
@@ -304,24 +338,75 @@ def _input_text(body: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def plan_answer(prompt: str) -> str:
-    """A valid plan with exactly the number of subtasks `prompt` asks for (3 when it does not say)."""
+def filler(seed: str, words: int) -> str:
+    """`words` words of plausible prose, the same for the same seed."""
+    digest = b""
+    block = seed.encode()
+    while len(digest) < words:
+        block = hashlib.sha256(block).digest()
+        digest += block
+    return " ".join(FILLER[b % len(FILLER)] for b in digest[:words])
+
+
+def plan_answer(prompt: str, instruction_words: int = 0) -> str:
+    """A valid plan with exactly the number of subtasks `prompt` asks for (3 when it does not say),
+    each of the area the prompt names, if any; `instruction_words` pads the instructions."""
     found = PLAN_SUBTASKS.search(prompt)
     count = int(found.group(1)) if found else 3
     idea_match = PLAN_IDEA.search(prompt)
     idea = (idea_match.group(1) if idea_match else prompt)[:60]
-    subtasks = [
-        {"title": f"Part {i} of {count}", "instructions": f"Work out part {i} of {count} of: {idea}"}
+    area = PLAN_AREA.search(prompt)
+    of_area = f"{area.group(2)}, " if area else ""
+    subtasks = []
+    for i in range(1, count + 1):
+        instructions = f"Work out part {i} of {count} of: {of_area}{idea}"
+        if instruction_words:
+            instructions += ". " + filler(f"{of_area}{i}{prompt}", instruction_words)
+        subtasks.append({"title": f"{of_area}Part {i} of {count}", "instructions": instructions})
+    return json.dumps({"subtasks": subtasks})
+
+
+def outline_answer(prompt: str) -> str:
+    """Exactly the number of areas `prompt` asks for (3 when it does not say)."""
+    found = OUTLINE_AREAS.search(prompt)
+    count = int(found.group(1)) if found else 3
+    areas = [
+        {"title": f"Area {i} of {count}", "scope": f"Part {i} of {count} of the idea: {filler(str(i), 25)}"}
         for i in range(1, count + 1)
     ]
-    return json.dumps({"subtasks": subtasks})
+    return json.dumps({"areas": areas})
 
 
 def default_answer(body: dict[str, Any]) -> str:
     prompt = _last_user_text(body)
+    if _is_outline(body):
+        return outline_answer(prompt)
     if _is_plan(body):
         return plan_answer(prompt)
     return f"fake answer to: {prompt[:60]}"
+
+
+def realistic_answer(body: dict[str, Any]) -> str:
+    """`default_answer` at a real model's length: about 90 words a planned subtask's instructions,
+    about 700 words an answer."""
+    prompt = _last_user_text(body)
+    if _is_outline(body):
+        return outline_answer(prompt)
+    if _is_plan(body):
+        return plan_answer(prompt, instruction_words=80)
+    return f"fake answer to: {prompt[:60]}\n\n{filler(prompt, 690)}."
+
+
+def _within(reply: Reply, max_tokens: int) -> Reply:
+    """The reply as the API gives it under `max_tokens`: cut off there, with that stop reason."""
+    if estimate_tokens(reply.text) <= max_tokens:
+        return reply
+    return dataclasses.replace(
+        reply,
+        text=reply.text[: max_tokens * 4],
+        stop_reason="max_tokens",
+        output_tokens=max_tokens if reply.output_tokens is None else min(reply.output_tokens, max_tokens),
+    )
 
 
 def _format_number(value: float) -> str:
@@ -405,6 +490,8 @@ class FakeMessagesAPI:
       fault_rate: the probability that a valid request, before any script, gets a 429 or a 529
         (chosen evenly) with a short retry-after, as a busy API does now and then (soak tests);
         `seed` makes the draws repeatable.
+      context_window: the tokens a prompt and its max_tokens may take together (None = no limit).
+      max_output_tokens: the largest max_tokens a request may ask for (None = no limit).
 
     Counters (read them directly; `wait_for`/`async_wait_for` to wait on them): `streams_opened`,
     `streams_completed`, `streams_disconnected` (the client left before message_stop, or the server
@@ -422,7 +509,11 @@ class FakeMessagesAPI:
         rate_limits: RateLimits | None = None,
         fault_rate: float = 0.0,
         seed: int | None = None,
+        context_window: int | None = CONTEXT_WINDOW,
+        max_output_tokens: int | None = None,
     ) -> None:
+        self.context_window = context_window
+        self.max_output_tokens = max_output_tokens
         self.api_key = api_key
         self.fault_rate = fault_rate
         self._random = random.Random(seed)
@@ -652,6 +743,28 @@ class FakeMessagesAPI:
             return Fault(400, message="messages: at least one message is required")
         if self.known_models is not None and body["model"] not in self.known_models:
             return Fault(404, message=f"model: {body['model']}")
+        return self._oversize(body)
+
+    def _oversize(self, body: dict[str, Any]) -> Fault | None:
+        """The 400 the real API gives a request too big for the model, with its message."""
+        max_tokens = int(body["max_tokens"])
+        if self.max_output_tokens is not None and max_tokens > self.max_output_tokens:
+            return Fault(
+                400,
+                message=f"max_tokens: {max_tokens} > {self.max_output_tokens}, which is the maximum "
+                f"allowed number of output tokens for {body['model']}",
+            )
+        if self.context_window is None:
+            return None
+        prompt = estimate_tokens(_input_text(body))
+        if prompt > self.context_window:
+            return Fault(400, message=f"prompt is too long: {prompt} tokens > {self.context_window} maximum")
+        if prompt + max_tokens > self.context_window:
+            return Fault(
+                400,
+                message=f"input length and `max_tokens` exceed context limit: {prompt} + {max_tokens} > "
+                f"{self.context_window}, decrease input length or `max_tokens` and try again",
+            )
         return None
 
     def _decide(self, body: dict[str, Any]) -> _Decision:
@@ -670,6 +783,8 @@ class FakeMessagesAPI:
                 status = self._random.choice((429, 529))
                 return _Decision(Fault(status, retry_after_ms=self._random.uniform(20, 200)))
             item: Scripted = self._script.pop(0) if self._script else Reply(self.answer(body))
+            if isinstance(item, Reply):
+                item = _within(item, int(body["max_tokens"]))
             if limits is not None and isinstance(item, Reply | StreamFault):
                 text = item.text
                 output = item.output_tokens if isinstance(item, Reply) else None

@@ -110,7 +110,7 @@ async def test_stream_yields_chunks_in_order_then_one_usage(
     assert len(chunks) == 5
     assert all(isinstance(chunk, str) and chunk for chunk in chunks)
     assert "".join(typing.cast(list[str], chunks)) == text
-    assert last == Usage(1234, 567, pricing.cost_usd(MODEL, 1234, 567))
+    assert last == Usage(1234, 567, pricing.cost_usd(MODEL, 1234, 567), stop_reason="end_turn")
     assert last.cost_usd > 0
 
     request = fake.last_request
@@ -363,6 +363,32 @@ async def test_a_request_without_timeout_keeps_the_sdk_default(
 ) -> None:
     await collect(provider, stream_request(timeout_s=None))
     assert fake.last_request.headers.get("x-stainless-read-timeout") == "600"
+
+
+async def test_an_answer_over_max_tokens_is_cut_off_with_that_stop_reason(
+    fake: FakeMessagesAPI, provider: AnthropicProvider
+) -> None:
+    fake.script(Reply("word " * 400), Reply("word " * 4000))
+
+    items = await collect(provider, stream_request(max_tokens=100))
+    draft = await plan(provider, PlanRequest(MODEL, "Launch a bakery", num_agents=40, max_tokens=300))
+
+    usage = items[-1]
+    assert isinstance(usage, Usage) and usage.stop_reason == "max_tokens" and usage.cut_off
+    assert usage.output_tokens == 100 and len("".join(str(i) for i in items[:-1])) == 400
+    assert draft.usage.stop_reason == "max_tokens" and len(draft.text) == 1200
+    assert fake.last_request.body["max_tokens"] == 300
+
+
+async def test_a_prompt_over_the_context_window_is_refused_with_the_apis_message() -> None:
+    with FakeMessagesAPI(api_key=KEY, context_window=1000) as small:
+        narrow = AnthropicProvider(api_key=KEY, base_url=small.base_url)
+        try:
+            with pytest.raises(InvalidModelRequest, match=r"400.*exceed context limit: .* > 1000"):
+                await collect(narrow, stream_request(prompt="x" * 3000))
+        finally:
+            await narrow.aclose()
+    assert [r.status for r in small.requests] == [400], "no retry can fix it"
 
 
 # --- 7. choosing the provider from the environment -------------------------------------------------

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from google.protobuf.json_format import ParseDict
@@ -106,7 +110,42 @@ def test_up_demo_runs_a_local_stack_and_stops_it(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "local stack up" in done.stderr and "5/5 subtasks" in done.stdout
+    assert re.search(r"web console: http://127\.0\.0\.1:\d+/", done.stderr), done.stderr
     logs = {path.name: path.read_text() for path in tmp_path.glob("*.log")}
-    assert sorted(logs) == ["orchestrator.log", "worker-1.log", "worker-2.log", "worker-3.log"]
+    assert sorted(logs) == ["orchestrator.log", "web.log", "worker-1.log", "worker-2.log", "worker-3.log"]
     assert all('"msg": "worker stopped"' in logs[f"worker-{i}.log"] for i in (1, 2, 3)), "every child stopped"
     assert '"msg": "orchestrator stopped"' in logs["orchestrator.log"]
+
+
+# Twelve subtasks one at a time: the swarm is still running when Ctrl-C comes.
+ONE_AT_A_TIME = ["-n", "12", "--max-parallel", "1"]
+
+
+def test_ctrl_c_during_run_cancels_the_swarm(swarm_stack: Stack) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    command = subprocess.Popen(
+        [SWARM, "--target", swarm_stack.target, "run", "Survey the bridges", "--json", *ONE_AT_A_TIME],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert command.stdout is not None
+        ready, _, _ = select.select([command.stdout], [], [], 30)
+        assert ready, "no first event within 30 s"
+        swarm_id = json.loads(command.stdout.readline())["swarm_id"]
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=30)
+    finally:
+        command.kill()
+    assert command.returncode == 130
+    assert "interrupted: the swarm is cancelled with it" in err and "Traceback" not in err
+    assert "swarm_completed" not in out
+    state = ""
+    for _ in range(50):  # the orchestrator hears of the cancelled call within moments
+        state = json.loads(swarm("--target", swarm_stack.target, "get", swarm_id, "--json").stdout)["state"]
+        if state == "SWARM_STATE_CANCELLED":
+            break
+        time.sleep(0.1)
+    assert state == "SWARM_STATE_CANCELLED"

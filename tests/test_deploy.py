@@ -35,6 +35,7 @@ K8S = ROOT / "deploy" / "k8s"
 PROBE_MODULE = "swarm_common.healthcheck"
 # Both services call the model: the orchestrator plans and synthesizes, workers execute.
 MODEL_CALLERS = {"orchestrator", "worker"}
+GRPC_SERVICES = ("orchestrator", "worker")
 WORKERS_TARGET = "dns:///worker:50052"
 
 
@@ -118,7 +119,7 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_compose_runs_three_workers_that_the_orchestrator_finds_by_dns(services: dict[str, Any]) -> None:
-    assert set(services) == {"orchestrator", "worker"}
+    assert set(services) == {"orchestrator", "worker", "web"}
     assert services["worker"]["deploy"]["replicas"] == 3
     assert environment(services["orchestrator"])["SWARM_WORKERS"] == WORKERS_TARGET
     assert environment(services["worker"])["SWARM_LISTEN"].endswith(":50052")
@@ -161,11 +162,27 @@ def test_api_key_goes_only_to_the_services_that_call_the_model(
 
 
 def test_compose_healthchecks_use_the_grpc_probe_on_the_service_port(services: dict[str, Any]) -> None:
-    for name, service in services.items():
+    for name in GRPC_SERVICES:
+        service = services[name]
         test = service["healthcheck"]["test"]
         assert test[:4] == ["CMD", "python", "-m", PROBE_MODULE], test
         port = environment(service)["SWARM_LISTEN"].rpartition(":")[2]
         assert f"127.0.0.1:{port}" in test, f"{name}'s probe does not ask its own port {port}"
+
+
+def test_compose_serves_the_web_console_from_the_same_image(services: dict[str, Any]) -> None:
+    web = services["web"]
+    assert web["command"] == ["swarm-web"]
+    assert web["image"] == services["orchestrator"]["image"]
+    assert "swarm-web" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    env = environment(web)
+    assert env["SWARM_TARGET"] == "orchestrator:50051"
+    port = env["SWARM_WEB_LISTEN"].rpartition(":")[2]
+    assert web["ports"] == [f"127.0.0.1:{port}:{port}"], "published on the host's loopback only"
+    assert f"http://127.0.0.1:{port}/" in " ".join(web["healthcheck"]["test"])
+    assert web["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
+    copied = [line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")]
+    assert "clients/web/" in copied, "the image lacks the console's package"
 
 
 def test_orchestrator_starts_after_healthy_workers(services: dict[str, Any]) -> None:
@@ -181,7 +198,8 @@ def test_orchestrator_store_is_on_a_named_volume(compose: dict[str, Any], servic
 
 
 def test_stop_grace_period_covers_the_shutdown_grace(services: dict[str, Any]) -> None:
-    for name, service in services.items():
+    for name in GRPC_SERVICES:
+        service = services[name]
         grace = float(environment(service)["SWARM_SHUTDOWN_GRACE_S"])
         period = seconds(service["stop_grace_period"])
         assert grace < period <= grace + 10, f"{name}: stop_grace_period {period}s vs grace {grace}s"

@@ -99,6 +99,7 @@ class ScriptedScheduler:
         max_parallel: int = 0,
         deadline: float | None = None,
         first_attempt: int = 1,
+        max_tokens: int = 0,
     ) -> SubtaskOutcome:
         self.asked.append((subtask.id, first_attempt))
         usage = events_pb2.Usage(input_tokens=10, output_tokens=20)
@@ -423,13 +424,17 @@ async def test_a_sigterm_leaves_a_running_swarm_to_the_next_start() -> None:
         sim_latency_ms=1500,
         orchestrator_args=["--sim-latency-ms", "50", "--shutdown-grace", "0.2"],
     ) as running:
-        async with AsyncSwarmClient(running.target) as client:
+        # Resuming off: the stream's own end is what is checked here, not the client's resume.
+        async with AsyncSwarmClient(running.target, resume_within_s=0) as client:
             seen: list[Event] = []
+            stopping = False
             with pytest.raises(Unavailable, match="WatchSwarm it after sequence"):
                 async for event in client.run(IDEA, 4):
                     seen.append(event)
-                    if event.HasField("subtask_delta") and running.orchestrator.popen.poll() is None:
+                    # One SIGTERM: a second, once the service has let go of its handler, kills it.
+                    if event.HasField("subtask_delta") and not stopping:
                         running.orchestrator.signal(signal.SIGTERM)
+                        stopping = True
         assert running.orchestrator.popen.wait(20) == 0
         assert "1 unfinished swarm(s) left to resume" in running.orchestrator.output()
         await asyncio.to_thread(running.restart_orchestrator, kill=False)

@@ -7,8 +7,16 @@ import json
 import pytest
 
 from swarm_common import prompts
-from swarm_common.errors import ProviderUnavailable, RateLimited
-from swarm_common.providers import PlanRequest, SimulatedProvider, SimulatedSettings, StreamRequest, Usage
+from swarm_common.errors import InvalidModelRequest, ProviderUnavailable, RateLimited
+from swarm_common.providers import (
+    OutlineRequest,
+    PlanArea,
+    PlanRequest,
+    SimulatedProvider,
+    SimulatedSettings,
+    StreamRequest,
+    Usage,
+)
 
 
 def request(title: str = "Market research") -> StreamRequest:
@@ -94,3 +102,32 @@ async def test_latencies_spread_lognormally_around_the_median() -> None:
     assert samples[-20] > 5 * median, "a long tail of stragglers"
     fixed = SimulatedProvider(SimulatedSettings(latency_ms=1000))
     assert {fixed._latency_s() for _ in range(10)} == {1.0}
+
+
+async def test_answers_at_a_real_length_are_cut_off_at_max_tokens_like_a_model() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, answer_words=700))
+    whole, usage = await collect(provider, request())
+    assert 690 <= len("".join(whole).split()) <= 720 and usage.stop_reason == "end_turn"
+    cut, usage = await collect(provider, StreamRequest(model="m", system="", prompt="p", max_tokens=100))
+    assert usage.stop_reason == "max_tokens" and usage.output_tokens == 100 and len("".join(cut)) == 400
+
+
+async def test_a_prompt_over_the_models_context_window_is_refused() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0))
+    too_long = StreamRequest(model="claude-haiku-4-5", system="", prompt="x" * 4 * 200_000)
+    with pytest.raises(InvalidModelRequest, match=r"exceed context limit: 200000 \+ 4096 > 200000"):
+        await collect(provider, too_long)
+
+
+async def test_outlines_and_plans_an_area_with_exactly_what_is_asked() -> None:
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, subtask_words=90))
+    outline = json.loads((await provider.outline(OutlineRequest(model="m", idea="idea", areas=4))).text)
+    assert len(outline["areas"]) == 4
+    area = PlanArea(2, outline["areas"][1]["title"], outline["areas"][1]["scope"], ("a", "b", "c", "d"))
+    plan = json.loads(
+        (await provider.plan(PlanRequest(model="m", idea="idea", num_agents=5, area=area))).text
+    )
+    assert len(plan["subtasks"]) == 5 and all(s["title"].startswith(area.title) for s in plan["subtasks"])
+    assert all(90 <= len(s["instructions"].split()) <= 110 for s in plan["subtasks"])
+    cut = await provider.plan(PlanRequest(model="m", idea="idea", num_agents=50, max_tokens=200))
+    assert cut.usage.stop_reason == "max_tokens"

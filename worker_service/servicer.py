@@ -18,6 +18,7 @@ from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
 from swarm_common.logs import Throttle
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
 from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy
@@ -51,6 +52,7 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
         model=request.model,
         attempt=request.attempt,
         deadline=deadline,
+        max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
     )
 
 
@@ -83,6 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         raises CallFailed."""
         worker_id = self._worker.worker_id
         usage: events_pb2.Usage | None = None
+        stop_reason = ""
         try:
             async for item in self._worker.execute(assignment, slot):
                 if isinstance(item, str):
@@ -93,13 +96,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         output_tokens=item.output_tokens,
                         cost_usd=item.cost_usd,
                     )
+                    stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
         except Exception as error:
             raise CallFailed(self._unexpected_failure(error, assignment)) from None
         if usage is not None:
             result = worker_pb2.SubtaskResult(
-                usage=usage, model=assignment.model or self._worker.default_model
+                usage=usage, model=assignment.model or self._worker.default_model, stop_reason=stop_reason
             )
             yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from swarm_common import prompts
 from swarm_common.errors import ProviderUnavailable
-from swarm_common.providers import Provider, StreamRequest, Usage
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.worker")
 
@@ -56,6 +56,8 @@ class Assignment:
     attempt: int
     # Wall-clock time (epoch seconds) the attempt must end by; None = no deadline.
     deadline: float | None = None
+    # The answer's budget of output tokens.
+    max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
 
 
 class Slot:
@@ -145,6 +147,7 @@ class Worker:
                 model=assignment.model or self.default_model,
                 system=prompts.WORKER_SYSTEM,
                 prompt=prompts.worker_prompt(assignment.idea, assignment.title, assignment.instructions),
+                max_tokens=assignment.max_tokens,
                 timeout_s=timeout_s,
             )
             async for item in self.provider.stream(request):

@@ -4,8 +4,13 @@
 //
 //   node run-swarm.mjs --target HOST:PORT --agents N "IDEA"
 //
+// A stream that breaks (UNAVAILABLE, or an end before the terminal event) is resumed with
+// WatchSwarm(after_sequence = the last event printed), with backoff and jitter, for up to
+// --resume-within seconds: each event is printed once, in order.
+//
 // Exit status: 0 when the last event is swarm_completed; 1 when it is swarm_failed or
-// swarm_cancelled, or the call fails (the gRPC code and details go to stderr); 2 on bad usage.
+// swarm_cancelled, or the call fails (the gRPC code and details go to stderr); 2 on bad usage;
+// 130 after Ctrl-C.
 
 import path from "node:path";
 import process from "node:process";
@@ -18,12 +23,14 @@ import * as protoLoader from "@grpc/proto-loader";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_PROTOS = path.resolve(HERE, "..", "..", "protos");
 const USAGE = `usage: node run-swarm.mjs [--target HOST:PORT] [--agents N] [--model MODEL] [--detach]
-                         [--request-id ID] [--protos DIR] "IDEA"
+                         [--request-id ID] [--resume-within SECONDS] [--protos DIR] "IDEA"
   --target      orchestrator address (default: $SWARM_TARGET or localhost:50051)
   --agents      number of parallel worker agents (default: 3)
   --model       model override (default: the server's)
   --detach      the swarm keeps running if this client goes away
   --request-id  idempotency key
+  --resume-within  how long to try to resume a broken stream; 0 = not at all
+                (default: $SWARM_RESUME_WITHIN_S or 60)
   --protos      the protos/ directory (default: ${DEFAULT_PROTOS})`;
 
 function usageError(message) {
@@ -41,6 +48,7 @@ try {
       model: { type: "string", default: "" },
       detach: { type: "boolean", default: false },
       "request-id": { type: "string", default: "" },
+      "resume-within": { type: "string", default: process.env.SWARM_RESUME_WITHIN_S || "60" },
       protos: { type: "string", default: DEFAULT_PROTOS },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -55,6 +63,8 @@ if (opts.help) {
 }
 if (positionals.length !== 1 || !positionals[0].trim()) usageError("exactly one IDEA is required");
 if (!/^[1-9][0-9]*$/.test(opts.agents)) usageError(`--agents must be a positive integer, not ${opts.agents}`);
+const resumeWithinS = Number(opts["resume-within"]);
+if (!(resumeWithinS >= 0)) usageError(`--resume-within must be a number of seconds, not ${opts["resume-within"]}`);
 
 // protos/ is the only import root; proto-loader brings the well-known types (Timestamp).
 const definition = protoLoader.loadSync("swarm/v1/orchestrator.proto", {
@@ -66,54 +76,138 @@ const definition = protoLoader.loadSync("swarm/v1/orchestrator.proto", {
   oneofs: true,
 });
 const { OrchestratorService } = grpc.loadPackageDefinition(definition).swarm.v1;
-const client = new OrchestratorService(opts.target, grpc.credentials.createInsecure());
+// grpc-js's own reconnection backoff grows to 120 s; kept to the resume schedule's 5 s, a restarted
+// orchestrator is found again within seconds.
+const client = new OrchestratorService(opts.target, grpc.credentials.createInsecure(), {
+  "grpc.initial_reconnect_backoff_ms": 250,
+  "grpc.max_reconnect_backoff_ms": 5000,
+});
 
 const TERMINAL = new Set(["swarm_completed", "swarm_failed", "swarm_cancelled"]);
+// Ideas and model output can hold anything. JSON.stringify escapes C0 controls (ESC included) but
+// leaves DEL, C1 (an 8-bit CSI) and bidi overrides raw: those are escaped too (the same JSON value).
+// Messages for stderr lose every control character.
+const RAW_IN_JSON = /[\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g;
+const CONTROLS = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g;
+const jsonLine = (event) =>
+  JSON.stringify(event).replace(RAW_IN_JSON, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+// What resuming needs: the swarm (named by its first event) and the last sequence printed.
+let swarmId = "";
+let lastSequence = 0;
 let lastKind = "";
+let current = null; // { stream, settled }: RunSwarm first, then a WatchSwarm after each break
+let resumed = false;
+let brokeAt = 0; // when the current break began (0: no break)
+let attempts = 0;
+let retryTimer = null;
 let interrupted = false;
-let failed = false;
 
-const call = client.RunSwarm({
-  idea: positionals[0],
-  num_agents: Number(opts.agents),
-  model: opts.model,
-  detach: opts.detach,
-  request_id: opts["request-id"],
-});
-
-call.on("data", (response) => {
-  const event = response.event ?? {};
-  lastKind = event.kind ?? "";
-  process.stdout.write(`${JSON.stringify(event)}\n`);
-});
-
-// grpc-js emits "error" for a non-OK status and may still emit "end" after it.
-call.on("error", (error) => {
-  failed = true;
-  const code = grpc.status[error.code] ?? String(error.code);
-  if (interrupted) {
-    process.stderr.write("run-swarm: interrupted\n");
-    process.exitCode = 130;
-  } else {
-    process.stderr.write(`run-swarm: ${code}: ${error.details || error.message}\n`);
-    process.exitCode = 1;
-  }
+function finish(code, message) {
+  if (message) process.stderr.write(`run-swarm: ${message.replace(CONTROLS, "")}\n`);
+  process.exitCode = code;
+  clearTimeout(retryTimer);
   client.close();
-});
+}
 
-call.on("end", () => {
-  if (failed) return;
-  if (lastKind === "swarm_completed") {
-    process.exitCode = 0;
-  } else {
-    if (!TERMINAL.has(lastKind)) process.stderr.write("run-swarm: the stream ended before the swarm did\n");
-    process.exitCode = 1;
+function finishWithOutcome() {
+  finish(lastKind === "swarm_completed" ? 0 : 1);
+}
+
+// One call's stream, until the first of its "error" and "end" (grpc-js may emit both).
+function follow(stream) {
+  const call = { stream, settled: false };
+  current = call;
+  const settle = () => {
+    const first = !call.settled;
+    call.settled = true;
+    return first;
+  };
+  stream.on("data", (response) => {
+    const event = response.event ?? {};
+    const sequence = Number(event.sequence);
+    if (call.settled || sequence <= lastSequence) return; // already printed
+    if (sequence > lastSequence + 1) {
+      settle();
+      stream.cancel();
+      finish(1, `swarm ${swarmId}: events ${lastSequence + 1}..${sequence - 1} did not arrive`);
+      return;
+    }
+    swarmId ||= event.swarm_id;
+    lastSequence = sequence;
+    lastKind = event.kind ?? "";
+    brokeAt = 0; // progress: a later break gets the whole window
+    attempts = 0;
+    process.stdout.write(`${jsonLine(event)}\n`);
+  });
+  stream.on("error", (error) => {
+    if (!settle()) return;
+    if (interrupted) {
+      if (!resumed) finish(130, "interrupted"); // RunSwarm cancelled: the swarm with it, unless detached
+      return;
+    }
+    const details = error.details || error.message;
+    if (TERMINAL.has(lastKind)) finishWithOutcome();
+    else if (error.code === grpc.status.UNAVAILABLE && swarmId) resume(details);
+    else finish(1, `${grpc.status[error.code] ?? String(error.code)}: ${details}`);
+  });
+  stream.on("end", () => {
+    if (!settle() || interrupted) return;
+    if (TERMINAL.has(lastKind)) finishWithOutcome();
+    else if (swarmId) resume("the stream ended before the swarm did");
+    else finish(1, "the stream ended before the swarm did");
+  });
+}
+
+// Backoff with jitter: 0.1-0.2 s, doubling up to 5 s, until --resume-within has passed since the break.
+function resume(cause) {
+  const now = Date.now();
+  brokeAt ||= now;
+  const remainingMs = brokeAt + resumeWithinS * 1000 - now;
+  if (remainingMs <= 0) {
+    const how = resumeWithinS > 0 ? `could not be resumed within ${resumeWithinS}s` : "resuming is off";
+    finish(
+      1,
+      `the stream of swarm ${swarmId} broke after sequence ${lastSequence} (${cause}) and ${how}: ` +
+        `WatchSwarm it after sequence ${lastSequence}`,
+    );
+    return;
   }
-  client.close();
-});
+  attempts += 1;
+  resumed = true;
+  const delayMs = Math.min(remainingMs, Math.min(5000, 200 * 2 ** (attempts - 1)) * (0.5 + Math.random() / 2));
+  const line = `reconnecting… attempt ${attempts}, after sequence ${lastSequence}: ${cause}`;
+  process.stderr.write(`run-swarm: ${line.replace(CONTROLS, "")}\n`);
+  retryTimer = setTimeout(() => {
+    follow(client.WatchSwarm({ swarm_id: swarmId, after_sequence: String(lastSequence) }));
+  }, delayMs);
+}
 
-// Ctrl-C cancels the call, and with it the swarm unless --detach was given.
+follow(
+  client.RunSwarm({
+    idea: positionals[0],
+    num_agents: Number(opts.agents),
+    model: opts.model,
+    detach: opts.detach,
+    request_id: opts["request-id"],
+  }),
+);
+
+// Ctrl-C cancels the swarm unless --detach was given: by cancelling RunSwarm while that call is
+// the stream; after a resume that call is gone, so by CancelSwarm.
 process.on("SIGINT", () => {
+  if (interrupted) return;
   interrupted = true;
-  call.cancel();
+  clearTimeout(retryTimer);
+  if (!resumed) {
+    current.stream.cancel(); // its "error" handler finishes
+  } else if (!opts.detach && !TERMINAL.has(lastKind)) {
+    const deadline = Date.now() + 10000;
+    client.CancelSwarm({ swarm_id: swarmId, reason: "the client cancelled RunSwarm" }, { deadline }, (error) => {
+      current.stream.cancel();
+      finish(130, error ? `interrupted; the swarm was not cancelled: ${error.details || error.message}` : "interrupted");
+    });
+  } else {
+    current.stream.cancel();
+    finish(130, "interrupted");
+  }
 });

@@ -3,11 +3,12 @@
 async with AsyncSwarmClient("localhost:50051") as client:
     async for event in client.run("Plan a city bike-share", agents=5):
         print(event.sequence, event.WhichOneof("kind"))
+
+A stream that breaks (an orchestrator restart, a dropped connection) is resumed where it stopped.
 """
 
 from swarm_client._client import (
     DEFAULT_TARGET,
-    TERMINAL_KINDS,
     AsyncSwarmClient,
     Swarm,
     SwarmClient,
@@ -20,19 +21,24 @@ from swarm_client._errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    ResumeFailed,
     SwarmError,
     Unauthenticated,
     Unavailable,
 )
+from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, TERMINAL_KINDS, Reconnecting
 
 __all__ = [
+    "DEFAULT_RESUME_WITHIN_S",
     "DEFAULT_TARGET",
     "TERMINAL_KINDS",
     "AsyncSwarmClient",
     "DeadlineExceeded",
     "InvalidArgument",
     "NotFound",
+    "Reconnecting",
     "ResourceExhausted",
+    "ResumeFailed",
     "Swarm",
     "SwarmClient",
     "SwarmError",

@@ -2,26 +2,46 @@
 
 Both take a target (`host:port`), are context managers, return the protobuf messages of the API
 (typed through the generated .pyi) and raise `SwarmError` subclasses instead of grpc errors.
+`run()` and `watch()` resume a broken stream by themselves (see `_resume`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections.abc import AsyncIterator, Generator
+import time
+from collections.abc import AsyncGenerator, Callable, Generator
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
 from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from swarm_client._errors import Unavailable, from_rpc_error
+from swarm_client._errors import SwarmError, Unavailable, from_rpc_error
+from swarm_client._resume import (
+    DEFAULT_RESUME_WITHIN_S,
+    ENDED_EARLY,
+    MAX_DELAY_S,
+    Reconnecting,
+    Resumption,
+)
 
 DEFAULT_TARGET = "localhost:50051"
 SwarmEvent = events_pb2.SwarmEvent
 Swarm = orchestrator_pb2.Swarm
 SwarmState = orchestrator_pb2.SwarmState
-TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
+OnReconnect = Callable[[Reconnecting], None]
+# The words the orchestrator uses when an attached RunSwarm call ends: a run() whose caller leaves
+# after its stream was resumed cancels the swarm itself, since the call that would have is gone.
+LEFT_REASON = "the client cancelled RunSwarm"
+# grpc's own reconnection backoff grows to 120 s by default; a resume attempt made while the
+# channel waits out its backoff fails at once, so the channel's wait is kept to the resume schedule's.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", int(MAX_DELAY_S * 1000)),
+]
+log = logging.getLogger("swarm_client")
 
 
 def default_target() -> str:
@@ -29,7 +49,13 @@ def default_target() -> str:
 
 
 def _run_request(
-    idea: str, agents: int, model: str, detach: bool, request_id: str, max_parallel: int
+    idea: str,
+    agents: int,
+    model: str,
+    detach: bool,
+    request_id: str,
+    max_parallel: int,
+    answer_max_tokens: int,
 ) -> orchestrator_pb2.RunSwarmRequest:
     return orchestrator_pb2.RunSwarmRequest(
         idea=idea,
@@ -38,15 +64,32 @@ def _run_request(
         detach=detach,
         request_id=request_id,
         max_parallel=max_parallel,
+        answer_max_tokens=answer_max_tokens,
     )
 
 
+def _time_left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _not_cancelled(swarm_id: str, error: SwarmError) -> None:
+    log.warning(f"swarm {swarm_id} could not be cancelled when its caller left: {error.message}")
+
+
 class AsyncSwarmClient:
-    def __init__(self, target: str | None = None, *, timeout: float | None = 30.0) -> None:
-        """`timeout` bounds unary calls; streams last as long as their swarm."""
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        resume_within_s: float = DEFAULT_RESUME_WITHIN_S,
+    ) -> None:
+        """`timeout` bounds unary calls; streams last as long as their swarm. A broken stream of
+        run() or watch() is resumed for up to `resume_within_s` (0: not at all)."""
         self.target = target or default_target()
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target)
+        self.resume_within_s = resume_within_s
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -67,7 +110,7 @@ class AsyncSwarmClient:
         except TimeoutError:
             raise Unavailable(f"cannot reach the orchestrator at {self.target}") from None
 
-    async def run(
+    def run(
         self,
         idea: str,
         agents: int,
@@ -77,32 +120,80 @@ class AsyncSwarmClient:
         request_id: str = "",
         max_parallel: int = 0,
         call_timeout: float | None = None,
-    ) -> AsyncIterator[SwarmEvent]:
-        """Starts a swarm and yields its events until the terminal one. Leaving the loop early
-        cancels the call, and with it the swarm unless `detach`. `max_parallel` caps the swarm's
-        subtasks running at once; `call_timeout` is the call's deadline, which every attempt keeps to."""
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
-        call = self._stub.RunSwarm(request, timeout=call_timeout)
-        try:
-            async for response in call:
-                yield response.event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+        answer_max_tokens: int = 0,
+        on_reconnect: OnReconnect | None = None,
+    ) -> AsyncGenerator[SwarmEvent, None]:
+        """Starts a swarm and yields its events, each once and in order, until the terminal one,
+        resuming a broken stream (`on_reconnect` hears of each attempt). Leaving the loop early
+        cancels the swarm unless `detach`. `max_parallel` caps the swarm's subtasks running at once;
+        `call_timeout` is the call's deadline, which every attempt keeps to; `answer_max_tokens` is
+        each subtask's answer budget (0 = the server's).
 
-    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncIterator[SwarmEvent]:
-        """The swarm's events after `after_sequence`, then live ones until the terminal one."""
-        call = self._stub.WatchSwarm(
-            orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id, after_sequence=after_sequence)
+        The orchestrator cancels an attached swarm whose RunSwarm call breaks, unless it restarted
+        (then it goes on detached): a resumed run() reports what happened, often swarm_cancelled.
+        `detach=True` lets a swarm outlive a dropped connection."""
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
+        return self._follow(
+            lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
+            Resumption("", 0, self.resume_within_s, attached=not detach),
+            call_timeout=call_timeout,
+            on_reconnect=on_reconnect,
         )
+
+    def watch(
+        self, swarm_id: str, after_sequence: int = 0, *, on_reconnect: OnReconnect | None = None
+    ) -> AsyncGenerator[SwarmEvent, None]:
+        """The swarm's events after `after_sequence`, then live ones until the terminal one (none
+        when the swarm had ended by `after_sequence`), resuming a broken stream as run() does."""
+        place = Resumption(swarm_id, after_sequence, self.resume_within_s)
+        return self._follow(
+            lambda timeout: self._stub.WatchSwarm(place.watch_request(), timeout=timeout),
+            place,
+            call_timeout=None,
+            on_reconnect=on_reconnect,
+        )
+
+    async def _follow(
+        self,
+        open_call: Callable[[float | None], grpc.aio.UnaryStreamCall[Any, Any]],
+        place: Resumption,
+        *,
+        call_timeout: float | None,
+        on_reconnect: OnReconnect | None,
+    ) -> AsyncGenerator[SwarmEvent, None]:
+        """The events of `open_call`'s stream, then of each WatchSwarm that resumes it, as `place`
+        decides; the caller's leaving is caught to cancel what it must."""
+        deadline = None if call_timeout is None else time.monotonic() + call_timeout
+        call = open_call(call_timeout)
         try:
-            async for response in call:
-                yield response.event
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+            while True:
+                try:
+                    async for response in call:
+                        if place.admit(response.event):
+                            yield response.event
+                            if place.ended:
+                                return
+                    if not place.can_resume() or place.has_all_of(await self.get(place.swarm_id)):
+                        return
+                    cause = ENDED_EARLY
+                except grpc.aio.AioRpcError as error:
+                    cause = place.cause_of(error)
+                except Unavailable as error:  # the GetSwarm above
+                    cause = error.message
+                finally:
+                    call.cancel()
+                attempt = place.broke(cause)
+                if on_reconnect is not None:
+                    on_reconnect(attempt)
+                await asyncio.sleep(attempt.delay_s)
+                call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
+        except (GeneratorExit, asyncio.CancelledError):
+            if place.cancels_on_leave():
+                try:
+                    await self.cancel(place.swarm_id, LEFT_REASON)
+                except SwarmError as error:
+                    _not_cancelled(place.swarm_id, error)
+            raise
 
     async def get(self, swarm_id: str) -> Swarm:
         try:
@@ -133,14 +224,35 @@ class AsyncSwarmClient:
             raise from_rpc_error(error) from None
         return response.swarm
 
+    async def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        """What the orchestrator accepts (its largest num_agents, say) and its default model."""
+        try:
+            return await self._stub.GetOrchestratorInfo(
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
 
 class SwarmClient:
     """The blocking twin of AsyncSwarmClient, for scripts and notebooks."""
 
-    def __init__(self, target: str | None = None, *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        timeout: float | None = 30.0,
+        resume_within_s: float = DEFAULT_RESUME_WITHIN_S,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        """`channel` replaces the one made for `target` (tests pass grpc_testing's fake one); the
+        client closes it as it would its own."""
         self.target = target or default_target()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target)
+        self.resume_within_s = resume_within_s
+        self._channel = (
+            channel if channel is not None else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -170,28 +282,69 @@ class SwarmClient:
         request_id: str = "",
         max_parallel: int = 0,
         call_timeout: float | None = None,
+        answer_max_tokens: int = 0,
+        on_reconnect: OnReconnect | None = None,
     ) -> Generator[SwarmEvent, None, None]:
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel)
-        call = self._stub.RunSwarm(request, timeout=call_timeout)
-        try:
-            for response in call:
-                yield response.event
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
-
-    def watch(self, swarm_id: str, after_sequence: int = 0) -> Generator[SwarmEvent, None, None]:
-        call = self._stub.WatchSwarm(
-            orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id, after_sequence=after_sequence)
+        """As AsyncSwarmClient.run(); Ctrl-C (KeyboardInterrupt) counts as the caller leaving."""
+        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
+        return self._follow(
+            lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
+            Resumption("", 0, self.resume_within_s, attached=not detach),
+            call_timeout=call_timeout,
+            on_reconnect=on_reconnect,
         )
+
+    def watch(
+        self, swarm_id: str, after_sequence: int = 0, *, on_reconnect: OnReconnect | None = None
+    ) -> Generator[SwarmEvent, None, None]:
+        place = Resumption(swarm_id, after_sequence, self.resume_within_s)
+        return self._follow(
+            lambda timeout: self._stub.WatchSwarm(place.watch_request(), timeout=timeout),
+            place,
+            call_timeout=None,
+            on_reconnect=on_reconnect,
+        )
+
+    def _follow(
+        self,
+        open_call: Callable[[float | None], Any],
+        place: Resumption,
+        *,
+        call_timeout: float | None,
+        on_reconnect: OnReconnect | None,
+    ) -> Generator[SwarmEvent, None, None]:
+        """The sync twin of AsyncSwarmClient._follow, line for line."""
+        deadline = None if call_timeout is None else time.monotonic() + call_timeout
+        call = open_call(call_timeout)
         try:
-            for response in call:
-                yield response.event
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()
+            while True:
+                try:
+                    for response in call:
+                        if place.admit(response.event):
+                            yield response.event
+                            if place.ended:
+                                return
+                    if not place.can_resume() or place.has_all_of(self.get(place.swarm_id)):
+                        return
+                    cause = ENDED_EARLY
+                except grpc.RpcError as error:
+                    cause = place.cause_of(error)
+                except Unavailable as error:  # the GetSwarm above
+                    cause = error.message
+                finally:
+                    call.cancel()
+                attempt = place.broke(cause)
+                if on_reconnect is not None:
+                    on_reconnect(attempt)
+                time.sleep(attempt.delay_s)
+                call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
+        except (GeneratorExit, KeyboardInterrupt):
+            if place.cancels_on_leave():
+                try:
+                    self.cancel(place.swarm_id, LEFT_REASON)
+                except SwarmError as error:
+                    _not_cancelled(place.swarm_id, error)
+            raise
 
     def get(self, swarm_id: str) -> Swarm:
         try:
@@ -217,5 +370,13 @@ class SwarmClient:
             return self._stub.CancelSwarm(
                 orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason), timeout=self.timeout
             ).swarm
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
+        try:
+            return self._stub.GetOrchestratorInfo(
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

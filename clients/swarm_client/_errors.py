@@ -47,6 +47,17 @@ class Unavailable(SwarmError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResumeFailed(Unavailable):
+    """A swarm's stream broke and could not be resumed in time (or resuming is off). The swarm may
+    well go on: WatchSwarm(swarm_id, after_sequence=last_sequence) picks it up where it stopped."""
+
+    def __init__(self, message: str, *, swarm_id: str, last_sequence: int, cause: str) -> None:
+        super().__init__(message)
+        self.swarm_id = swarm_id
+        self.last_sequence = last_sequence
+        self.cause = cause  # why the stream broke, or why the last attempt failed
+
+
 class DeadlineExceeded(SwarmError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

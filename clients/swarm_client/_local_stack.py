@@ -1,28 +1,24 @@
-"""`swarm up`: one orchestrator and K workers as child processes on free ports; Ctrl-C stops them all.
+"""`swarm up`: one orchestrator, K workers and the web console as child processes; Ctrl-C stops them all.
 
-The services are started as programs (their console scripts), never imported: a client does not
-depend on the services' code.
+The services are started by `swarm_client.stack`, as programs (their console scripts), never
+imported: a client does not depend on the services' code.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 
-LISTENING = re.compile(r"listening on \S+:(\d+)")
+from swarm_client.stack import Process, StackError, start
+
 DEMO_IDEA = (
     "Plan the launch of a community bike-sharing service in a mid-sized city: demand, stations, "
     "bikes, pricing, partnerships, operations and risks."
@@ -32,107 +28,68 @@ DEMO_SIM_LATENCY_MS = "2500"
 err = Console(stderr=True)
 
 
-class StackError(RuntimeError):
-    pass
-
-
-def _program(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise StackError(f"{name} is not installed (run `make install`)")
-    return found
-
-
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_file: IO[bytes]
-    address: str = ""
-
-
-@dataclass
-class LocalStack:
-    log_dir: Path
-    env: dict[str, str]
-    children: list[Child] = field(default_factory=list)
-
-    def start(self, name: str, program: str, args: list[str], timeout_s: float = 30.0) -> Child:
-        log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("wb")
-        popen = subprocess.Popen(
-            [_program(program), *args],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
-        )
-        child = Child(name, popen, log_path, log_file)
-        self.children.append(child)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            match = LISTENING.search(log_path.read_text(errors="replace"))
-            if match:
-                child.address = f"127.0.0.1:{match.group(1)}"
-                return child
-            if popen.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-        raise StackError(f"{name} did not start; last lines of {log_path}:\n" + "\n".join(tail))
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Orchestrator first (it drains), then the workers; SIGKILL after the grace."""
-        for child in reversed(self.children):
-            if child.popen.poll() is None:
-                child.popen.send_signal(signal.SIGTERM)
-            try:
-                child.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                child.popen.kill()
-                child.popen.wait()
-            child.log_file.close()
-
-
 def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> int:
-    env = dict(os.environ)
-    if args.demo:
-        env.setdefault("SWARM_SIM_LATENCY_MS", DEMO_SIM_LATENCY_MS)
+    # The services get the user's environment (the model key, SWARM_ settings), as they would if
+    # started by hand; a demo is slower than the simulated default, so a person can follow it.
+    env = {}
+    if args.demo and "SWARM_SIM_LATENCY_MS" not in os.environ:
+        env["SWARM_SIM_LATENCY_MS"] = DEMO_SIM_LATENCY_MS
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="swarm-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    stack = LocalStack(log_dir, env)
+    children: list[Process] = []
+
+    def start_child(name: str, program: str, child_args: list[str]) -> Process:
+        child = start(
+            name,
+            program,
+            child_args,
+            env,
+            30.0,
+            inherit=True,
+            log=log_dir / f"{name}.log",
+            new_session=True,  # Ctrl-C reaches us only; we stop the children in order
+        )
+        children.append(child)
+        return child
+
     listen = args.listen or ("127.0.0.1:0" if args.demo else "127.0.0.1:50051")
     # A demo's swarms go with its logs; a stack's outlive it, in .swarm/ where it was started.
     db = Path(args.db) if args.db else (log_dir / "swarms.db" if args.demo else Path(".swarm") / "swarms.db")
     db.parent.mkdir(parents=True, exist_ok=True)
     try:
         workers = [
-            stack.start(
-                f"worker-{i}", "swarm-worker", ["--listen", "127.0.0.1:0", "--worker-id", f"worker-{i}"]
-            )
+            start_child(f"worker-{i}", "swarm-worker", ["--worker-id", f"worker-{i}"])
             for i in range(1, args.workers + 1)
         ]
-        orchestrator = stack.start(
+        orchestrator = start_child(
             "orchestrator",
             "swarm-orchestrator",
             ["--listen", listen, "--workers", ",".join(w.address for w in workers), "--db", str(db)],
         )
-        provider = "anthropic" if env.get("ANTHROPIC_API_KEY") else "simulated (no ANTHROPIC_API_KEY set)"
+        web_listen = args.web_listen or ("127.0.0.1:0" if args.demo else "127.0.0.1:8080")
+        console = start_child("web", "swarm-web", ["--listen", web_listen, "--target", orchestrator.address])
+        provider = (
+            "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "simulated (no ANTHROPIC_API_KEY set)"
+        )
         err.print(
             f"[bold green]local stack up[/]: orchestrator {orchestrator.address}, "
             f"{len(workers)} workers ({', '.join(w.address for w in workers)}), provider {provider}; "
             f"logs in {log_dir}"
         )
+        err.print(f"[bold]web console[/]: http://{console.address}/")
         if args.demo:
-            return run_demo(orchestrator.address, args.idea, args.agents)
+            status = run_demo(orchestrator.address, args.idea, args.agents)
+            if not args.stay:
+                return status
+            err.print(
+                f"the stack stays up: open http://{console.address}/ to run more swarms; Ctrl-C stops it"
+            )
+            _wait_for_signal_or_exit(children)
+            return status
         err.print(
             f"try: swarm --target {orchestrator.address} run 'your idea' --agents 5   (Ctrl-C stops the stack)"
         )
-        _wait_for_signal_or_exit(stack)
+        _wait_for_signal_or_exit(children)
         return 0
     except StackError as error:
         err.print(f"swarm up: {error}")
@@ -141,14 +98,16 @@ def up(args: argparse.Namespace, run_demo: Callable[[str, str, int], int]) -> in
         return 130
     finally:
         err.print("stopping the local stack…")
-        stack.stop()
+        # The orchestrator first (it drains), then the workers.
+        for child in reversed(children):
+            child.stop()
 
 
-def _wait_for_signal_or_exit(stack: LocalStack) -> None:
+def _wait_for_signal_or_exit(children: list[Process]) -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    while all(child.popen.poll() is None for child in stack.children):
+    while all(child.popen.poll() is None for child in children):
         time.sleep(0.5)
-    gone = [child.name for child in stack.children if child.popen.poll() is not None]
+    gone = [child.name for child in children if child.popen.poll() is not None]
     raise StackError(f"{', '.join(gone)} exited; see the logs")
 
 
@@ -164,7 +123,15 @@ def add_up_command(commands: Any, run_demo: Callable[[str, str, int], int]) -> N
         default="",
         help="the orchestrator's database (default .swarm/swarms.db; with --demo, in the log dir)",
     )
+    parser.add_argument(
+        "--web-listen",
+        default="",
+        help="the web console's address (default 127.0.0.1:8080; a free port with --demo)",
+    )
     parser.add_argument("--demo", action="store_true", help="run a demo swarm with live progress, then stop")
+    parser.add_argument(
+        "--stay", action="store_true", help="demo: keep the stack and its console up afterwards, until Ctrl-C"
+    )
     parser.add_argument("--agents", type=int, default=5, help="demo: agents (default 5)")
     parser.add_argument("--idea", default=DEMO_IDEA, help="demo: the idea")
     parser.set_defaults(handler=lambda args: up(args, run_demo))

@@ -1,4 +1,7 @@
-"""The live progress view of a swarm: a row per agent, an overall bar, the synthesis as it streams."""
+"""The live progress view of a swarm: a row per agent, an overall bar, the synthesis as it streams.
+
+Every string an event carries is untrusted and reaches the terminal only through `_terminal`.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,19 @@ from rich.table import Table
 from rich.text import Text
 
 from swarm.v1 import events_pb2
+from swarm_client._resume import Reconnecting
+from swarm_client._terminal import safe_text, strip_controls
 
 _STATE_STYLE = {
     "queued": "dim",
     "running": "cyan",
     "retrying": "yellow",
     "done": "green",
+    "cut off": "yellow",
     "failed": "red",
 }
+# Stop reasons that mean an answer was cut off rather than finished.
+CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
 
 
 @dataclass
@@ -58,13 +66,21 @@ class SwarmView:
         self.rows: dict[str, AgentRow] = {}
         self.synthesis: list[str] = []
         self.synthesis_attempt = 0
+        # Partial syntheses done, by level: how many the level has, and which are done.
+        self.partials: dict[int, tuple[int, set[str]]] = {}
         self.resumed = 0
         self.outcome: events_pb2.SwarmEvent | None = None
         self.last_sequence = 0
+        self.reconnecting: Reconnecting | None = None  # until the next event
+        self.reconnects = 0  # breaks of the stream that were resumed or are being resumed
 
     @property
     def done(self) -> int:
-        return sum(1 for row in self.rows.values() if row.state == "done")
+        return sum(1 for row in self.rows.values() if row.state in ("done", "cut off"))
+
+    @property
+    def cut_off(self) -> int:
+        return sum(1 for row in self.rows.values() if row.state == "cut off")
 
     def _row(self, subtask_id: str) -> AgentRow:
         """A watch that starts after plan_created never saw the plan: such rows are made as met."""
@@ -73,7 +89,13 @@ class SwarmView:
             row = self.rows[subtask_id] = AgentRow(events_pb2.Subtask(id=subtask_id, title=subtask_id))
         return row
 
+    def reconnect(self, attempt: Reconnecting) -> None:
+        self.reconnecting = attempt
+        if attempt.attempt == 1:
+            self.reconnects += 1
+
     def apply(self, event: events_pb2.SwarmEvent) -> None:
+        self.reconnecting = None
         self.swarm_id = event.swarm_id
         self.last_sequence = event.sequence
         kind = event.WhichOneof("kind")
@@ -92,8 +114,14 @@ class SwarmView:
         elif kind == "subtask_delta":
             self._row(event.subtask_delta.subtask_id).chars += len(event.subtask_delta.text)
         elif kind == "subtask_completed":
-            row = self._row(event.subtask_completed.subtask_id)
-            row.state, row.output_tokens = "done", event.subtask_completed.usage.output_tokens
+            completed = event.subtask_completed
+            row = self._row(completed.subtask_id)
+            row.state = "cut off" if completed.stop_reason in CUT_OFF else "done"
+            row.output_tokens = completed.usage.output_tokens
+        elif kind == "partial_synthesis":
+            partial = event.partial_synthesis
+            _, done = self.partials.get(partial.level, (0, set()))
+            self.partials[partial.level] = (partial.count, done | {partial.id})
         elif kind == "subtask_failed":
             failed = event.subtask_failed
             row = self._row(failed.subtask_id)
@@ -111,19 +139,33 @@ class SwarmView:
     def header(self) -> Text:
         text = Text()
         text.append("swarm ", style="bold")
-        text.append(self.swarm_id or "…", style="bold magenta")
+        text.append(strip_controls(self.swarm_id) or "…", style="bold magenta")
         if self.accepted.num_agents:
-            text.append(f" · {self.accepted.num_agents} agents · {self.accepted.model}")
+            text.append(f" · {self.accepted.num_agents} agents · {strip_controls(self.accepted.model)}")
             if self.resumed:
                 text.append(" · resumed after an orchestrator restart", style="yellow")
             text.append(
-                f"\nprovider: {describe_provider(self.accepted.provider)}",
+                f"\nprovider: {strip_controls(describe_provider(self.accepted.provider))}",
                 style="yellow" if self.accepted.provider == "simulated" else "dim",
             )
         return text
 
+    def connection(self) -> Text | None:
+        attempt = self.reconnecting
+        if attempt is None:
+            return None
+        cause = strip_controls(attempt.cause)
+        return Text(
+            f"reconnecting… attempt {attempt.attempt}, after event {attempt.after_sequence}, "
+            f"{attempt.remaining_s:.0f}s left: {cause[:100]}",
+            style="bold yellow",
+        )
+
     def render(self) -> RenderableType:
         parts: list[RenderableType] = [self.header()]
+        connection = self.connection()
+        if connection is not None:
+            parts.append(connection)
         if not self.rows:
             parts.append(Text("planning…", style="cyan"))
             return Group(*parts)
@@ -131,9 +173,12 @@ class SwarmView:
         for column in ("#", "subtask", "state", "worker", "try", "tokens"):
             table.add_column(column, justify="right" if column in ("#", "try", "tokens") else "left")
         for index, row in enumerate(self.rows.values(), start=1):
-            title = row.subtask.title if len(row.subtask.title) <= 48 else row.subtask.title[:47] + "…"
+            title = strip_controls(row.subtask.title)
+            title = title if len(title) <= 48 else title[:47] + "…"
             state = Text(row.state, style=_STATE_STYLE[row.state])
-            table.add_row(str(index), title, state, row.worker_id, str(row.attempt or ""), row.tokens)
+            table.add_row(
+                str(index), Text(title), state, safe_text(row.worker_id), str(row.attempt or ""), row.tokens
+            )
         parts.append(table)
         total = len(self.rows)
         bar = Table.grid(padding=(0, 1))
@@ -142,8 +187,14 @@ class SwarmView:
             Text(f"{self.done}/{total} subtasks · {time.monotonic() - self.started:.1f}s"),
         )
         parts.append(bar)
+        if self.partials and not self.synthesis and self.outcome is None:
+            levels = " · ".join(
+                f"level {level}: {len(done)}/{count}"
+                for level, (count, done) in sorted(self.partials.items())
+            )
+            parts.append(Text(f"synthesis in parts, partial syntheses done: {levels}", style="cyan"))
         if self.synthesis and self.outcome is None:
-            tail = "".join(self.synthesis)[-1500:]
+            tail = strip_controls("".join(self.synthesis))[-1500:]
             parts.append(Panel(Text(tail), title="synthesis (streaming)", border_style="cyan"))
         return Group(*parts)
 
@@ -152,15 +203,34 @@ class SwarmView:
         elapsed = time.monotonic() - self.started
         if self.outcome is None:
             return Text("the stream ended before the swarm did", style="red")
+        progress = f"in {elapsed:.1f}s · {self.done}/{len(self.rows)} subtasks"
         kind = self.outcome.WhichOneof("kind")
         if kind == "swarm_completed":
-            usage = self.outcome.swarm_completed.usage
-            line = Text(
-                f"completed in {elapsed:.1f}s · {self.done}/{len(self.rows)} subtasks · "
-                f"{usage.input_tokens:,} input / {usage.output_tokens:,} output tokens · ${usage.cost_usd:.4f}",
-                style="bold green",
-            )
-            return Group(Panel(Markdown(self.outcome.swarm_completed.result), title="result"), line)
+            completed = self.outcome.swarm_completed
+            return ending("completed", completed.result, completed.usage, progress, cut_off=self.cut_off)
         if kind == "swarm_failed":
-            return Text(f"swarm failed: {self.outcome.swarm_failed.error}", style="bold red")
-        return Text(f"swarm cancelled: {self.outcome.swarm_cancelled.reason}", style="bold yellow")
+            return ending("failed", self.outcome.swarm_failed.error)
+        return ending("cancelled", self.outcome.swarm_cancelled.reason)
+
+
+def ending(
+    state: str, detail: str, usage: events_pb2.Usage | None = None, progress: str = "", *, cut_off: int = 0
+) -> RenderableType:
+    """How a swarm ended: the result and its cost (links shown with their address, not hidden in
+    the terminal), or why there is none; `cut_off` answers stopped at their answer budget."""
+    if state == "completed":
+        usage = usage or events_pb2.Usage()
+        line = Text(
+            " ".join(filter(None, ("completed", progress)))
+            + f" · {usage.input_tokens:,} input / {usage.output_tokens:,} output tokens · ${usage.cost_usd:.4f}",
+            style="bold green",
+        )
+        if cut_off:
+            line.append(
+                f"\n{cut_off} answer(s) cut off at their answer budget (stop_reason max_tokens)",
+                style="bold yellow",
+            )
+        return Group(Panel(Markdown(strip_controls(detail), hyperlinks=False), title="result"), line)
+    return Text(
+        f"swarm {state}: {strip_controls(detail)}", style="bold red" if state == "failed" else "bold yellow"
+    )

@@ -1,23 +1,31 @@
-"""`swarm`: run, watch, get, list and cancel swarms, and `swarm up` for a local stack."""
+"""`swarm`: run, watch, get, list and cancel swarms, and `swarm up` for a local stack.
+
+What the orchestrator sends is shown as text, never as markup (see `_terminal`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from swarm.v1 import orchestrator_pb2
-from swarm_client._client import SwarmClient, SwarmEvent, default_target
-from swarm_client._errors import InvalidArgument, SwarmError, Unavailable
-from swarm_client._view import SwarmView, describe_provider
+from swarm_client._client import LEFT_REASON, Swarm, SwarmClient, SwarmEvent, default_target
+from swarm_client._errors import InvalidArgument, ResumeFailed, SwarmError, Unavailable
+from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, Reconnecting
+from swarm_client._terminal import escape_json_controls, safe_text, strip_controls
+from swarm_client._view import CUT_OFF, SwarmView, describe_provider, ending
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 STATE_NAMES = [
@@ -26,33 +34,83 @@ STATE_NAMES = [
     if name != "SWARM_STATE_UNSPECIFIED"
 ]
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
+# Neither console reads markup or emoji codes: untrusted text must not become either (`_terminal`).
+out = Console(markup=False, emoji=False)
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)  # an error stays one line
 
 
 def as_json(message: Message) -> str:
-    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False)
+    document = json.dumps(MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False)
+    return escape_json_controls(document)
 
 
-def follow(events: Iterator[SwarmEvent], *, json_lines: bool) -> int:
-    """Shows a swarm's events (live view, or JSON lines) and gives the exit code of its outcome."""
-    view = SwarmView()
-    if json_lines:
-        for event in events:
-            print(as_json(event), flush=True)
-            view.apply(event)
-    else:
-        with Live(view.render(), console=out, refresh_per_second=8, transient=False) as live:
+class Display:
+    """Shows one swarm's events as they come (the live view, or JSON lines) and the reconnections
+    between them, and tells the exit status of how the swarm ended."""
+
+    def __init__(self, *, json_lines: bool) -> None:
+        self.json_lines = json_lines
+        self.view = SwarmView()
+        self._live: Live | None = None
+
+    def reconnecting(self, attempt: Reconnecting) -> None:
+        self.view.reconnect(attempt)
+        if self._live is not None:
+            self._live.update(self.view.render(), refresh=True)  # at once: no event will redraw it
+        elif attempt.attempt == 1:
+            err.print(
+                safe_text(
+                    f"swarm: the stream broke after event {attempt.after_sequence} ({attempt.cause}); "
+                    "reconnecting…"
+                )
+            )
+
+    def follow(self, events: Iterator[SwarmEvent]) -> None:
+        if self.json_lines:
             for event in events:
-                view.apply(event)
-                live.update(view.render())
-        out.print(view.summary())
-    if view.outcome is not None and view.outcome.WhichOneof("kind") == "swarm_completed":
-        return EXIT_OK
-    return EXIT_FAILED
+                print(as_json(event), flush=True)
+                self.view.apply(event)
+            return
+        with Live(self.view.render(), console=out, refresh_per_second=8, transient=False) as live:
+            self._live = live
+            try:
+                for event in events:
+                    self.view.apply(event)
+                    live.update(self.view.render())
+            finally:
+                self._live = None
+                if not self.view.swarm_id:  # no event came: no empty view is left behind
+                    live.update(Group(), refresh=True)
+
+    def finish(self) -> int:
+        if not self.json_lines:
+            out.print(self.view.summary())
+        outcome = self.view.outcome
+        return (
+            EXIT_OK
+            if outcome is not None and outcome.WhichOneof("kind") == "swarm_completed"
+            else EXIT_FAILED
+        )
+
+    def finish_from(self, swarm: Swarm, after: int) -> int:
+        """A swarm that had ended by `after` has no events left to show: its end, as GetSwarm tells."""
+        state = _state(swarm.state)
+        note = safe_text(
+            f"swarm {swarm.swarm_id} is {state}; it has no events after {after} (its last is "
+            f"{swarm.last_sequence})"
+        )
+        if self.json_lines:
+            err.print(note)
+        else:
+            done = sum(1 for s in swarm.subtasks if s.state == orchestrator_pb2.SUBTASK_STATE_COMPLETED)
+            detail = swarm.result if swarm.state == orchestrator_pb2.SWARM_STATE_COMPLETED else swarm.error
+            out.print(note)
+            out.print(ending(state, detail, swarm.usage, f"· {done}/{len(swarm.subtasks)} subtasks"))
+        return EXIT_OK if swarm.state == orchestrator_pb2.SWARM_STATE_COMPLETED else EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
+    display = Display(json_lines=args.json)
     events = client.run(
         args.idea,
         args.agents,
@@ -60,21 +118,35 @@ def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
         detach=args.detach,
         request_id=args.request_id,
         max_parallel=args.max_parallel,
+        answer_max_tokens=args.answer_max_tokens,
+        on_reconnect=display.reconnecting,
     )
     try:
-        return follow(events, json_lines=args.json)
+        display.follow(events)
     except KeyboardInterrupt:
         events.close()
         what = "it keeps running (--detach)" if args.detach else "the swarm is cancelled with it"
         err.print(f"interrupted: {what}")
         return EXIT_INTERRUPTED
+    status = display.finish()
+    outcome = display.view.outcome
+    if display.view.reconnects and outcome and outcome.swarm_cancelled.reason == LEFT_REASON:
+        err.print(
+            "swarm: the connection to the orchestrator broke, and a swarm is cancelled when the "
+            "`swarm run` that started it goes away; `--detach` lets a swarm outlive its connection"
+        )
+    return status
 
 
 def cmd_watch(args: argparse.Namespace, client: SwarmClient) -> int:
+    display = Display(json_lines=args.json)
     try:
-        return follow(client.watch(args.swarm_id, args.after), json_lines=args.json)
+        display.follow(client.watch(args.swarm_id, args.after, on_reconnect=display.reconnecting))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    if display.view.outcome is None:  # it had ended by --after: nothing was left to replay
+        return display.finish_from(client.get(args.swarm_id), args.after)
+    return display.finish()
 
 
 def _state(value: int) -> str:
@@ -87,28 +159,46 @@ def cmd_get(args: argparse.Namespace, client: SwarmClient) -> int:
         print(as_json(swarm))
         return EXIT_OK
     out.print(
-        f"[bold]swarm[/] [magenta]{swarm.swarm_id}[/] · {_state(swarm.state)} · {swarm.num_agents} agents · "
-        f"{swarm.model} · provider {describe_provider(swarm.provider)}"
+        Text.assemble(
+            ("swarm", "bold"),
+            " ",
+            (strip_controls(swarm.swarm_id), "magenta"),
+            f" · {_state(swarm.state)} · {swarm.num_agents} agents · ",
+            strip_controls(f"{swarm.model} · provider {describe_provider(swarm.provider)}"),
+        )
     )
-    out.print(f"idea: {swarm.idea[:200]}")
+    out.print(safe_text(f"idea: {strip_controls(swarm.idea)[:200]}"))
     table = Table(box=None, header_style="bold")
     for column in ("subtask", "title", "state", "worker", "tries", "output tokens"):
         table.add_column(column)
+    cut_off = 0
     for status in swarm.subtasks:
+        state = Text(orchestrator_pb2.SubtaskState.Name(status.state).removeprefix("SUBTASK_STATE_").lower())
+        if status.stop_reason in CUT_OFF:
+            cut_off += 1
+            state.append(" (cut off)", style="yellow")
         table.add_row(
-            status.subtask.id,
-            status.subtask.title[:48],
-            orchestrator_pb2.SubtaskState.Name(status.state).removeprefix("SUBTASK_STATE_").lower(),
-            status.worker_id,
+            safe_text(status.subtask.id),
+            Text(strip_controls(status.subtask.title)[:48]),
+            state,
+            safe_text(status.worker_id),
             str(status.attempts),
             f"{status.usage.output_tokens:,}",
         )
     if swarm.subtasks:
         out.print(table)
+    if cut_off:
+        out.print(
+            Text(
+                f"{cut_off} answer(s) cut off at their answer budget (stop_reason max_tokens): "
+                "swarm run --answer-max-tokens raises it",
+                style="yellow",
+            )
+        )
     if swarm.error:
-        out.print(f"[red]error:[/] {swarm.error}")
+        out.print(Text.assemble(("error:", "red"), " ", strip_controls(swarm.error)))
     if swarm.result:
-        out.print(swarm.result)
+        out.print(safe_text(swarm.result))
         out.print(
             f"usage: {swarm.usage.input_tokens:,} input / {swarm.usage.output_tokens:,} output tokens · "
             f"${swarm.usage.cost_usd:.4f}"
@@ -127,10 +217,16 @@ def cmd_list(args: argparse.Namespace, client: SwarmClient) -> int:
         table.add_column(column)
     for swarm in response.swarms:
         created = swarm.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(swarm.swarm_id, _state(swarm.state), str(swarm.num_agents), created, swarm.idea[:60])
+        table.add_row(
+            safe_text(swarm.swarm_id),
+            _state(swarm.state),
+            str(swarm.num_agents),
+            created,
+            Text(strip_controls(swarm.idea)[:60]),
+        )
     out.print(table if response.swarms else "no swarms")
     if response.next_page_token:
-        out.print(f"more: swarm list --page-token {response.next_page_token}")
+        out.print(safe_text(f"more: swarm list --page-token {response.next_page_token}"))
     return EXIT_OK
 
 
@@ -139,7 +235,7 @@ def cmd_cancel(args: argparse.Namespace, client: SwarmClient) -> int:
     if args.json:
         print(as_json(swarm))
     else:
-        out.print(f"swarm {swarm.swarm_id} is {_state(swarm.state)}")
+        out.print(safe_text(f"swarm {swarm.swarm_id} is {_state(swarm.state)}"))
     return EXIT_OK
 
 
@@ -149,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         default=default_target(),
         help=f"orchestrator address [env SWARM_TARGET, default {default_target()!r}]",
+    )
+    parser.add_argument(
+        "--resume-within",
+        type=float,
+        default=os.environ.get("SWARM_RESUME_WITHIN_S") or DEFAULT_RESUME_WITHIN_S,  # a string is parsed
+        metavar="SECONDS",
+        help="how long run and watch try to resume a broken stream; 0 = not at all "
+        f"[env SWARM_RESUME_WITHIN_S, default {DEFAULT_RESUME_WITHIN_S:g}]",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -160,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-id", default="", help="idempotency key")
     run.add_argument(
         "--max-parallel", type=int, default=0, help="at most this many subtasks at once (0 = no cap)"
+    )
+    run.add_argument(
+        "--answer-max-tokens",
+        type=int,
+        default=0,
+        help="most output tokens each agent's answer may have (0 = the server's default)",
     )
     run.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
     run.set_defaults(handler=cmd_run)
@@ -197,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(target: str, idea: str, agents: int) -> int:
     with SwarmClient(target) as client:
         args = argparse.Namespace(
-            idea=idea, agents=agents, model="", detach=False, request_id="", max_parallel=0, json=False
+            idea=idea,
+            agents=agents,
+            model="",
+            detach=False,
+            request_id="",
+            max_parallel=0,
+            answer_max_tokens=0,
+            json=False,
         )
         return cmd_run(args, client)
 
@@ -208,28 +325,53 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(dispatch(handler, args))
 
 
-def dispatch(handler: Callable[..., Any], args: argparse.Namespace) -> int:
+def dispatch(
+    handler: Callable[..., Any], args: argparse.Namespace, *, channel: grpc.Channel | None = None
+) -> int:
+    """Runs a command and turns its outcome into the exit status; `channel`, when given, is the
+    client's instead of one to `--target` (tests pass a fake one)."""
     if args.command == "up":
         return int(handler(args))
     if args.command == "run" and args.agents < 1:
         err.print(f"swarm: --agents must be at least 1, got {args.agents}")
         return EXIT_USAGE
+    if args.resume_within < 0:
+        err.print(f"swarm: --resume-within must not be negative, got {args.resume_within:g}")
+        return EXIT_USAGE
     try:
-        with SwarmClient(args.target) as client:
+        with SwarmClient(args.target, resume_within_s=args.resume_within, channel=channel) as client:
             return int(handler(args, client))
     except InvalidArgument as error:
         fields = "; ".join(f"{field}: {text}" for field, text in error.violations) or error.message
-        err.print(f"swarm: invalid request: {fields}")
+        err.print(safe_text(f"swarm: invalid request: {fields}"))
         return EXIT_USAGE
+    except ResumeFailed as error:
+        how = (
+            "resuming is off (--resume-within 0)"
+            if args.resume_within <= 0
+            else f"could not be resumed within {args.resume_within:g}s ({_unreachable(error.cause, args.target)})"
+        )
+        err.print(
+            safe_text(
+                f"swarm: the stream of swarm {error.swarm_id} broke after event {error.last_sequence} and "
+                f"{how}; `swarm watch {error.swarm_id} --after {error.last_sequence}` goes on from there"
+            )
+        )
+        return EXIT_UNREACHABLE
     except Unavailable as error:
-        if "connect" in error.message.lower():  # grpc's long connection-failure text adds nothing
+        if "connect" in error.message.lower():
             err.print(
-                f"swarm: cannot reach the orchestrator at {args.target}; is it running? "
+                f"swarm: {_unreachable(error.message, args.target)}; is it running? "
                 "(`swarm up` starts a local stack)"
             )
         else:
-            err.print(f"swarm: the orchestrator at {args.target} is unavailable: {error.message}")
+            err.print(safe_text(f"swarm: the orchestrator at {args.target} is unavailable: {error.message}"))
         return EXIT_UNREACHABLE
     except SwarmError as error:
-        err.print(f"swarm: {error.code.name}: {error.message}")
+        err.print(safe_text(f"swarm: {error.code.name}: {error.message}"))
         return EXIT_FAILED
+
+
+def _unreachable(cause: str, target: str) -> str:
+    """grpc's long connection-failure text adds nothing to the target's name."""
+    return f"cannot reach the orchestrator at {target}" if "connect" in cause.lower() else cause

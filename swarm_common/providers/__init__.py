@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
-from swarm_common.providers.base import PlanDraft, PlanRequest, Provider, StreamRequest, Usage
+from swarm_common.providers.base import (
+    DEFAULT_ANSWER_MAX_TOKENS,
+    OutlineRequest,
+    PlanArea,
+    PlanDraft,
+    PlanRequest,
+    Provider,
+    StreamRequest,
+    Usage,
+)
 from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
 
 __all__ = [
+    "DEFAULT_ANSWER_MAX_TOKENS",
     "DEFAULT_MODEL",
     "PROVIDER_CHOICES",
+    "OutlineRequest",
+    "PlanArea",
     "PlanDraft",
     "PlanRequest",
     "Provider",
+    "ProviderChoice",
     "ProviderConfigError",
     "SimulatedProvider",
     "SimulatedSettings",
@@ -24,7 +38,8 @@ __all__ = [
 
 # A current model that the installed SDK lists and does not mark deprecated (a test checks both).
 DEFAULT_MODEL = "claude-sonnet-5-5"
-PROVIDER_CHOICES = ("auto", "anthropic", "simulated")
+ProviderChoice = Literal["auto", "anthropic", "simulated"]
+PROVIDER_CHOICES: tuple[str, ...] = get_args(ProviderChoice)
 
 
 class ProviderConfigError(ValueError):

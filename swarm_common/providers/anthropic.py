@@ -21,9 +21,7 @@ from swarm_common.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from swarm_common.providers.base import PlanDraft, PlanRequest, StreamRequest, Usage
-
-PLAN_MAX_TOKENS = 8192
+from swarm_common.providers.base import OutlineRequest, PlanDraft, PlanRequest, StreamRequest, Usage
 
 
 def _api_message(error: anthropic.APIStatusError) -> str:
@@ -99,10 +97,16 @@ def _timeout(timeout_s: float | None) -> float | anthropic.NotGiven:
     return anthropic.NOT_GIVEN if timeout_s is None else timeout_s
 
 
-def _usage(model: str, usage: Any) -> Usage:
+def _usage(model: str, message: Any) -> Usage:
+    usage = message.usage
     input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
     output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
-    return Usage(input_tokens, output_tokens, pricing.cost_usd(model, input_tokens, output_tokens))
+    return Usage(
+        input_tokens,
+        output_tokens,
+        pricing.cost_usd(model, input_tokens, output_tokens),
+        str(message.stop_reason or ""),
+    )
 
 
 class AnthropicProvider:
@@ -137,27 +141,51 @@ class AnthropicProvider:
         except httpx2.TransportError:
             # The SDK lets a connection that breaks mid-stream through as the transport's error.
             raise ProviderUnavailable("the model API connection broke off mid-answer") from None
-        yield _usage(request.model, message.usage)
+        yield _usage(request.model, message)
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
+        return await self._structured(
+            request.model,
+            prompts.PLAN_SYSTEM,
+            prompts.plan_prompt(request),
+            prompts.PLAN_SCHEMA,
+            request.max_tokens,
+            request.timeout_s,
+        )
+
+    async def outline(self, request: OutlineRequest) -> PlanDraft:
+        return await self._structured(
+            request.model,
+            prompts.OUTLINE_SYSTEM,
+            prompts.outline_prompt(request),
+            prompts.OUTLINE_SCHEMA,
+            request.max_tokens,
+            request.timeout_s,
+        )
+
+    async def _structured(
+        self,
+        model: str,
+        system: str,
+        prompt: str,
+        schema: dict[str, Any],
+        max_tokens: int,
+        timeout_s: float | None,
+    ) -> PlanDraft:
+        """One answer as JSON matching `schema` (structured output), whole."""
         try:
             message = await self._client.messages.create(
-                model=request.model,
-                max_tokens=PLAN_MAX_TOKENS,
-                system=prompts.PLAN_SYSTEM,
-                messages=[
-                    {
-                        "role": "user",
-                        "content": prompts.plan_prompt(request.idea, request.num_agents, request.feedback),
-                    }
-                ],
-                output_config={"format": {"type": "json_schema", "schema": prompts.PLAN_SCHEMA}},
-                timeout=_timeout(request.timeout_s),
+                model=model,
+                max_tokens=max_tokens,
+                system=system,
+                messages=[{"role": "user", "content": prompt}],
+                output_config={"format": {"type": "json_schema", "schema": schema}},
+                timeout=_timeout(timeout_s),
             )
         except anthropic.AnthropicError as error:
             raise translate_error(error) from None
         text = "".join(block.text for block in message.content if block.type == "text")
-        return PlanDraft(text, _usage(request.model, message.usage))
+        return PlanDraft(text, _usage(model, message))
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -6,12 +6,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
+# The answer budget of a subtask when nobody says otherwise.
+DEFAULT_ANSWER_MAX_TOKENS = 4096
+# Stop reasons that mean the answer did not end where the model would have ended it.
+CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """What one model call used, and how it ended; a sum of calls has no stop reason."""
+
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    # The API's stop_reason: "end_turn", "max_tokens" (cut off at max_tokens) ...; "" = not said.
+    stop_reason: str = ""
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -19,6 +28,10 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.cost_usd + other.cost_usd,
         )
+
+    @property
+    def cut_off(self) -> bool:
+        return self.stop_reason in CUT_OFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +41,20 @@ class StreamRequest:
     model: str
     system: str
     prompt: str
-    max_tokens: int = 4096
+    max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
     timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanArea:
+    """One area of an outlined idea: a plan request that covers it splits this area alone."""
+
+    # 1-based, in the outline's order.
+    index: int
+    title: str
+    scope: str
+    # Every area's title in order, so each request knows what the others cover.
+    titles: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +67,24 @@ class PlanRequest:
     # Why the previous answer was rejected, so the model can correct it; empty on the first ask.
     feedback: str = ""
     timeout_s: float | None = None
+    max_tokens: int = 8192
+    # The most words the model is asked to give one subtask's instructions.
+    instruction_words: int = 80
+    # Set: the subtasks split this area of the idea alone (a plan in parts).
+    area: PlanArea | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlineRequest:
+    """Ask for exactly `areas` areas of the idea, as JSON matching prompts.OUTLINE_SCHEMA: the first
+    step of a plan too big for one answer."""
+
+    model: str
+    idea: str
+    areas: int
+    feedback: str = ""
+    timeout_s: float | None = None
+    max_tokens: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +104,12 @@ class Provider(Protocol):
         ...
 
     def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
-        """Yields the output in text chunks as they arrive, then exactly one Usage."""
+        """Yields the output in text chunks as they arrive, then exactly one Usage, which carries
+        the stop reason."""
         ...
 
     async def plan(self, request: PlanRequest) -> PlanDraft: ...
+
+    async def outline(self, request: OutlineRequest) -> PlanDraft: ...
 
     async def aclose(self) -> None: ...

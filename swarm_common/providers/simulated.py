@@ -14,8 +14,10 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from swarm_common.errors import ProviderUnavailable, RateLimited
-from swarm_common.providers.base import PlanDraft, PlanRequest, StreamRequest, Usage
+from swarm_common import prompts
+from swarm_common.errors import InvalidModelRequest, ProviderUnavailable, RateLimited
+from swarm_common.model_limits import limits_of
+from swarm_common.providers.base import OutlineRequest, PlanDraft, PlanRequest, StreamRequest, Usage
 
 LABEL = "[simulated]"
 # How long a stalled call without a timeout waits: longer than any test or demo runs.
@@ -76,23 +78,51 @@ class SimulatedSettings:
     stall_rate: float = 0.0
     stall_after_chunks: int = 0
     seed: int | None = None
+    # Sizes as a real model writes them (0 = short answers): an answer is padded to about this many
+    # words, and a planned subtask's instructions too.
+    answer_words: int = 0
+    subtask_words: int = 0
+    # Set: an answer takes as long as writing its tokens at this rate, on top of the latency.
+    tokens_per_s: float = 0.0
+
+
+# What a token is to the simulated model: four characters, about as many as a real one's.
+CHARS_PER_TOKEN = 4
 
 
 def _tokens(text: str) -> int:
-    return max(1, len(text) // 4)
+    return max(1, len(text) // CHARS_PER_TOKEN)
 
 
-def _answer(prompt: str) -> str:
-    """Deterministic text derived from the prompt: its first line, the headings it lists, filler."""
+def _filler(seed: str, words: int) -> str:
+    digest = hashlib.sha256(seed.encode()).digest()
+    while len(digest) < words:
+        digest += hashlib.sha256(digest).digest()
+    return " ".join(_WORDS[b % len(_WORDS)] for b in digest[:words])
+
+
+def _answer(prompt: str, words: int = 0) -> str:
+    """Deterministic text derived from the prompt: its first line, the headings it lists, filler
+    (`words` of it, or a short line)."""
     lines = prompt.splitlines()
     subject = lines[0] if lines else ""
-    digest = hashlib.sha256(prompt.encode()).digest()
-    filler = " ".join(_WORDS[b % len(_WORDS)] for b in digest[:24])
-    parts = [f"{LABEL} {subject}", "", f"Simulated notes: {filler}."]
+    parts = [f"{LABEL} {subject}", "", f"Simulated notes: {_filler(prompt, words or 24)}."]
     headings = [line[4:] for line in lines if line.startswith("### ")]
     if headings:
         parts += ["", "Combines:"] + [f"- {heading}" for heading in headings]
     return "\n".join(parts)
+
+
+def _topic(idea: str) -> str:
+    """What a plan calls the idea: its first words, as a model would sum it up, never all of it."""
+    return " ".join(idea.split()[:12])[:100]
+
+
+def _within(text: str, max_tokens: int) -> tuple[str, str]:
+    """The text as a model with this max_tokens gives it, and its stop reason."""
+    if _tokens(text) <= max_tokens:
+        return text, "end_turn"
+    return text[: max_tokens * CHARS_PER_TOKEN], "max_tokens"
 
 
 def _split(text: str, pieces: int) -> list[str]:
@@ -135,12 +165,30 @@ class SimulatedProvider:
         await asyncio.sleep(_STALL_FOREVER_S if timeout_s is None else max(0.0, timeout_s))
         raise ProviderUnavailable(f"{LABEL} the model API did not answer in time")
 
+    @staticmethod
+    def _check_fits(model: str, prompt: str, max_tokens: int) -> int:
+        """The prompt's tokens, or the refusal the model API gives a call over the context window."""
+        tokens = _tokens(prompt)
+        context = limits_of(model).context_window
+        if tokens + max_tokens > context:
+            raise InvalidModelRequest(
+                f"{LABEL} the model API rejected the request (400): input length and max_tokens "
+                f"exceed context limit: {tokens} + {max_tokens} > {context}"
+            )
+        return tokens
+
+    def _writing_s(self, text: str) -> float:
+        """How long writing `text` takes: the latency, and its tokens at `tokens_per_s` if set."""
+        rate = self.settings.tokens_per_s
+        return self._latency_s() + (_tokens(text) / rate if rate > 0 else 0.0)
+
     async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
         self._maybe_fail()
+        input_tokens = self._check_fits(request.model, request.system + request.prompt, request.max_tokens)
         stall_at = self.settings.stall_after_chunks if self._stalls() else -1
-        text = _answer(request.prompt)
+        text, stop_reason = _within(_answer(request.prompt, self.settings.answer_words), request.max_tokens)
         pieces = _split(text, self.settings.chunks)
-        pause = self._latency_s() / len(pieces)
+        pause = self._writing_s(text) / len(pieces)
         loop = asyncio.get_running_loop()
         began = loop.time()
         for index, piece in enumerate(pieces, start=1):
@@ -150,26 +198,49 @@ class SimulatedProvider:
             # hundreds of chunks and the answer takes the latency it was given.
             await asyncio.sleep(max(0.0, began + index * pause - loop.time()))
             yield piece
-        yield Usage(_tokens(request.system + request.prompt), _tokens(text), 0.0)
+        yield Usage(input_tokens, _tokens(text), 0.0, stop_reason)
+
+    async def _answer_whole(self, model: str, prompt: str, text: str, max_tokens: int) -> PlanDraft:
+        """A structured answer, given whole after the time it takes to write."""
+        input_tokens = self._check_fits(model, prompt, max_tokens)
+        text, stop_reason = _within(text, max_tokens)
+        await asyncio.sleep(self._writing_s(text))
+        return PlanDraft(text, Usage(input_tokens, _tokens(text), 0.0, stop_reason))
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
         if self._stalls():
             await self._stall(request.timeout_s)
-        await asyncio.sleep(self._latency_s())
         self._plans_made += 1
         count = request.num_agents
         if self._plans_made <= self.settings.bad_plans:
             count += 1
-        topic = " ".join(request.idea.split()[:12])
-        subtasks = [
-            {
-                "title": f"{_ASPECTS[i % len(_ASPECTS)].capitalize()} ({i + 1} of {request.num_agents})",
-                "instructions": f"Work out the {_ASPECTS[i % len(_ASPECTS)]} of: {topic}",
-            }
-            for i in range(count)
-        ]
+        topic = _topic(request.idea)
+        area = f"{request.area.title}: " if request.area is not None else ""
+        subtasks = []
+        for i in range(count):
+            aspect = _ASPECTS[i % len(_ASPECTS)]
+            instructions = f"Work out the {aspect} of: {topic}"
+            if self.settings.subtask_words:
+                instructions += ". " + _filler(f"{area}{i}{topic}", self.settings.subtask_words)
+            subtasks.append(
+                {
+                    "title": f"{area}{aspect.capitalize()} ({i + 1} of {request.num_agents})",
+                    "instructions": instructions,
+                }
+            )
         text = json.dumps({"subtasks": subtasks})
-        return PlanDraft(text, Usage(_tokens(request.idea), _tokens(text), 0.0))
+        prompt = prompts.PLAN_SYSTEM + prompts.plan_prompt(request)
+        return await self._answer_whole(request.model, prompt, text, request.max_tokens)
+
+    async def outline(self, request: OutlineRequest) -> PlanDraft:
+        topic = _topic(request.idea)
+        areas = [
+            {"title": f"Area {i} of {request.areas}", "scope": f"Part {i} of {request.areas} of: {topic}"}
+            for i in range(1, request.areas + 1)
+        ]
+        text = json.dumps({"areas": areas})
+        prompt = prompts.OUTLINE_SYSTEM + prompts.outline_prompt(request)
+        return await self._answer_whole(request.model, prompt, text, request.max_tokens)
 
     async def aclose(self) -> None:
         return None

@@ -1,0 +1,100 @@
+"""`swarm-orchestrator`'s settings: one field per flag and environment twin (see swarm_common.settings)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from orchestrator_service.store import MEMORY
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
+from swarm_common.settings import (
+    LISTEN,
+    HostPort,
+    NonNegativeFloat,
+    PositiveInt,
+    ServiceSettings,
+    setting,
+)
+
+
+class OrchestratorSettings(ServiceSettings):
+    """the orchestrator"""
+
+    prog: ClassVar[str] = "swarm-orchestrator"
+    description: ClassVar[str] = "Plans swarms, runs their subtasks on the worker pool, synthesizes."
+
+    listen: HostPort = setting("0.0.0.0:50051", LISTEN)
+    workers: str = setting(
+        "dns:///localhost:50052",
+        "the worker pool: `dns:///name:port` (every address is a worker), `dns://DNS-SERVER/name:port`, "
+        "or `host:port,host:port`",
+    )
+    subtask_timeout_s: NonNegativeFloat = setting(
+        600.0, "seconds one attempt may take before it is retried elsewhere", flag="--subtask-timeout"
+    )
+    max_attempts: PositiveInt = setting(3, "attempts per subtask, on different workers where possible")
+    plan_attempts: PositiveInt = setting(
+        3, "times the model is asked for a valid plan before the swarm fails"
+    )
+    max_agents: PositiveInt = setting(256, "largest `num_agents` accepted")
+    max_idea_bytes: PositiveInt = setting(64 * 1024, "largest idea accepted, in UTF-8 bytes")
+    max_swarm_input_bytes: PositiveInt = setting(
+        4 * 1024 * 1024,
+        "largest idea bytes x `num_agents` accepted (4 MiB): each agent's prompt carries the idea",
+    )
+    max_agents_in_flight: PositiveInt = setting(
+        4096, "agents of all unfinished swarms, running or queued; a swarm that would pass it is refused"
+    )
+    max_watchers_per_swarm: PositiveInt = setting(
+        100, "RunSwarm and WatchSwarm calls reading one swarm at once"
+    )
+    max_page_bytes: PositiveInt = setting(
+        1024 * 1024, "a ListSwarms page ends at this size (1 MiB), whatever its `page_size`"
+    )
+    list_text_bytes: PositiveInt = setting(
+        1024,
+        "ListSwarms cuts each swarm's idea, result and error to this many bytes (GetSwarm has them whole)",
+    )
+    answer_max_tokens: PositiveInt = setting(
+        DEFAULT_ANSWER_MAX_TOKENS,
+        "most output tokens one subtask's answer may have, when the request sets none; a swarm whose "
+        "model cannot give that much is refused",
+    )
+    no_progress_timeout_s: NonNegativeFloat = setting(
+        120.0,
+        "seconds an attempt may go without output before its worker counts as hung and the attempt is "
+        "retried elsewhere",
+        flag="--no-progress-timeout",
+    )
+    model_rpm: int = setting(
+        0, "model API requests per minute, for the whole orchestrator and all its workers (0 = no limit)"
+    )
+    model_input_tpm: int = setting(0, "model API input tokens per minute (0 = no limit)")
+    model_output_tpm: int = setting(0, "model API output tokens per minute (0 = no limit)")
+    model_concurrency: int = setting(0, "model API requests in flight at once (0 = no limit)")
+    rate_window_s: NonNegativeFloat = setting(
+        60.0, "the window the per-minute budgets are kept over (tests shorten it)", flag="--rate-window"
+    )
+    refresh_interval_s: NonNegativeFloat = setting(
+        10.0, "seconds between re-resolutions of the worker target", flag="--refresh-interval"
+    )
+    no_worker_timeout_s: NonNegativeFloat = setting(
+        30.0,
+        "seconds a subtask waits for any reachable worker before its swarm fails",
+        flag="--no-worker-timeout",
+    )
+    db: str = setting(
+        "swarms.db",
+        "the SQLite file swarms are kept in (created if missing, WAL, locked while in use); "
+        f"`{MEMORY}` keeps them in memory only, so nothing survives a restart",
+    )
+    retention_s: NonNegativeFloat = setting(
+        7 * 24 * 3600.0,
+        "seconds a finished swarm is kept before it and its events are deleted (604800 = 7 days); "
+        "0 keeps them forever",
+        flag="--retention",
+    )
+    delta_window_ms: NonNegativeFloat = setting(
+        50.0,
+        "a subtask's output chunks go to clients as one `subtask_delta` per window (0 = one per chunk); "
+        "no text is lost",
+    )
