@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/swarm/v1/*.proto)
 GEN_STAMP := gen/swarm/v1/.generated
 NODE_STAMP := clients/node/node_modules/.installed
 
-.PHONY: install protos run test lint clean bench
+.PHONY: install protos run test lint clean bench soak
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -54,6 +54,12 @@ test: install $(NODE_STAMP) $(CHROMIUM)
 bench: install
 	-$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
+
+# The chaos soak: ten minutes of load and random faults on a real stack, then every swarm checked
+# (a table, and bench/soak-results.json). The test suite runs a short one.
+SOAK_SECONDS ?= 600
+soak: install
+	$(BIN)/python -m soak --duration $(SOAK_SECONDS)
 
 lint: install $(NODE_STAMP)
 	$(BIN)/ruff check .

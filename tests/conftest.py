@@ -17,6 +17,7 @@ SERIAL_MODULES = {
     "test_hangs.py",
     "test_rate_limits.py",
     "test_scheduling.py",
+    "test_soak.py",
     "test_watchdog.py",
     "test_web_console.py",  # a 100-agent swarm must not freeze the page: a bound on its long tasks
 }

@@ -13,7 +13,7 @@ import pytest
 from anthropic._data import DEPRECATED_MODELS
 from anthropic.types.model_param import ModelParam
 
-from fake_messages_api import FakeMessagesAPI, Fault, RateLimits, Reply, StreamFault
+from fakes.messages_api import FakeMessagesAPI, Fault, RateLimits, Reply, StreamFault
 from swarm_common import pricing, prompts
 from swarm_common.errors import (
     AuthenticationFailed,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fake_messages_api import FakeMessagesAPI, Fault, Reply
+from fakes.messages_api import FakeMessagesAPI, Fault, Reply
 from stack import stack
 from swarm_checks import assert_completed, assert_well_formed, kinds
 from swarm_client import AsyncSwarmClient

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_messages_api import FakeMessagesAPI, RecordedRequest, estimate_tokens, realistic_answer
+from fakes.messages_api import FakeMessagesAPI, RecordedRequest, estimate_tokens, realistic_answer
 from orchestrator_service.event_log import replay
 from orchestrator_service.orchestrator import Orchestrator
 from orchestrator_service.planner import PLAN_ANSWER_MAX_TOKENS, Planner

@@ -14,7 +14,7 @@ import pytest
 from test_cli import swarm
 from test_polyglot import NODE_DIR, RUN_SWARM, require_node
 
-from fake_messages_api import FakeMessagesAPI, Fault, default_answer
+from fakes.messages_api import FakeMessagesAPI, Fault, default_answer
 from stack import Stack, stack
 from swarm_client import SwarmClient
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import time
 
-from fake_messages_api import FakeMessagesAPI, Reply, plan_answer
+from fakes.messages_api import FakeMessagesAPI, Reply, plan_answer
 from stack import stack
 from swarm.v1 import events_pb2
 from swarm_checks import assert_completed, assert_well_formed, kinds

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from fake_messages_api import FakeMessagesAPI, RateLimits
+from fakes.messages_api import FakeMessagesAPI, RateLimits
 from stack import stack
 from swarm_checks import assert_completed
 from swarm_client import AsyncSwarmClient

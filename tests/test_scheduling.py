@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fake_messages_api import FakeMessagesAPI
+from fakes.messages_api import FakeMessagesAPI
 from stack import stack
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_checks import assert_completed

@@ -29,7 +29,7 @@ import pytest
 from google.protobuf import json_format
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
-from fake_messages_api import FakeMessagesAPI, default_answer
+from fakes.messages_api import FakeMessagesAPI, default_answer
 from stack import Process, Stack, stack, start
 from swarm.v1 import orchestrator_pb2
 from swarm_client import SwarmClient

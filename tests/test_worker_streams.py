@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from fake_messages_api import FakeMessagesAPI
+from fakes.messages_api import FakeMessagesAPI
 from stack import start
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches

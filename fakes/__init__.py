@@ -1,0 +1,2 @@
+"""Stand-ins for what the services talk to, for tests, benchmarks and the soak: the fake Messages
+API speaks the model API's HTTP and SSE, so the real anthropic SDK is exercised against it."""
