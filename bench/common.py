@@ -74,6 +74,7 @@ def stack(
     worker_chunks: int = 8,
     orchestrator_latency_ms: float = 0,
     orchestrator_args: Sequence[str] = (),
+    worker_args: Sequence[str] = (),
 ) -> Iterator[Stack]:
     """One orchestrator and `workers` workers, all simulated, on 127.0.0.1 with port 0; all stopped
     on exit. The orchestrator's own latency is its planning and synthesis time."""
@@ -86,6 +87,7 @@ def stack(
             "--sim-chunks",
             str(worker_chunks),
             *quick_stop,
+            *worker_args,
         ],
         orchestrator_args=[
             "--sim-latency-ms",

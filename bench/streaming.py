@@ -1,8 +1,8 @@
 """1d. Streaming: 100 agents each streaming 400 chunks at 50 chunks/s; lag from worker to client.
 
 Setup: 2 workers with `--max-concurrency 100`, `--sim-chunks 400`, `--sim-latency-ms 8000` (400
-chunks over 8 s = 50 chunks/s per agent, 5,000 chunks/s in all); the orchestrator plans and
-synthesizes with 0 ms latency. A swarm of 100 agents, followed by this process as its client; 3
+chunks over 8 s = 50 chunks/s per agent, 5,000 chunks/s in all), and `--direct-slots 100` for the
+reference; the orchestrator plans and synthesizes with 0 ms latency. A swarm of 100 agents, followed by this process as its client; 3
 runs one after another on one stack (1 with --quick), every figure the median over the runs.
 
 The simulated answer is normally ~250 characters, too short for 400 chunks (the provider splits the
@@ -240,7 +240,7 @@ async def _direct(workers: list[str], idea: str) -> Streams:
 
         async def one(index: int, subtask: events_pb2.Subtask) -> None:
             request = worker_pb2.ExecuteSubtaskRequest(
-                swarm_id="bench-direct", subtask=subtask, model="bench", attempt=1, idea=idea
+                swarm_id="bench-direct", subtask=subtask, attempt=1, idea=idea
             )
             parts: list[str] = []
             streams.started[subtask.id] = time.time()
@@ -298,7 +298,12 @@ def run(ctx: Context) -> dict[str, Any]:
     idea, lengths = padded_idea()
     runs: list[dict[str, Any]] = []
     with stack(
-        workers=2, max_concurrency=AGENTS, worker_latency_ms=LATENCY_S * 1000, worker_chunks=CHUNKS
+        workers=2,
+        max_concurrency=AGENTS,
+        worker_latency_ms=LATENCY_S * 1000,
+        worker_chunks=CHUNKS,
+        # The reference calls the workers directly, past the orchestrator: it needs their direct slots.
+        worker_args=["--direct-slots", str(AGENTS)],
     ) as services:
         pids = [services.orchestrator.pid, *(w.pid for w in services.workers)]
         for _ in range(1 if ctx.quick else 3):

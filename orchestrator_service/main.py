@@ -78,6 +78,11 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
             max_agents=settings.max_agents,
             max_idea_bytes=settings.max_idea_bytes,
             answer_max_tokens=settings.answer_max_tokens,
+            max_swarm_input_bytes=settings.max_swarm_input_bytes,
+            max_agents_in_flight=settings.max_agents_in_flight,
+            max_watchers_per_swarm=settings.max_watchers_per_swarm,
+            max_page_bytes=settings.max_page_bytes,
+            list_text_bytes=settings.list_text_bytes,
         ),
     )
     service = Service(
@@ -88,6 +93,7 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
         ),
         listen=settings.listen,
         log=log,
+        limits=settings.call_limits(),
     )
     await pool.start()
     background: list[asyncio.Task[None]] = []

@@ -12,7 +12,7 @@ import base64
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from orchestrator_service.event_log import replay
@@ -27,10 +27,14 @@ from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 MAX_REQUEST_ID = 128
+# Sequences and creation times are stored as SQLite INTEGERs: signed 64 bits.
+MAX_STORED_INT = 2**63 - 1
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# Swarms read from the store at a time while a ListSwarms page is made.
+LIST_READ = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,17 @@ class Limits:
     max_idea_bytes: int = 64 * 1024
     # A subtask's answer budget when the request sets none.
     answer_max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
+    # What one request may cost, whatever its size: each agent's prompt carries the idea, and
+    # every unfinished swarm's agents are in flight or queued until it ends. (The floor under
+    # per-tenant quotas.)
+    max_swarm_input_bytes: int = 4 * 1024 * 1024
+    max_agents_in_flight: int = 4096
+    # Readers (RunSwarm and WatchSwarm calls) of one swarm at once.
+    max_watchers_per_swarm: int = 100
+    # A ListSwarms page ends at this many bytes, whatever its page_size; its ideas, results and
+    # errors are cut to `list_text_bytes` each (GetSwarm has them whole).
+    max_page_bytes: int = 1024 * 1024
+    list_text_bytes: int = 1024
 
 
 class InvalidRequest(ValueError):
@@ -51,6 +66,25 @@ class InvalidRequest(ValueError):
 
 class SwarmNotFound(LookupError):
     pass
+
+
+class OverLimit(Exception):
+    """A server-wide limit refuses the request; `flag` names the limit."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
+class RequestIdReused(Exception):
+    """A request_id already names a swarm that was asked for with other parameters."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    swarm_id: str
+    # False: the request_id named a swarm started before, by this call's first try or another's.
+    new: bool
 
 
 class ShuttingDown(RuntimeError):
@@ -67,7 +101,7 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
     if not 1 <= spec.num_agents <= limits.max_agents:
         violations.append(("num_agents", f"must be between 1 and {limits.max_agents}, got {spec.num_agents}"))
-    if spec.model and not MODEL_NAME.match(spec.model):
+    if spec.model and not MODEL_NAME.fullmatch(spec.model):  # `$` would let a final newline through
         violations.append(("model", f"{spec.model[:40]!r} is not a model name"))
     if len(spec.request_id) > MAX_REQUEST_ID:
         violations.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
@@ -84,6 +118,19 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
     if violations:
         raise InvalidRequest(violations)
+    input_bytes = len(spec.idea.encode()) * spec.num_agents
+    if input_bytes > limits.max_swarm_input_bytes:
+        raise OverLimit(
+            "--max-swarm-input-bytes",
+            f"the idea ({len(spec.idea.encode())} bytes) goes to each of the {spec.num_agents} agents: "
+            f"{input_bytes} bytes of model input, over this server's limit of {limits.max_swarm_input_bytes}",
+        )
+
+
+def differences(asked: SwarmSpec, started: SwarmSpec) -> list[str]:
+    """The parameters in which a request differs from the one that started a swarm."""
+    names = ("idea", "num_agents", "model", "max_parallel", "answer_max_tokens")
+    return [name for name in names if getattr(asked, name) != getattr(started, name)]
 
 
 class Orchestrator:
@@ -103,6 +150,7 @@ class Orchestrator:
         self.limits = limits or Limits()
         self._swarms: dict[str, Swarm] = {}
         self._by_request_id: dict[str, Swarm] = {}
+        self._watchers: dict[str, int] = {}
         self.accepting = True
         # The first failed store write: the orchestrator can no longer keep its promise that what
         # clients see is durable, so it stops (and a restart resumes from what was stored).
@@ -141,9 +189,10 @@ class Orchestrator:
         max_parallel: int = 0,
         deadline: float | None = None,
         answer_max_tokens: int = 0,
-    ) -> str:
-        """Validates and starts a swarm; a request_id seen before gives back that swarm instead.
-        `deadline` (epoch seconds) bounds every attempt: the attached call's own deadline."""
+    ) -> Started:
+        """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
+        if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
+        attempt: the attached call's own deadline."""
         spec = SwarmSpec(
             idea=idea,
             num_agents=num_agents,
@@ -156,9 +205,21 @@ class Orchestrator:
         if request_id:
             seen = await self._find_request(request_id)
             if seen is not None:
-                return seen
+                differ = differences(spec, await self._requested(seen))
+                if differ:
+                    raise RequestIdReused(
+                        f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
+                    )
+                return Started(seen, new=False)
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
+        in_flight = sum(s.record.accepted.num_agents for s in self._swarms.values() if not s.finished)
+        if in_flight + num_agents > self.limits.max_agents_in_flight:
+            raise OverLimit(
+                "--max-agents-in-flight",
+                f"the orchestrator has {in_flight} agents in flight or queued; {num_agents} more would "
+                f"pass its limit of {self.limits.max_agents_in_flight}: try again when swarms have ended",
+            )
         swarm = Swarm.accept(
             uuid.uuid4().hex,
             spec,
@@ -170,7 +231,18 @@ class Orchestrator:
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
-        return swarm.id
+        return Started(swarm.id, new=True)
+
+    async def _requested(self, swarm_id: str) -> SwarmSpec:
+        """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
+        request set one)."""
+        running = self._swarms.get(swarm_id)
+        if running is not None:
+            return running.spec
+        record = SwarmRecord(swarm_id)
+        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):
+            record.apply(event)
+        return SwarmSpec.of(record)
 
     async def _find_request(self, request_id: str) -> str | None:
         running = self._by_request_id.get(request_id)
@@ -214,15 +286,40 @@ class Orchestrator:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
         return stored
 
-    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
+    async def watch(
+        self, swarm_id: str, after_sequence: int = 0
+    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
-        (a finished swarm is stored whole before it leaves memory)."""
+        (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
+        the swarm's watchers: beyond the limit, the first read raises OverLimit."""
+        if after_sequence > MAX_STORED_INT:
+            raise InvalidRequest(
+                [("after_sequence", f"must be at most {MAX_STORED_INT}, a sequence that can exist")]
+            )
         running = self._swarms.get(swarm_id)
         if running is not None:
-            return running.log.follow(after_sequence)
+            return self._watched(swarm_id, running.log.follow(after_sequence))
         if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
-        return replay(self.store, swarm_id, after_sequence=after_sequence)
+        return self._watched(swarm_id, replay(self.store, swarm_id, after_sequence=after_sequence))
+
+    async def _watched(
+        self, swarm_id: str, events: AsyncIterator[events_pb2.SwarmEvent]
+    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
+        watchers = self._watchers.get(swarm_id, 0)
+        if watchers >= self.limits.max_watchers_per_swarm:
+            raise OverLimit(
+                "--max-watchers-per-swarm",
+                f"swarm {swarm_id} has {watchers} watchers, this server's limit: try again later",
+            )
+        self._watchers[swarm_id] = watchers + 1
+        try:
+            async for event in events:
+                yield event
+        finally:
+            self._watchers[swarm_id] -= 1
+            if not self._watchers[swarm_id]:
+                del self._watchers[swarm_id]
 
     def release(self, swarm_id: str, reason: str) -> None:
         """The RunSwarm call attached to the swarm is gone: an unfinished swarm is cancelled."""
@@ -244,13 +341,37 @@ class Orchestrator:
         self, *, page_size: int = 0, page_token: str = "", state: int = 0
     ) -> tuple[list[orchestrator_pb2.Swarm], str]:
         """Newest first. The token names the last swarm of the previous page, so swarms started in
-        between do not shift the pages."""
+        between do not shift the pages. A page ends at `page_size` swarms or `max_page_bytes`,
+        whichever comes first, and shows each swarm's texts cut to `list_text_bytes`."""
         size = min(MAX_PAGE_SIZE, page_size if page_size > 0 else DEFAULT_PAGE_SIZE)
         after = _decode_token(page_token) if page_token else None
-        swarms = await self.store.list_swarms(limit=size + 1, state=state, after=after)
-        page = swarms[:size]
-        token = _encode_token(Cursor.of(page[-1])) if len(swarms) > size else ""
-        return page, token
+        page: list[orchestrator_pb2.Swarm] = []
+        room = self.limits.max_page_bytes
+        rows = self._stored_swarms(state, after, read=min(LIST_READ, size + 1))
+        try:
+            async for row in rows:
+                view = list_view(row, self.limits.list_text_bytes)
+                cost = view.ByteSize() + 8  # and its tag and length in the page
+                if len(page) == size or (page and cost > room):
+                    return page, _encode_token(Cursor.of(page[-1]))
+                page.append(view)
+                room -= cost
+        finally:
+            await rows.aclose()  # type: ignore[attr-defined]
+        return page, ""
+
+    async def _stored_swarms(
+        self, state: int, after: Cursor | None, *, read: int
+    ) -> AsyncIterator[orchestrator_pb2.Swarm]:
+        """Swarms past `after`, newest first, `read` at a time: memory holds one read's worth
+        however large their ideas and results are."""
+        while True:
+            rows = await self.store.list_swarms(limit=read, state=state, after=after)
+            for row in rows:
+                yield row
+            if len(rows) < read:
+                return
+            after = Cursor.of(rows[-1])
 
     async def drain(self, grace_s: float) -> None:
         """Takes no new swarms and lets running ones finish within the grace. The rest are stopped
@@ -283,6 +404,17 @@ class Orchestrator:
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
 
 
+def list_view(swarm: orchestrator_pb2.Swarm, text_bytes: int) -> orchestrator_pb2.Swarm:
+    """The swarm as a list shows it: its idea, result and error cut to `text_bytes` each (at a
+    character boundary), and marked `truncated` when any was."""
+    for name in ("idea", "result", "error"):
+        encoded = str(getattr(swarm, name)).encode()
+        if len(encoded) > text_bytes:
+            setattr(swarm, name, encoded[:text_bytes].decode(errors="ignore"))
+            swarm.truncated = True
+    return swarm
+
+
 def _encode_token(cursor: Cursor) -> str:
     return base64.urlsafe_b64encode(f"{cursor.create_ns}:{cursor.swarm_id}".encode()).decode()
 
@@ -290,6 +422,9 @@ def _encode_token(cursor: Cursor) -> str:
 def _decode_token(token: str) -> Cursor:
     try:
         create_ns, swarm_id = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
-        return Cursor(int(create_ns), swarm_id)
+        cursor = Cursor(int(create_ns), swarm_id)
     except ValueError:  # bad base64, bad UTF-8, no colon, no number
-        raise InvalidRequest([("page_token", "is not a token this server gave out")]) from None
+        cursor = None
+    if cursor is None or not 0 <= cursor.create_ns <= MAX_STORED_INT:
+        raise InvalidRequest([("page_token", "is not a token this server gave out")])
+    return cursor

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from orchestrator_service.event_log import LogSuspended
-from orchestrator_service.orchestrator import InvalidRequest, Orchestrator, ShuttingDown, SwarmNotFound
+from orchestrator_service.orchestrator import (
+    InvalidRequest,
+    Orchestrator,
+    OverLimit,
+    RequestIdReused,
+    ShuttingDown,
+    SwarmNotFound,
+)
 from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from swarm_common.rpc_errors import bad_request, over_limit
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,15 +28,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
     """INVALID_ARGUMENT with a google.rpc.BadRequest listing every field violation."""
-    bad_request = error_details_pb2.BadRequest(
-        field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=text)
-            for field, text in error.violations
-        ]
-    )
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error))
-    status.details.add().Pack(bad_request)
-    await context.abort_with_status(rpc_status.to_status(status))
+    await context.abort_with_status(bad_request(str(error), error.violations))
+    raise AssertionError("abort_with_status returns only by raising")
+
+
+async def abort_over_limit(context: Context, error: OverLimit) -> NoReturn:
+    """RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure naming the limit's flag."""
+    await context.abort_with_status(over_limit(error.flag, str(error)))
     raise AssertionError("abort_with_status returns only by raising")
 
 
@@ -52,7 +57,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.RunSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.RunSwarmResponse]:
         try:
-            swarm_id = await self._orchestrator.start(
+            started = await self._orchestrator.start(
                 idea=request.idea,
                 num_agents=request.num_agents,
                 model=request.model,
@@ -61,34 +66,48 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 deadline=_deadline(context) if not request.detach else None,
                 answer_max_tokens=request.answer_max_tokens,
             )
-            events = await self._orchestrator.watch(swarm_id)
+            events = await self._orchestrator.watch(started.swarm_id)
         except InvalidRequest as error:
             await abort_invalid(context, error)
+        except OverLimit as error:
+            await abort_over_limit(context, error)
+        except RequestIdReused as error:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
         except (ShuttingDown, StoreError) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
-            async for event in events:
-                yield orchestrator_pb2.RunSwarmResponse(event=event)
+            # Closed here, whatever ends the call, so the swarm's watcher place is free at once.
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield orchestrator_pb2.RunSwarmResponse(event=event)
+        except OverLimit as error:
+            await abort_over_limit(context, error)
         except CUT_OFF as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         finally:
             # Reached on completion, on the client's cancellation (CancelledError or GeneratorExit)
-            # and on a broken connection alike; only an unfinished, attached swarm is cancelled.
-            if not request.detach:
-                self._orchestrator.release(swarm_id, "the client cancelled RunSwarm")
+            # and on a broken connection alike. Only an unfinished swarm that this call started,
+            # attached, is cancelled: a call that found it by its request_id only watches it.
+            if started.new and not request.detach:
+                self._orchestrator.release(started.swarm_id, "the client cancelled RunSwarm")
 
     async def WatchSwarm(
         self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.WatchSwarmResponse]:
         try:
             events = await self._orchestrator.watch(request.swarm_id, request.after_sequence)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
-            async for event in events:
-                yield orchestrator_pb2.WatchSwarmResponse(event=event)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield orchestrator_pb2.WatchSwarmResponse(event=event)
+        except OverLimit as error:
+            await abort_over_limit(context, error)
         except CUT_OFF as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 

@@ -37,6 +37,23 @@ class OrchestratorSettings(ServiceSettings):
     )
     max_agents: PositiveInt = setting(256, "largest `num_agents` accepted")
     max_idea_bytes: PositiveInt = setting(64 * 1024, "largest idea accepted, in UTF-8 bytes")
+    max_swarm_input_bytes: PositiveInt = setting(
+        4 * 1024 * 1024,
+        "largest idea bytes x `num_agents` accepted (4 MiB): each agent's prompt carries the idea",
+    )
+    max_agents_in_flight: PositiveInt = setting(
+        4096, "agents of all unfinished swarms, running or queued; a swarm that would pass it is refused"
+    )
+    max_watchers_per_swarm: PositiveInt = setting(
+        100, "RunSwarm and WatchSwarm calls reading one swarm at once"
+    )
+    max_page_bytes: PositiveInt = setting(
+        1024 * 1024, "a ListSwarms page ends at this size (1 MiB), whatever its `page_size`"
+    )
+    list_text_bytes: PositiveInt = setting(
+        1024,
+        "ListSwarms cuts each swarm's idea, result and error to this many bytes (GetSwarm has them whole)",
+    )
     answer_max_tokens: PositiveInt = setting(
         DEFAULT_ANSWER_MAX_TOKENS,
         "most output tokens one subtask's answer may have, when the request sets none; a swarm whose "

@@ -23,6 +23,7 @@ from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common.errors import ProviderError
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Usage
+from swarm_common.rpc_errors import internal_message, new_error_id
 
 log = logging.getLogger("swarm.orchestrator.swarm")
 
@@ -38,6 +39,19 @@ class SwarmSpec:
     max_parallel: int = 0
     # The request's own answer budget per subtask; 0 = the orchestrator's default.
     answer_max_tokens: int = 0
+
+    @classmethod
+    def of(cls, record: SwarmRecord) -> SwarmSpec:
+        """What the swarm was asked for, from its record (its first events are enough)."""
+        accepted = record.accepted
+        return cls(
+            accepted.idea,
+            accepted.num_agents,
+            accepted.model,
+            accepted.request_id,
+            accepted.max_parallel,
+            record.answer_max_tokens,
+        )
 
 
 def usage_proto(usage: Usage) -> events_pb2.Usage:
@@ -131,15 +145,7 @@ class Swarm:
 
     @property
     def spec(self) -> SwarmSpec:
-        accepted = self.record.accepted
-        return SwarmSpec(
-            accepted.idea,
-            accepted.num_agents,
-            accepted.model,
-            accepted.request_id,
-            accepted.max_parallel,
-            self.record.answer_max_tokens,
-        )
+        return SwarmSpec.of(self.record)
 
     @property
     def finished(self) -> bool:
@@ -184,8 +190,11 @@ class Swarm:
         except SwarmError as error:
             self._fail(str(error))
         except Exception as error:
-            log.error("swarm failed unexpectedly", exc_info=error, extra={"swarm_id": self.id})
-            self._fail(f"internal error: {type(error).__name__}")
+            error_id = new_error_id()
+            log.error(
+                "swarm failed unexpectedly", exc_info=error, extra={"swarm_id": self.id, "error_id": error_id}
+            )
+            self._fail(internal_message(error_id))
 
     async def _run(self, planner: Planner, scheduler: Scheduler) -> None:
         spec = self.spec

@@ -427,9 +427,12 @@ class WorkerPool:
                 since = self._none_eligible_since
                 if since is not None and time.monotonic() - since >= self.no_worker_timeout_s:
                     waiter.granted.cancel()
-                    raise NoWorkersAvailable(
-                        f"no worker could take work at {self.target_text} for {self.no_worker_timeout_s:g}s"
+                    # The target (addresses inside the cluster) goes to the log, not into the swarm's
+                    # events, which anyone who may read the swarm sees.
+                    log.warning(
+                        f"no worker could take work at {self.target_text}", extra={"swarm_id": swarm_id}
                     )
+                    raise NoWorkersAvailable(f"no worker could take work for {self.no_worker_timeout_s:g}s")
                 if since is not None:
                     self._refresh_in_flight()
         except asyncio.CancelledError:

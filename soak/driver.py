@@ -77,6 +77,8 @@ class SoakConfig:
 @dataclass
 class SwarmTrace:
     request_id: str
+    # The request is the same on every try: a request_id names one request, whatever the idea.
+    idea: str
     agents: int
     detached: bool
     began: float
@@ -231,6 +233,7 @@ class Soak:
         while self.starting:
             trace = SwarmTrace(
                 request_id=uuid.uuid4().hex,
+                idea=self.random.choice(IDEAS),
                 agents=self.random.randint(1, self.config.max_agents),
                 detached=self.random.random() < 0.5,
                 began=time.monotonic(),
@@ -260,7 +263,7 @@ class Soak:
                 connection.after = 0
                 call = stub.RunSwarm(
                     orchestrator_pb2.RunSwarmRequest(
-                        idea=self.random.choice(IDEAS),
+                        idea=trace.idea,
                         num_agents=trace.agents,
                         detach=trace.detached,
                         request_id=trace.request_id,

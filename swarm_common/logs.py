@@ -9,7 +9,20 @@ import time
 from typing import Any
 
 # Fields that callers pass with `extra=` and that belong in the JSON line.
-_FIELDS = ("swarm_id", "subtask_id", "worker_id", "attempt", "address", "provider", "model", "error")
+_FIELDS = (
+    "swarm_id",
+    "subtask_id",
+    "worker_id",
+    "attempt",
+    "address",
+    "provider",
+    "model",
+    "error",
+    "error_id",
+    "method",
+    "peer",
+    "left_out",
+)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,6 +41,31 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
+
+
+class Throttle:
+    """At most `lines` log lines per `window_s` for one kind of event, then a count of the lines left
+    out: a caller who can provoke a log line must not be able to fill the disk with them."""
+
+    def __init__(self, lines: int = 10, window_s: float = 60.0) -> None:
+        self._lines = lines
+        self._window_s = window_s
+        self._window_start = -window_s
+        self._taken = 0
+        self._left_out = 0
+
+    def take(self) -> int | None:
+        """None: leave this line out. Else log it, with the returned count of lines left out since
+        the last one logged."""
+        now = time.monotonic()
+        if now - self._window_start >= self._window_s:
+            self._window_start, self._taken = now, 0
+        if self._taken >= self._lines:
+            self._left_out += 1
+            return None
+        self._taken += 1
+        left_out, self._left_out = self._left_out, 0
+        return left_out
 
 
 def setup(service: str, level: str = "INFO") -> logging.Logger:

@@ -21,17 +21,28 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, Union, get_args, get_origin
 
-from pydantic import AfterValidator, AliasGenerator, Field, NonNegativeFloat, PositiveInt, ValidationError
+from pydantic import (
+    AfterValidator,
+    AliasGenerator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from swarm_common.config import split_host_port
 from swarm_common.providers import DEFAULT_MODEL, ProviderChoice, SimulatedSettings
+from swarm_common.serving import CallLimits
 
 __all__ = [
     "LISTEN",
     "HostPort",
     "NonNegativeFloat",
+    "NonNegativeInt",
     "PositiveInt",
     "ServiceSettings",
     "SimulatedProviderSettings",
@@ -130,6 +141,32 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--shutdown-grace",
     )
     log_level: str = setting("INFO", "logs are JSON lines on standard error")
+    max_streams_per_connection: PositiveInt = setting(
+        1000,
+        "calls one client connection may have open at once; beyond, a call is refused (a gRPC client "
+        "reports `UNAVAILABLE`)",
+    )
+    stream_write_timeout_s: PositiveFloat = setting(
+        30.0,
+        "seconds a streamed reply may wait for a caller that does not read before its call ends",
+        flag="--stream-write-timeout",
+    )
+    keepalive_time_s: PositiveFloat = setting(
+        30.0, "seconds of quiet on a connection before the service pings the peer", flag="--keepalive-time"
+    )
+    keepalive_timeout_s: PositiveFloat = setting(
+        20.0,
+        "seconds a peer has to answer a ping before its connection and its calls are ended",
+        flag="--keepalive-timeout",
+    )
+
+    def call_limits(self) -> CallLimits:
+        return CallLimits(
+            max_streams_per_connection=self.max_streams_per_connection,
+            stream_write_timeout_s=self.stream_write_timeout_s,
+            keepalive_time_s=self.keepalive_time_s,
+            keepalive_timeout_s=self.keepalive_timeout_s,
+        )
 
     @classmethod
     def from_command_line(cls, argv: Sequence[str] | None = None) -> Self:

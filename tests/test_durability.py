@@ -262,7 +262,7 @@ async def test_a_swarm_resumed_after_a_subtask_failed_for_good_ends_failed() -> 
 async def test_finished_swarms_leave_memory_and_are_served_from_the_store() -> None:
     store, scheduler = MemoryStore(), ScriptedScheduler()
     orchestrator = orchestrator_on(store, scheduler)
-    swarm_id = await orchestrator.start(idea=IDEA, num_agents=3, request_id="once")
+    swarm_id = (await orchestrator.start(idea=IDEA, num_agents=3, request_id="once")).swarm_id
     events = [e async for e in await orchestrator.watch(swarm_id)]
     assert kinds(events)[-1] == "swarm_completed"
     for _ in range(100):
@@ -270,7 +270,8 @@ async def test_finished_swarms_leave_memory_and_are_served_from_the_store() -> N
             break
         await asyncio.sleep(0.01)
     assert not orchestrator._swarms, "a finished swarm is not kept in memory"
-    assert await orchestrator.start(idea="another idea", num_agents=1, request_id="once") == swarm_id
+    again = await orchestrator.start(idea=IDEA, num_agents=3, request_id="once")
+    assert (again.swarm_id, again.new) == (swarm_id, False)
     assert [e async for e in await orchestrator.watch(swarm_id, 5)] == events[5:]
     view = await orchestrator.get(swarm_id)
     assert view == await store.get_swarm(swarm_id) and view.last_sequence == len(events)
@@ -288,7 +289,7 @@ class FillingStore(MemoryStore):
 
 async def test_an_orchestrator_whose_store_fails_shows_nothing_unstored_and_reports_it() -> None:
     orchestrator = orchestrator_on(FillingStore(), ScriptedScheduler())
-    swarm_id = await orchestrator.start(idea=IDEA, num_agents=2)
+    swarm_id = (await orchestrator.start(idea=IDEA, num_agents=2)).swarm_id
     seen: list[Event] = []
     with pytest.raises(StoreError, match="disk is full"):
         async for event in await orchestrator.watch(swarm_id):
@@ -448,7 +449,7 @@ async def test_a_run_swarm_with_a_seen_request_id_streams_that_swarm_across_rest
         async with AsyncSwarmClient(running.target) as client:
             first = client.run(IDEA, 3, request_id="order-17", detach=True)
             accepted = await anext(first)
-            again = [e async for e in client.run("another idea", 5, request_id="order-17")]
+            again = [e async for e in client.run(IDEA, 3, request_id="order-17")]
             rest = [e async for e in first]
         assert again == [accepted, *rest], "the second call streamed the first swarm"
         assert_completed(again, 3)

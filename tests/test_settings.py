@@ -13,6 +13,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from orchestrator_service.settings import OrchestratorSettings
+from swarm_common.pricing import PRICES_PER_MTOK
 from swarm_common.settings import ServiceSettings, env_name, flag_name, setting, settings_table
 from worker_service.settings import WorkerSettings
 
@@ -36,6 +37,10 @@ BOTH = [
     ("--sim-bad-plans", "SWARM_SIM_BAD_PLANS", 0),
     ("--sim-stall-rate", "SWARM_SIM_STALL_RATE", 0.0),
     ("--sim-stall-after-chunks", "SWARM_SIM_STALL_AFTER_CHUNKS", 0),
+    ("--max-streams-per-connection", "SWARM_MAX_STREAMS_PER_CONNECTION", 1000),
+    ("--stream-write-timeout", "SWARM_STREAM_WRITE_TIMEOUT_S", 30.0),
+    ("--keepalive-time", "SWARM_KEEPALIVE_TIME_S", 30.0),
+    ("--keepalive-timeout", "SWARM_KEEPALIVE_TIMEOUT_S", 20.0),
 ]
 # The names and defaults that containers, manifests and scripts rely on (the contract, and
 # README's table as it stood before the models): a rename or a changed default fails here.
@@ -46,6 +51,11 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--max-agents", "SWARM_MAX_AGENTS", 256),
         ("--max-idea-bytes", "SWARM_MAX_IDEA_BYTES", 65536),
         ("--answer-max-tokens", "SWARM_ANSWER_MAX_TOKENS", 4096),
+        ("--max-swarm-input-bytes", "SWARM_MAX_SWARM_INPUT_BYTES", 4 * 1024 * 1024),
+        ("--max-agents-in-flight", "SWARM_MAX_AGENTS_IN_FLIGHT", 4096),
+        ("--max-watchers-per-swarm", "SWARM_MAX_WATCHERS_PER_SWARM", 100),
+        ("--max-page-bytes", "SWARM_MAX_PAGE_BYTES", 1024 * 1024),
+        ("--list-text-bytes", "SWARM_LIST_TEXT_BYTES", 1024),
         ("--subtask-timeout", "SWARM_SUBTASK_TIMEOUT_S", 600.0),
         ("--max-attempts", "SWARM_MAX_ATTEMPTS", 3),
         ("--delta-window-ms", "SWARM_DELTA_WINDOW_MS", 50.0),
@@ -66,6 +76,11 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--listen", "SWARM_LISTEN", "0.0.0.0:50052"),
         ("--worker-id", "SWARM_WORKER_ID", ""),
         ("--max-concurrency", "SWARM_MAX_CONCURRENCY", 16),
+        ("--direct-slots", "SWARM_DIRECT_SLOTS", 2),
+        ("--max-idea-bytes", "SWARM_MAX_IDEA_BYTES", 65536),
+        ("--max-subtask-bytes", "SWARM_MAX_SUBTASK_BYTES", 128 * 1024),
+        ("--allowed-models", "SWARM_ALLOWED_MODELS", ",".join(PRICES_PER_MTOK)),
+        ("--stream-queue", "SWARM_STREAM_QUEUE", 1024),
         *BOTH,
     ],
 }

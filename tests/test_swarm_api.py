@@ -74,6 +74,16 @@ async def test_bad_input_is_invalid_argument_with_field_violations(
         assert len((await client.list(page_size=1000)).swarms) == before, "no swarm was started"
 
 
+@pytest.mark.parametrize("model", ["claude-sonnet-5-5\n", "claude sonnet", "-flag", "m" * 129])
+async def test_a_model_name_with_anything_around_it_is_refused(swarm_stack: Stack, model: str) -> None:
+    async with AsyncSwarmClient(swarm_stack.target) as client:
+        with pytest.raises(InvalidArgument) as raised:
+            await run_all(client, agents=1, model=model)
+        assert [field for field, _ in raised.value.violations] == ["model"]
+        page = await client.list(page_size=1000)
+    assert not [s for s in page.swarms if s.model == model], "nothing was stored under that name"
+
+
 async def test_an_idea_at_the_size_limit_is_accepted(swarm_stack: Stack) -> None:
     async with AsyncSwarmClient(swarm_stack.target) as client:
         events = await run_all(client, idea="y" * (64 * 1024), agents=1)
@@ -179,12 +189,13 @@ async def test_both_services_serve_health_and_reflection(swarm_stack: Stack) -> 
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
 
 
-async def test_a_worker_refuses_work_beyond_its_max_concurrency() -> None:
-    with stack(workers=1, worker_args=["--max-concurrency", "2"], sim_latency_ms=2000) as running:
+async def test_a_worker_refuses_direct_calls_beyond_its_direct_slots() -> None:
+    worker_args = ["--max-concurrency", "4", "--direct-slots", "2"]
+    with stack(workers=1, worker_args=worker_args, sim_latency_ms=2000) as running:
         async with grpc.aio.insecure_channel(running.workers[0].address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
             info = await stub.GetWorkerInfo(worker_pb2.GetWorkerInfoRequest(), timeout=5)
-            assert (info.worker_id, info.max_concurrency) == ("worker-0", 2)
+            assert (info.worker_id, info.max_concurrency, info.direct_slots) == ("worker-0", 4, 2)
             request = worker_pb2.ExecuteSubtaskRequest(swarm_id="s", subtask={"id": "a", "title": "t"})
             calls = [stub.ExecuteSubtask(request) for _ in range(3)]
             firsts = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)

@@ -12,7 +12,7 @@ from swarm_common.providers import make_provider
 from swarm_common.serving import Service
 from worker_service.servicer import WorkerServicer
 from worker_service.settings import WorkerSettings
-from worker_service.worker import Worker
+from worker_service.worker import Worker, WorkerLimits
 
 DRAIN_NOTICE_S = 1.0
 
@@ -33,15 +33,22 @@ async def serve(settings: WorkerSettings) -> None:
         worker_id=settings.worker_id,
         max_concurrency=settings.max_concurrency,
         default_model=settings.model,
+        limits=WorkerLimits(
+            max_idea_bytes=settings.max_idea_bytes,
+            max_subtask_bytes=settings.max_subtask_bytes,
+            allowed_models=frozenset(m.strip() for m in settings.allowed_models.split(",") if m.strip()),
+            direct_slots=settings.direct_slots,
+        ),
     )
     service = Service(
         name="worker",
         service_names=[worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(worker), server
+            WorkerServicer(worker, stream_queue=settings.stream_queue), server
         ),
         listen=settings.listen,
         log=log,
+        limits=settings.call_limits(),
     )
     worker.worker_id = settings.worker_id or f"{socket.gethostname()}:{service.port}"
     log.info(

@@ -1,11 +1,14 @@
-"""Translates WorkerService calls to and from the Worker. A subtask's outputs come from one place
-(`_outputs`); ExecuteSubtask streams them as a call of their own, ExecuteSubtasks as messages on a
-stream shared with other subtasks."""
+"""Translates WorkerService calls to and from the Worker. A subtask is admitted in one place
+(`_admit`) and its outputs come from one place (`_outputs`); ExecuteSubtask streams them as a call
+of their own, ExecuteSubtasks as messages on a stream shared with other subtasks. Whatever a
+subtask ends in, its caller is told: an error the worker did not expect ends it as INTERNAL, with
+an error id that the worker's log line carries too, and nothing else about it."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,9 +17,13 @@ import grpc
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
+from swarm_common.logs import Throttle
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
+from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
-from worker_service.worker import Assignment, Worker, WorkerBusy
+from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy
+
+log = logging.getLogger("swarm.worker")
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -26,6 +33,10 @@ class CallFailed(Exception):
     def __init__(self, failure: CallFailure) -> None:
         super().__init__(failure.message)
         self.failure = failure
+
+
+class DuplicateCall(Exception):
+    """A start reused the id of a call still running on the stream: the caller has lost track."""
 
 
 def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
@@ -46,27 +57,37 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, *, stream_queue: int = 1024) -> None:
+        """`stream_queue`: replies an ExecuteSubtasks stream holds for a caller that reads slowly
+        before its subtasks wait, and the stream stops reading the caller's requests."""
         self._worker = worker
+        self._stream_queue = stream_queue
+        self._unexpected = Throttle()
 
-    async def _outputs(
-        self, request: worker_pb2.ExecuteSubtaskRequest
-    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
-        """The subtask's chunks, then its result once its slot is free again; a failure raises
-        CallFailed."""
+    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> tuple[Assignment, Slot]:
+        """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
-        worker_id = self._worker.worker_id
+        assignment = _assignment(request)
         try:
-            self._worker.claim()
+            return assignment, self._worker.claim(assignment, direct=direct)
+        except RefusedAssignment as refused:
+            raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, str(refused))) from None
         except WorkerBusy as busy:
             raise CallFailed(
                 CallFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(busy), WORKER_BUSY)
             ) from None
+
+    async def _outputs(
+        self, assignment: Assignment, slot: Slot
+    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
+        """An admitted subtask's chunks, then its result once its slot is free again; a failure
+        raises CallFailed."""
+        worker_id = self._worker.worker_id
         usage: events_pb2.Usage | None = None
         stop_reason = ""
         try:
-            async for item in self._worker.execute(_assignment(request)):
+            async for item in self._worker.execute(assignment, slot):
                 if isinstance(item, str):
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
                 else:
@@ -78,18 +99,40 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
+        except Exception as error:
+            raise CallFailed(self._unexpected_failure(error, assignment)) from None
         if usage is not None:
             result = worker_pb2.SubtaskResult(
-                usage=usage, model=request.model or self._worker.default_model, stop_reason=stop_reason
+                usage=usage, model=assignment.model or self._worker.default_model, stop_reason=stop_reason
             )
             yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
+
+    def _unexpected_failure(self, error: Exception, assignment: Assignment) -> CallFailure:
+        error_id = new_error_id()
+        left_out = self._unexpected.take()
+        if left_out is not None:
+            log.error(
+                "a subtask failed unexpectedly",
+                exc_info=error,
+                extra={
+                    "swarm_id": assignment.swarm_id,
+                    "subtask_id": assignment.subtask_id,
+                    "error_id": error_id,
+                    "left_out": left_out or None,
+                },
+            )
+        return CallFailure(grpc.StatusCode.INTERNAL, internal_message(error_id))
 
     async def ExecuteSubtask(
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
-            async for response in self._outputs(request):
-                yield response
+            assignment, slot = self._admit(request, direct=True)
+            try:
+                async for response in self._outputs(assignment, slot):
+                    yield response
+            finally:
+                slot.release()
         except CallFailed as failed:
             context.set_trailing_metadata(failed.failure.trailers())
             await context.abort(failed.failure.code, failed.failure.message)
@@ -97,19 +140,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def ExecuteSubtasks(
         self, requests: AsyncIterator[worker_pb2.ExecuteSubtasksRequest], context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtasksResponse]:
-        """Runs each started subtask as a task of its own; their replies share this stream, sent
-        together when several are ready."""
+        """Runs each admitted subtask as a task of its own; their replies share this stream, sent
+        together when several are ready.
+
+        What a stream may hold is bounded. Its running calls hold the worker's slots, so a start
+        beyond them is answered worker_busy at once, without a task. Replies wait in a queue of
+        `stream_queue`: when it is full, the subtasks wait to add theirs and the stream reads no
+        more requests, so HTTP/2 flow control holds the caller back. (A cancel's answer does not
+        wait: there is at most one per running call.) A start that reuses the id of a running call
+        ends the stream (INVALID_ARGUMENT): replies to the two could not be told apart, and the
+        first would run on unseen."""
         outbox: asyncio.Queue[worker_pb2.SubtaskReply | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self._stream_queue)  # replies queued and not yet taken to be sent
         running: dict[int, asyncio.Task[None]] = {}
 
-        async def run(call_id: int, request: worker_pb2.ExecuteSubtaskRequest) -> None:
-            try:
-                async for output in self._outputs(request):
-                    outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, output=output))
-            except CallFailed as failed:
-                outbox.put_nowait(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
+        async def reply(message: worker_pb2.SubtaskReply) -> None:
+            await room.acquire()
+            outbox.put_nowait(message)
 
-        def ended(call_id: int, task: asyncio.Task[None]) -> None:
+        async def run(call_id: int, assignment: Assignment, slot: Slot) -> None:
+            """One call from its start to its last reply: a result or an error."""
+            try:
+                async for output in self._outputs(assignment, slot):
+                    await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
+            except CallFailed as failed:
+                await reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
+
+        def ended(call_id: int, slot: Slot, task: asyncio.Task[None]) -> None:
+            slot.release()  # a call cancelled before it began never reached `execute`
             if running.get(call_id) is task:
                 del running[call_id]
             if task.cancelled():
@@ -124,9 +182,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 async for request in requests:
                     for call in request.calls:
                         if call.HasField("start"):
-                            started = asyncio.create_task(run(call.call_id, call.start))
+                            if call.call_id in running:
+                                raise DuplicateCall(
+                                    f"call_id {call.call_id} is already running on this stream"
+                                )
+                            try:
+                                assignment, slot = self._admit(call.start, direct=False)
+                            except CallFailed as refused:
+                                error = refused.failure.to_proto()
+                                await reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
+                                continue
+                            started = asyncio.create_task(run(call.call_id, assignment, slot))
                             running[call.call_id] = started
-                            started.add_done_callback(functools.partial(ended, call.call_id))
+                            started.add_done_callback(functools.partial(ended, call.call_id, slot))
                         elif (task := running.get(call.call_id)) is not None:
                             task.cancel()
             finally:
@@ -135,7 +203,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             async for replies in batches(outbox):
+                for sent in replies:
+                    if not sent.HasField("cancelled"):
+                        room.release()
                 yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if isinstance(failure, DuplicateCall):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+            if failure is not None and not isinstance(failure, grpc.aio.AbortError):
+                raise failure
         finally:
             reader.cancel()
             for task in list(running.values()):
@@ -150,4 +226,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             in_flight=self._worker.in_flight,
             provider=self._worker.provider.name,
             default_model=self._worker.default_model,
+            direct_slots=self._worker.limits.direct_slots,
+            direct_in_flight=self._worker.direct_in_flight,
         )

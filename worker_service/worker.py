@@ -1,11 +1,23 @@
-"""Executes one subtask: prompt -> provider stream -> chunks. Knows nothing of gRPC."""
+"""Executes one subtask: prompt -> provider stream -> chunks. Knows nothing of gRPC.
+
+The worker keeps its own limits, whoever calls it: an orchestrator, a buggy one, or anyone who can
+reach its port. mTLS between orchestrator and worker is the door; these are the wall behind it.
+
+- **Requests.** An idea over `max_idea_bytes`, a subtask whose title and instructions pass
+  `max_subtask_bytes`, or a model outside `allowed_models`, is refused before any model call: a
+  direct caller cannot skip the orchestrator's idea limit, or spend on a model the operator did
+  not mean to pay for.
+- **Capacity.** `max_concurrency` slots serve the ExecuteSubtasks streams, which are the
+  orchestrators' path; direct ExecuteSubtask callers get `direct_slots` of their own, apart from
+  those (0 refuses them). A direct caller can never take a slot an orchestrator counts on.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from swarm_common import prompts
@@ -17,6 +29,20 @@ log = logging.getLogger("swarm.worker")
 
 class WorkerBusy(Exception):
     """Every slot is taken: the caller should try another worker."""
+
+
+class RefusedAssignment(ValueError):
+    """The assignment is over this worker's limits: no retry here or elsewhere can help."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    max_idea_bytes: int = 64 * 1024
+    # A plan's instructions may quote the idea: room for that, and for a model's longest plan.
+    max_subtask_bytes: int = 128 * 1024
+    # Models this worker calls; the default model is always among them.
+    allowed_models: frozenset[str] = frozenset()
+    direct_slots: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +60,82 @@ class Assignment:
     max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
 
 
+class Slot:
+    """A slot taken by `claim`: given back once, by whichever comes first of the end of `execute`
+    and `release` (for a subtask that never began)."""
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back: Callable[[], None] | None = give_back
+
+    def release(self) -> None:
+        give_back, self._give_back = self._give_back, None
+        if give_back is not None:
+            give_back()
+
+
 class Worker:
     def __init__(
-        self, provider: Provider, *, worker_id: str, max_concurrency: int, default_model: str
+        self,
+        provider: Provider,
+        *,
+        worker_id: str,
+        max_concurrency: int,
+        default_model: str,
+        limits: WorkerLimits | None = None,
     ) -> None:
         self.provider = provider
         self.worker_id = worker_id
         self.max_concurrency = max_concurrency
         self.default_model = default_model
-        self.in_flight = 0
+        self.limits = limits or WorkerLimits()
+        self.allowed_models = self.limits.allowed_models | {default_model}
+        self.in_flight = 0  # of the orchestrators' slots
+        self.direct_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def claim(self) -> None:
-        """Takes a slot or raises WorkerBusy; `execute` gives it back."""
-        if self.in_flight >= self.max_concurrency:
-            raise WorkerBusy(f"worker {self.worker_id} is running {self.in_flight} subtasks, its maximum")
-        self.in_flight += 1
+    def claim(self, assignment: Assignment, *, direct: bool) -> Slot:
+        """Checks the assignment against the limits (RefusedAssignment), then takes a slot of its
+        pool or raises WorkerBusy; `execute` gives it back."""
+        self._check(assignment)
+        if direct:
+            if not self.limits.direct_slots:
+                raise WorkerBusy(
+                    f"worker {self.worker_id} takes no direct calls: ExecuteSubtasks is for orchestrators"
+                )
+            if self.direct_in_flight >= self.limits.direct_slots:
+                raise WorkerBusy(
+                    f"worker {self.worker_id} is running {self.direct_in_flight} direct subtasks, its maximum"
+                )
+            self.direct_in_flight += 1
+        else:
+            if self.in_flight >= self.max_concurrency:
+                raise WorkerBusy(f"worker {self.worker_id} is running {self.in_flight} subtasks, its maximum")
+            self.in_flight += 1
         self._idle.clear()
+        return Slot(lambda: self._give_back(direct=direct))
 
-    async def execute(self, assignment: Assignment) -> AsyncIterator[str | Usage]:
+    def _give_back(self, *, direct: bool) -> None:
+        if direct:
+            self.direct_in_flight -= 1
+        else:
+            self.in_flight -= 1
+        if self.in_flight == self.direct_in_flight == 0:
+            self._idle.set()
+
+    def _check(self, assignment: Assignment) -> None:
+        limits = self.limits
+        if len(assignment.idea.encode()) > limits.max_idea_bytes:
+            raise RefusedAssignment(f"the idea is over this worker's limit of {limits.max_idea_bytes} bytes")
+        if len(assignment.title.encode()) + len(assignment.instructions.encode()) > limits.max_subtask_bytes:
+            raise RefusedAssignment(
+                f"the subtask's title and instructions are over this worker's limit of {limits.max_subtask_bytes} bytes"
+            )
+        model = assignment.model or self.default_model
+        if model not in self.allowed_models:
+            raise RefusedAssignment(f"model {model[:80]!r} is not among this worker's allowed models")
+
+    async def execute(self, assignment: Assignment, slot: Slot) -> AsyncIterator[str | Usage]:
         """Runs a claimed assignment: yields the output's chunks as they arrive, then one Usage."""
         try:
             timeout_s = None
@@ -71,9 +153,7 @@ class Worker:
             async for item in self.provider.stream(request):
                 yield item
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            slot.release()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once nothing is in flight; False if the timeout came first."""
@@ -84,4 +164,5 @@ class Worker:
         return True
 
     def log_unfinished(self) -> None:
-        log.warning(f"shutdown grace over with {self.in_flight} subtask(s) unfinished: they are cancelled")
+        unfinished = self.in_flight + self.direct_in_flight
+        log.warning(f"shutdown grace over with {unfinished} subtask(s) unfinished: they are cancelled")
