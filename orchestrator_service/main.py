@@ -71,6 +71,7 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
             ),
             limiter,
             delta_window_s=settings.delta_window_ms / 1000,
+            max_delta_rate=settings.max_delta_rate,
         ),
         store,
         default_model=settings.model,

@@ -28,7 +28,9 @@ from swarm_common.status import CallFailure
 
 log = logging.getLogger("swarm.orchestrator.session")
 
-Outbox = asyncio.Queue[worker_pb2.SubtaskCall | None]
+# What goes to the worker: calls, and changes of a swarm's delta window.
+Sendable = worker_pb2.SubtaskCall | worker_pb2.DeltaWindow
+Outbox = asyncio.Queue[Sendable | None]
 Inbox = asyncio.Queue[worker_pb2.ExecuteSubtaskResponse | CallFailure]
 
 # A worker confirms a cancel within milliseconds (its model stream closes); one that does not is
@@ -56,7 +58,7 @@ class _Stream:
         self.ended = False
         self._on_slot_freed = on_slot_freed
 
-    def send(self, call: worker_pb2.SubtaskCall) -> None:
+    def send(self, call: Sendable) -> None:
         if not self.ended:
             self.outbox.put_nowait(call)
 
@@ -84,8 +86,16 @@ class _Stream:
         self.over(call_id)
 
     async def requests(self) -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
-        async for calls in batches(self.outbox):
-            yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
+        ready: AsyncIterator[list[Sendable]] = batches(self.outbox)
+        async for batch in ready:
+            request = worker_pb2.ExecuteSubtasksRequest()
+            for item in batch:
+                if isinstance(item, worker_pb2.SubtaskCall):
+                    request.calls.append(item)
+                else:
+                    # Applied after the calls: a start made after the change carries the window too.
+                    request.delta_windows.append(item)
+            yield request
 
     async def end(self) -> None:
         """Closes the request side and stops reading; the subtasks still on it fail."""
@@ -190,6 +200,13 @@ class WorkerSession:
             del stream.inboxes[call_id]
             if not finished:
                 stream.cancel(call_id, self._cancel_timeout_s)
+
+    def set_window(self, swarm_id: str, window_s: float) -> None:
+        """A new delta window for the swarm's subtasks running on this worker (none: no stream)."""
+        if self._stream is not None:
+            change = worker_pb2.DeltaWindow(swarm_id=swarm_id)
+            change.window.FromNanoseconds(round(window_s * 1e9))
+            self._stream.send(change)
 
     async def close(self) -> None:
         """Ends the stream; subtasks still on it fail as if the worker had gone. A subtask started
