@@ -5,6 +5,12 @@ Append, then publish: `append` numbers the event, applies it to the swarm's reco
 the store, and readers see it only once the store has made it durable, so no client is ever shown
 an event that a crash could take back. Appends made while the store is writing go to it together
 in the next write.
+
+Serialized once: `append` turns the event into bytes, and the store and every reader share them.
+The bytes readers get are already a whole RunSwarmResponse, which is a WatchSwarmResponse too
+(each is `SwarmEvent event = 1` and nothing else), so RunSwarm and WatchSwarm send them as they
+are, to any number of watchers, with no copy and no serializing per watcher: a watcher costs a
+write per event, nothing more.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Entry, Store, StoreError, SubtaskRow
-from swarm.v1 import events_pb2
+from swarm.v1 import events_pb2, orchestrator_pb2
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
 REPLAY_PAGE = 1000
@@ -33,6 +40,41 @@ class LogClosed(RuntimeError):
 
 class LogSuspended(Exception):
     """The orchestrator stopped before the swarm ended; a restart on the same store resumes it."""
+
+
+# The tag of field 1 (`event`, length-delimited) in RunSwarmResponse and WatchSwarmResponse.
+_EVENT_FIELD = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An event as its readers get it: `frame` is the bytes of a RunSwarmResponse (and of a
+    WatchSwarmResponse) holding it, made once for all of them."""
+
+    sequence: int
+    frame: bytes
+
+    @classmethod
+    def serialized(cls, data: bytes, sequence: int) -> Logged:
+        """`data`: the event of this sequence, serialized."""
+        return cls(sequence, _EVENT_FIELD + _varint(len(data)) + data)
+
+    @classmethod
+    def of(cls, event: events_pb2.SwarmEvent) -> Logged:
+        return cls.serialized(event.SerializeToString(), event.sequence)
+
+    @property
+    def event(self) -> events_pb2.SwarmEvent:
+        return orchestrator_pb2.RunSwarmResponse.FromString(self.frame).event
 
 
 class EventLog:
@@ -51,7 +93,7 @@ class EventLog:
         self._store = store
         self._on_store_failure = on_store_failure
         self._base = record.last_sequence  # the events through here are read from the store
-        self._events: list[events_pb2.SwarmEvent] = []  # those appended since: base+1, base+2 ...
+        self._events: list[Logged] = []  # those appended since: base+1, base+2 ...
         self._durable = self._base
         self._unstored: list[Entry] = []
         self._storing: asyncio.Task[None] | None = None
@@ -71,11 +113,13 @@ class EventLog:
         event.time.FromNanoseconds(time.time_ns())
         getattr(event, kind).CopyFrom(body)
         change = self.record.apply(event)
-        self._events.append(event)
+        data = event.SerializeToString()
+        self._events.append(Logged.serialized(data, event.sequence))
         subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
         self._unstored.append(
             Entry(
                 event,
+                data,
                 summary=self.record.to_proto(with_subtasks=False) if change.summary else None,
                 subtasks=tuple(SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks),
             )
@@ -117,7 +161,7 @@ class EventLog:
             self._raise_if_failed()
             await self._changed.wait()
 
-    async def follow(self, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
+    async def follow(self, after_sequence: int = 0) -> AsyncIterator[Logged]:
         """The events after `after_sequence`, then each new one once it is durable, until the
         terminal one. The switch from stored to live events has no gap and no duplicate: both come
         from this one numbered sequence."""
@@ -125,7 +169,7 @@ class EventLog:
         if index < self._base:
             async for event in replay(self._store, self.swarm_id, after_sequence=index, through=self._base):
                 index = event.sequence
-                yield event
+                yield Logged.of(event)
             if index < self._base:
                 raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
         while True:

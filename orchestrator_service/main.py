@@ -10,12 +10,12 @@ from orchestrator_service.orchestrator import Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
-from orchestrator_service.servicer import OrchestratorServicer
+from orchestrator_service.servicer import OrchestratorServicer, add_to_server
 from orchestrator_service.settings import OrchestratorSettings
 from orchestrator_service.store import Store, StoreError, expire_forever, open_store
 from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
-from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from swarm.v1 import orchestrator_pb2
 from swarm_common import logs
 from swarm_common.providers import ProviderConfigError, make_provider
 from swarm_common.serving import Service
@@ -89,9 +89,7 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
     service = Service(
         name="orchestrator",
         service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name],
-        register=lambda server: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(orchestrator), server
-        ),
+        register=lambda server: add_to_server(OrchestratorServicer(orchestrator), server),
         listen=settings.listen,
         log=log,
         limits=settings.call_limits(),

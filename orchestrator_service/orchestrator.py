@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from orchestrator_service.event_log import replay
+from orchestrator_service.event_log import Logged, replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
@@ -286,9 +286,7 @@ class Orchestrator:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
         return stored
 
-    async def watch(
-        self, swarm_id: str, after_sequence: int = 0
-    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
+    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncGenerator[Logged, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
         the swarm's watchers: beyond the limit, the first read raises OverLimit."""
@@ -301,11 +299,9 @@ class Orchestrator:
             return self._watched(swarm_id, running.log.follow(after_sequence))
         if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
-        return self._watched(swarm_id, replay(self.store, swarm_id, after_sequence=after_sequence))
+        return self._watched(swarm_id, _logged(replay(self.store, swarm_id, after_sequence=after_sequence)))
 
-    async def _watched(
-        self, swarm_id: str, events: AsyncIterator[events_pb2.SwarmEvent]
-    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
+    async def _watched(self, swarm_id: str, events: AsyncIterator[Logged]) -> AsyncGenerator[Logged, None]:
         watchers = self._watchers.get(swarm_id, 0)
         if watchers >= self.limits.max_watchers_per_swarm:
             raise OverLimit(
@@ -402,6 +398,11 @@ class Orchestrator:
                 )
         if resumable:
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
+
+
+async def _logged(events: AsyncIterator[events_pb2.SwarmEvent]) -> AsyncIterator[Logged]:
+    async for event in events:
+        yield Logged.of(event)
 
 
 def list_view(swarm: orchestrator_pb2.Swarm, text_bytes: int) -> orchestrator_pb2.Swarm:

@@ -191,7 +191,8 @@ async def test_a_failing_append_fails_alone_and_the_rest_of_its_batch_commits(tm
     store = await SqliteStore.open(str(tmp_path / "s.db"))
     try:
         log = await write_swarm(store, "a", end="")
-        duplicate = Entry((await store.events("a", after_sequence=0, limit=1))[0])
+        first = (await store.events("a", after_sequence=0, limit=1))[0]
+        duplicate = Entry(first, first.SerializeToString())
         # The writer is held busy, so that the two appends below queue up and share one batch.
         gate = threading.Event()
         held = store._writer.submit(lambda db: gate.wait(5))

@@ -222,7 +222,7 @@ def _write(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
         )
     db.executemany(
         "INSERT INTO events (swarm_id, sequence, event) VALUES (?, ?, ?)",
-        [(e.event.swarm_id, e.event.sequence, e.event.SerializeToString()) for e in entries],
+        [(e.event.swarm_id, e.event.sequence, e.data) for e in entries],
     )
     if subtasks:
         db.executemany(
