@@ -16,8 +16,7 @@ of its moment, and a change reaches the swarm's running subtasks through `tell`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 
 class DeltaWindows:
@@ -36,16 +35,13 @@ class DeltaWindows:
             return self.window_s
         return self.window_s * max(1, math.ceil(streaming / self._share))
 
-    @contextmanager
-    def streaming(self, swarm_id: str) -> Iterator[float]:
-        """Counts one more subtask of the swarm streaming, while the block runs; gives its window."""
-        self._count(swarm_id, +1)
-        try:
-            yield self.of(self._streaming[swarm_id])
-        finally:
-            self._count(swarm_id, -1)
+    def streaming(self, swarm_id: str) -> _Streaming:
+        """Counts one more subtask of the swarm streaming, while a `with` block runs; gives its
+        window."""
+        return _Streaming(self, swarm_id)
 
-    def _count(self, swarm_id: str, step: int) -> None:
+    def _count(self, swarm_id: str, step: int) -> float:
+        """The swarm's window once `step` more subtasks stream."""
         before = self._streaming.get(swarm_id, 0)
         after = before + step
         if after:
@@ -55,3 +51,18 @@ class DeltaWindows:
         window_s = self.of(after)
         if after and window_s != self.of(before):
             self._tell(swarm_id, window_s)
+        return window_s
+
+
+class _Streaming:
+    """A context manager of its own, not a generator's: one is made for each attempt."""
+
+    def __init__(self, windows: DeltaWindows, swarm_id: str) -> None:
+        self._windows = windows
+        self._swarm_id = swarm_id
+
+    def __enter__(self) -> float:
+        return self._windows._count(self._swarm_id, +1)
+
+    def __exit__(self, *_: object) -> None:
+        self._windows._count(self._swarm_id, -1)

@@ -115,15 +115,12 @@ class EventLog:
         change = self.record.apply(event)
         data = event.SerializeToString()
         self._events.append(Logged.serialized(data, event.sequence))
-        subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
-        self._unstored.append(
-            Entry(
-                event,
-                data,
-                summary=self.record.to_proto(with_subtasks=False) if change.summary else None,
-                subtasks=tuple(SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks),
-            )
-        )
+        rows: tuple[SubtaskRow, ...] = ()
+        if change.subtask_ids:
+            subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
+            rows = tuple([SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks])
+        summary = self.record.to_proto(with_subtasks=False) if change.summary else None
+        self._unstored.append(Entry(event, data, summary, rows))
         if kind in TERMINAL_KINDS:
             self.closed = True
         if self._storing is None:

@@ -15,6 +15,7 @@ as taken (`stopping`), so a subtask sent next is not refused for want of it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -31,11 +32,32 @@ log = logging.getLogger("swarm.orchestrator.session")
 # What goes to the worker: calls, and changes of a swarm's delta window.
 Sendable = worker_pb2.SubtaskCall | worker_pb2.DeltaWindow
 Outbox = asyncio.Queue[Sendable | None]
-Inbox = asyncio.Queue[worker_pb2.ExecuteSubtaskResponse | CallFailure]
+Reply = worker_pb2.ExecuteSubtaskResponse | CallFailure
 
 # A worker confirms a cancel within milliseconds (its model stream closes); one that does not is
 # stuck or predates the confirmation, and its slot is counted free after this long regardless.
 CANCEL_TIMEOUT_S = 5.0
+
+
+class Inbox:
+    """One subtask's replies, in order, for the one task that reads them: lighter than an
+    asyncio.Queue, which a subtask would make and feed once per reply."""
+
+    def __init__(self) -> None:
+        self._replies: collections.deque[Reply] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiting: asyncio.Future[None] | None = None
+
+    def put(self, reply: Reply) -> None:
+        self._replies.append(reply)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    async def get(self) -> Reply:
+        while not self._replies:
+            self._waiting = self._loop.create_future()
+            await self._waiting
+        return self._replies.popleft()
 
 
 class SubtaskCallFailed(Exception):
@@ -156,13 +178,11 @@ class WorkerSession:
                         if kind != "output" or reply.output.HasField("result"):
                             stream.over(reply.call_id)
                     elif kind == "error":
-                        inbox.put_nowait(CallFailure.of_proto(reply.error))
+                        inbox.put(CallFailure.of_proto(reply.error))
                     elif kind == "cancelled":
-                        inbox.put_nowait(
-                            CallFailure(grpc.StatusCode.CANCELLED, "the worker cancelled the subtask")
-                        )
+                        inbox.put(CallFailure(grpc.StatusCode.CANCELLED, "the worker cancelled the subtask"))
                     else:
-                        inbox.put_nowait(reply.output)
+                        inbox.put(reply.output)
         except grpc.aio.AioRpcError as error:
             failure = CallFailure(error.code(), error.details() or error.code().name)
         finally:
@@ -171,7 +191,7 @@ class WorkerSession:
             if self._stream is stream:
                 self._stream = None
             for inbox in stream.inboxes.values():
-                inbox.put_nowait(failure)
+                inbox.put(failure)
             for call_id in list(stream.stopping):
                 stream.over(call_id)
 
@@ -181,7 +201,7 @@ class WorkerSession:
         """The subtask's chunks, then its result, as ExecuteSubtask would stream them; a failure
         raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker."""
         call_id = next(self._ids)
-        inbox: Inbox = asyncio.Queue()
+        inbox = Inbox()
         stream = self._open()
         stream.inboxes[call_id] = inbox
         stream.send(worker_pb2.SubtaskCall(call_id=call_id, start=request))
