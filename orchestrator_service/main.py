@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 
@@ -111,6 +112,11 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
         if settings.retention_s > 0:
             background.append(asyncio.create_task(expire_forever(store, settings.retention_s)))
         background.append(asyncio.create_task(_stop_on_store_failure(orchestrator, service, log)))
+        # What start-up made (modules, descriptors, recovered swarms) stays: frozen, the collector
+        # skips it, so a full collection mid-stream no longer stalls the event loop (it took
+        # about 60 ms with 1,000 agents streaming).
+        gc.collect()
+        gc.freeze()
         await service.start()
         # 5 s after the drain for the last events to reach their watchers.
         await service.run_until_stopped(
