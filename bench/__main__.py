@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import Context, Target, load_average
+from bench.common import Context, Target, load_average, median
 from bench.floor import measure as floor_measure
 from bench.floor import start_server as floor_server
 from bench.profiling import format_summary
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"targets: {checks.count(True)} pass, {checks.count(False)} fail, {checks.count(None)} n/a  ·  "
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}, grpcio {m['grpcio']}  ·  "
-        f"floor {max(floors):,.0f} calls/s  ·  "
+        f"floor {median(floors):,.0f} calls/s ({min(floors):,.0f}-{max(floors):,.0f} in {len(floors)} windows)  ·  "
         f"load {report['load_average_at_start']} -> {report['load_average_at_end']}  ·  {report['duration_s']:g}s"
     )
     for name, summary in report.get("profiles", {}).items():
