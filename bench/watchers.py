@@ -17,6 +17,11 @@ to the end (as bytes: a client's parsing is not the orchestrator's cost).
 Runs alternate, one watcher then ten, back to back on one stack: 3 pairs (1 with --quick); the
 ratio is that of the medians, and every pair's own ratio is kept too. Every watcher must get every
 event of the swarm.
+
+What a watcher costs at the least, in the same run: a bare grpc.aio server (`bench/floor.py`)
+streaming 100-byte events to ten clients at once, one event to a message and then ten
+(`raw_us_per_event_1`, `raw_us_per_event_10`: its CPU µs per event per watcher). The API sends
+one event to a message.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from bench.common import (
     stack,
     wait_until,
 )
+from bench.floor import events_cost, start_server
 from bench.profiling import maybe_profile
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -56,7 +62,10 @@ UNITS = {
     "us_per_event_one": "CPU µs",
     "us_per_watcher_event": "CPU µs",
     "events_per_swarm": "events",
+    "raw_us_per_event_1": "CPU µs",
+    "raw_us_per_event_10": "CPU µs",
 }
+RAW_EVENTS = 20_000
 
 
 async def _watch_bytes(target: str, swarm_id: str) -> int:
@@ -113,6 +122,16 @@ def run(ctx: Context) -> dict[str, Any]:
         if ctx.profile_dir is not None:
             with maybe_profile(ctx, "watchers", pid):
                 asyncio.run(_swarm(services.target, idea, pid, WATCHERS))
+    raw = start_server()
+    try:
+        per_message = {
+            count: asyncio.run(
+                events_cost(raw.address, raw.pid, watchers=WATCHERS, events=RAW_EVENTS, per_message=count)
+            )
+            for count in (1, 10)
+        }
+    finally:
+        raw.stop()
     cpu_one, cpu_ten, per_swarm = median(one), median(ten), median(events)
     return {
         "cpu_one_s": rounded(cpu_one),
@@ -121,6 +140,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "us_per_event_one": rounded(1e6 * cpu_one / per_swarm, 1),
         "us_per_watcher_event": rounded(1e6 * (cpu_ten - cpu_one) / ((WATCHERS - 1) * per_swarm), 1),
         "events_per_swarm": per_swarm,
+        "raw_us_per_event_1": rounded(per_message[1], 1),
+        "raw_us_per_event_10": rounded(per_message[10], 1),
         "runs_ratio": [rounded(b / a) for a, b in zip(one, ten, strict=True)],
         "runs_cpu_one_s": [rounded(c) for c in one],
         "runs_cpu_ten_s": [rounded(c) for c in ten],
