@@ -15,13 +15,16 @@ reach its port. mTLS between orchestrator and worker is the door; these are the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
-from swarm_common import prompts
-from swarm_common.errors import ProviderUnavailable
+from prometheus_client import Counter, Gauge
+
+from swarm_common import logs, prompts, telemetry
+from swarm_common.errors import ProviderError, ProviderUnavailable
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.worker")
@@ -58,6 +61,33 @@ class Assignment:
     deadline: float | None = None
     # The answer's budget of output tokens.
     max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
+    # The caller's W3C trace headers: the execution's span continues its trace.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def executing(assignment: Assignment) -> Iterator[None]:
+    """The assignment's span, continued from its caller's trace and current inside the `with` (its
+    model call's span is its child), and its ids on every line the task logs from here on. Used
+    where a subtask runs in a task of its own: a coroutine, never a generator."""
+    with telemetry.span(
+        "execute subtask",
+        kind=telemetry.SpanKind.SERVER,
+        parent=telemetry.parent_from(assignment.trace_context),
+        attributes={
+            "swarm.id": assignment.swarm_id,
+            "swarm.subtask.id": assignment.subtask_id,
+            "swarm.attempt": assignment.attempt,
+            "gen_ai.request.model": assignment.model,
+        },
+    ):
+        logs.bind(
+            swarm_id=assignment.swarm_id,
+            subtask_id=assignment.subtask_id,
+            attempt=assignment.attempt,
+            trace_id=telemetry.current_trace_id(),
+        )
+        yield
 
 
 class Slot:
@@ -93,10 +123,21 @@ class Worker:
         self.direct_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        _WORKERS.add(self)
 
     def claim(self, assignment: Assignment, *, direct: bool) -> Slot:
         """Checks the assignment against the limits (RefusedAssignment), then takes a slot of its
         pool or raises WorkerBusy; `execute` gives it back."""
+        try:
+            return self._claim(assignment, direct=direct)
+        except RefusedAssignment:
+            ERRORS.labels("refused").inc()
+            raise
+        except WorkerBusy:
+            ERRORS.labels("worker_busy").inc()
+            raise
+
+    def _claim(self, assignment: Assignment, *, direct: bool) -> Slot:
         self._check(assignment)
         if direct:
             if not self.limits.direct_slots:
@@ -152,6 +193,12 @@ class Worker:
             )
             async for item in self.provider.stream(request):
                 yield item
+        except ProviderError as error:
+            ERRORS.labels(error.code).inc()
+            raise
+        except Exception:
+            ERRORS.labels("internal").inc()
+            raise
         finally:
             slot.release()
 
@@ -166,3 +213,22 @@ class Worker:
     def log_unfinished(self) -> None:
         unfinished = self.in_flight + self.direct_in_flight
         log.warning(f"shutdown grace over with {unfinished} subtask(s) unfinished: they are cancelled")
+
+
+_WORKERS: telemetry.Census[Worker] = telemetry.Census()
+IN_FLIGHT = Gauge(
+    "swarm_worker_subtasks_in_flight",
+    "Subtasks this worker is running, by whose slots they hold: orchestrator (ExecuteSubtasks) or direct",
+    ["path"],
+)
+IN_FLIGHT.labels("orchestrator").set_function(lambda: _WORKERS.total(lambda w: w.in_flight))
+IN_FLIGHT.labels("direct").set_function(lambda: _WORKERS.total(lambda w: w.direct_in_flight))
+CAPACITY = Gauge("swarm_worker_max_concurrency", "Subtasks this worker runs at once for orchestrators")
+CAPACITY.set_function(lambda: _WORKERS.total(lambda w: w.max_concurrency))
+ERRORS = Counter(
+    "swarm_worker_subtask_errors_total",
+    "Subtasks this worker ended with an error, by kind: worker_busy, refused (over its limits), the "
+    "model API's kinds (rate_limited, overloaded, unavailable, unauthenticated, invalid_request, "
+    "provider_error), internal",
+    ["kind"],
+)
