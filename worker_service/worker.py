@@ -123,6 +123,8 @@ class Worker:
         self.direct_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Failed model calls are logged, but a flood of them (an outage) is counted, not written.
+        self._failures = logs.Throttle()
         _WORKERS.add(self)
 
     def claim(self, assignment: Assignment, *, direct: bool) -> Slot:
@@ -195,6 +197,12 @@ class Worker:
                 yield item
         except ProviderError as error:
             ERRORS.labels(error.code).inc()
+            left_out = self._failures.take()
+            if left_out is not None:
+                log.warning(
+                    f"the model call failed: {error.message}",
+                    extra={"error": error.code, "left_out": left_out or None},
+                )
             raise
         except Exception:
             ERRORS.labels("internal").inc()
