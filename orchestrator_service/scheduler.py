@@ -256,7 +256,6 @@ class Scheduler:
                         "swarm.subtask.id": subtask.id,
                         "swarm.attempt": attempt,
                         "swarm.worker.id": worker.worker_id,
-                        "swarm.queued_s": time.monotonic() - queued_at,
                     },
                 )
                 DURATION.observe(time.monotonic() - began)

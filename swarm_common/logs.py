@@ -43,8 +43,7 @@ def bind(**fields: Any) -> None:
     """Puts `fields` on every line logged from here on by the current task and the tasks it starts
     (call it where a task's work begins: a task's fields are its own). None or "" leaves a field
     out."""
-    merged = {**_bound.get(), **fields}
-    _bound.set({name: value for name, value in merged.items() if value not in (None, "")})
+    _bound.set({**_bound.get(), **fields})
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, field, None)
             if value is None:
                 value = bound.get(field)
-            if value is not None:
+            if value is not None and value != "":
                 line[field] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

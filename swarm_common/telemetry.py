@@ -12,12 +12,13 @@
   Spans go over OTLP/gRPC in batches; the SDK reads the rest of its `OTEL_*` settings itself
   (sampler, batch sizes, headers, resource). Off, every helper here returns at once: no span
   object, no context, no SDK loaded.
-- **Trace context across hops** is W3C `traceparent` (and `tracestate`), as `OTEL_PROPAGATORS`
-  says: in RunSwarm's call metadata from a client, and in each subtask's start to a worker.
+- **Trace context across hops** is W3C `traceparent` (and `tracestate`): in RunSwarm's call
+  metadata from a client, and in each subtask's start to a worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -28,9 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 import prometheus_client
-from opentelemetry import propagate, trace
+from opentelemetry import context as context_api
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from swarm_common.config import split_host_port
@@ -51,7 +54,6 @@ __all__ = [
     "Tracing",
     "carrier",
     "current",
-    "current_trace_id",
     "end_span",
     "exported",
     "parent_from",
@@ -61,6 +63,7 @@ __all__ = [
     "span_ids",
     "start_span",
     "start_tracing",
+    "trace_id_in",
     "traced",
     "tracing_wanted",
 ]
@@ -155,6 +158,9 @@ def exported(service: str, metrics_listen: str) -> Iterator[None]:
 # ---------------------------------------------------------------- traces
 
 _tracer: Tracer | None = None
+# The trace context crosses each hop as W3C `traceparent` and `tracestate`, whatever else
+# OTEL_PROPAGATORS names: the hops are this project's own, and that is their contract.
+_W3C = TraceContextTextMapPropagator()
 _NO_SPAN: AbstractContextManager[None] = contextlib.nullcontext()
 _OTLP = "otlp"
 
@@ -226,6 +232,34 @@ def start_tracing(service: str, environ: Mapping[str, str] | None = None) -> Tra
 Attributes = Mapping[str, AttributeValue]
 
 
+class _Scope:
+    """A span made current for a `with` block, and ended on leaving it when `end`; an exception
+    ends it as an error named by the exception's class. A plain class, not a generator: it is on
+    every subtask's path."""
+
+    __slots__ = ("_end", "_span", "_token")
+
+    def __init__(self, target: Span, *, end: bool) -> None:
+        self._span = target
+        self._end = end
+        self._token: object = None
+
+    def __enter__(self) -> Span:
+        self._token = context_api.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:
+        context_api.detach(self._token)  # type: ignore[arg-type]
+        if self._end:
+            if kind is not None:
+                name = (
+                    "cancelled" if issubclass(kind, asyncio.CancelledError | GeneratorExit) else kind.__name__
+                )
+                self._span.set_attribute("error.type", name)
+                self._span.set_status(Status(StatusCode.ERROR, name))
+            self._span.end()
+
+
 def span(
     name: str,
     *,
@@ -234,11 +268,11 @@ def span(
     parent: Context | None = None,
 ) -> AbstractContextManager[Span | None]:
     """A span that is the current one inside the `with` (its children's parent), ended on leaving
-    it, with an exception recorded as its error. Only in coroutines: an async generator may be left
-    at a `yield` and closed later in another context, where the current span could not be reset."""
+    it. Only in coroutines: an async generator may be left at a `yield` and closed later in another
+    context, where the current span could not be reset."""
     if _tracer is None:
         return _NO_SPAN
-    return _tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes)
+    return _Scope(_tracer.start_span(name, context=parent, kind=kind, attributes=attributes), end=True)
 
 
 def start_span(
@@ -270,16 +304,21 @@ def current(target: Span | None) -> AbstractContextManager[object]:
     """Makes `target` the current span inside the `with` (it is not ended on leaving)."""
     if target is None:
         return _NO_SPAN
-    return trace.use_span(target, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+    return _Scope(target, end=False)
 
 
-async def traced(
+def traced(
     work: Awaitable[T], name: str, *, kind: SpanKind = SpanKind.INTERNAL, attributes: Attributes | None = None
-) -> T:
-    """Awaits `work` inside a span of its own, which is current while it runs."""
+) -> Awaitable[T]:
+    """`work`, to be awaited inside a span of its own, which is current while it runs; `work` itself
+    when tracing is off."""
     if _tracer is None:
-        return await work
-    with _tracer.start_as_current_span(name, kind=kind, attributes=attributes):
+        return work
+    return _awaited(work, _Scope(_tracer.start_span(name, kind=kind, attributes=attributes), end=True))
+
+
+async def _awaited(work: Awaitable[T], scope: _Scope) -> T:
+    with scope:
         return await work
 
 
@@ -288,7 +327,7 @@ def carrier() -> dict[str, str]:
     if _tracer is None:
         return {}
     headers: dict[str, str] = {}
-    propagate.inject(headers)
+    _W3C.inject(headers)
     return headers
 
 
@@ -296,7 +335,7 @@ def parent_from(headers: Mapping[str, str]) -> Context | None:
     """The caller's span as a parent, from the W3C headers it sent (None: no trace to continue)."""
     if _tracer is None or not headers:
         return None
-    parent = propagate.extract(headers)
+    parent = _W3C.extract(headers)
     return parent if trace.get_current_span(parent).get_span_context().is_valid else None
 
 
@@ -326,7 +365,8 @@ def span_ids(target: Span | None) -> tuple[str, str]:
     return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
 
 
-def current_trace_id() -> str:
-    if _tracer is None:
-        return ""
-    return span_ids(trace.get_current_span())[0]
+def trace_id_in(headers: Mapping[str, str]) -> str:
+    """The trace id a W3C `traceparent` names (`00-TRACE-SPAN-FLAGS`), for log lines, whether or not
+    this process traces; "" for none."""
+    parts = headers.get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""

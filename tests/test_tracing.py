@@ -1,5 +1,5 @@
 """Traces as an operator sees them: a real orchestrator and real workers export their spans over
-OTLP/gRPC to a receiver in the test (opentelemetry-proto's TraceService), while their model calls
+OTLP/gRPC to a collector in the test (opentelemetry-proto's TraceService), while their model calls
 go through the anthropic SDK to the fake Messages API, which counts the tokens. One swarm is one
 trace, from the client's own span through the orchestrator and every worker to each model call."""
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
-from otlp_receiver import ReceivedSpan, otlp_receiver
 
 from fakes.messages_api import FakeMessagesAPI, Fault, Reply
+from fakes.otlp_collector import ReceivedSpan, otlp_collector
 from stack import BIN, Stack, stack, start
 from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, kinds
@@ -88,7 +88,7 @@ def test_one_trace_follows_a_swarm_from_the_client_through_every_worker_to_each_
     fake.script(plan, *[Fault.rate_limited(retry_after_ms=20)] * 3)
     traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
     args = ["--provider", "anthropic"]
-    with otlp_receiver() as (receiver, endpoint):
+    with otlp_collector() as (collector, endpoint):
         with stack(
             workers=2, worker_args=args, orchestrator_args=args, env=traced_env(fake, endpoint)
         ) as running:
@@ -96,7 +96,7 @@ def test_one_trace_follows_a_swarm_from_the_client_through_every_worker_to_each_
             swarm = get_swarm(running.target, events[0].swarm_id)
             outputs = {p.name: p.output() for p in [running.orchestrator, *running.workers]}
         # The services have stopped: what they had batched was sent on the way out.
-        spans = [s for s in receiver.spans if s.trace_id == CLIENT_TRACE]
+        spans = [s for s in collector.spans if s.trace_id == CLIENT_TRACE]
 
     assert_completed(events, 1)
     assert kinds(events).count("subtask_failed") == 1
@@ -184,7 +184,7 @@ def test_one_trace_follows_a_swarm_from_the_client_through_every_worker_to_each_
 def test_a_swarm_resumed_after_a_crash_goes_on_in_its_trace() -> None:
     """The orchestrator is SIGKILLed mid-swarm: its spans of that run are lost with it, but the
     restarted one carries on under the swarm's recorded span, in the same trace."""
-    with otlp_receiver() as (receiver, endpoint):
+    with otlp_collector() as (collector, endpoint):
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
         with stack(workers=2, env=env, sim_latency_ms=800) as running:
             with SwarmClient(running.target) as client:
@@ -195,7 +195,7 @@ def test_a_swarm_resumed_after_a_crash_goes_on_in_its_trace() -> None:
             with SwarmClient(running.target) as client:
                 events = list(client.watch(event.swarm_id))
         accepted = events[0].accepted
-        spans = [s for s in receiver.spans if s.trace_id == accepted.trace_id]
+        spans = [s for s in collector.spans if s.trace_id == accepted.trace_id]
     assert kinds(events)[-1] == "swarm_completed"
     assert len(accepted.trace_id) == 32 and len(accepted.span_id) == 16
     resumed = only(spans, name="swarm resumed")
@@ -213,7 +213,7 @@ def test_a_direct_caller_s_traceparent_in_call_metadata_is_continued_by_the_work
     request = worker_pb2.ExecuteSubtaskRequest(
         swarm_id="direct", subtask=events_pb2.Subtask(id="s-1", title="T", instructions="I"), attempt=1
     )
-    with otlp_receiver() as (receiver, endpoint):
+    with otlp_collector() as (collector, endpoint):
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
         worker = start("worker", "swarm-worker", ["--provider", "simulated", "--sim-latency-ms", "400"], env)
         try:
@@ -225,7 +225,7 @@ def test_a_direct_caller_s_traceparent_in_call_metadata_is_continued_by_the_work
                 cancelled.cancel()
         finally:
             worker.stop()
-        spans = [s for s in receiver.spans if s.trace_id == CLIENT_TRACE]
+        spans = [s for s in collector.spans if s.trace_id == CLIENT_TRACE]
     assert responses[-1].HasField("result")
     executions = [s for s in spans if s.name == "execute subtask"]
     assert len(executions) == 2 and all(e.parent_span_id == CLIENT_SPAN for e in executions)

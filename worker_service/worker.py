@@ -15,10 +15,10 @@ reach its port. mTLS between orchestrator and worker is the door; these are the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
@@ -65,29 +65,22 @@ class Assignment:
     trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def executing(assignment: Assignment) -> Iterator[None]:
+def executing(assignment: Assignment) -> AbstractContextManager[object]:
     """The assignment's span, continued from its caller's trace and current inside the `with` (its
-    model call's span is its child), and its ids on every line the task logs from here on. Used
-    where a subtask runs in a task of its own: a coroutine, never a generator."""
-    with telemetry.span(
+    model call's span is its child); and its ids on every line the task logs from here on. For a
+    subtask in a task of its own, in a coroutine (see telemetry.span)."""
+    logs.bind(
+        swarm_id=assignment.swarm_id,
+        subtask_id=assignment.subtask_id,
+        attempt=assignment.attempt,
+        trace_id=telemetry.trace_id_in(assignment.trace_context),
+    )
+    return telemetry.span(
         "execute subtask",
         kind=telemetry.SpanKind.SERVER,
         parent=telemetry.parent_from(assignment.trace_context),
-        attributes={
-            "swarm.id": assignment.swarm_id,
-            "swarm.subtask.id": assignment.subtask_id,
-            "swarm.attempt": assignment.attempt,
-            "gen_ai.request.model": assignment.model,
-        },
-    ):
-        logs.bind(
-            swarm_id=assignment.swarm_id,
-            subtask_id=assignment.subtask_id,
-            attempt=assignment.attempt,
-            trace_id=telemetry.current_trace_id(),
-        )
-        yield
+        attributes={"swarm.subtask.id": assignment.subtask_id, "swarm.attempt": assignment.attempt},
+    )
 
 
 class Slot:

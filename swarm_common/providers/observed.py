@@ -9,9 +9,12 @@ execution on a worker; planning or the synthesis on the orchestrator).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
+from opentelemetry.util.types import AttributeValue
 from prometheus_client import Counter, Histogram
 
 from swarm_common import telemetry
@@ -40,7 +43,6 @@ ERRORS = Counter(
     "unauthenticated, invalid_request, provider_error",
     ["kind"],
 )
-TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")
 # A model outside the price table is counted as this, so a request's model name cannot add series.
 OTHER_MODEL = "other"
 
@@ -48,6 +50,30 @@ OTHER_MODEL = "other"
 def model_label(model: str) -> str:
     base = base_model(model)
     return base if base in PRICES_PER_MTOK else OTHER_MODEL
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelSeries:
+    """One model's series, bound once: a label lookup per call would cost more than the count."""
+
+    input: Counter
+    output: Counter
+    cache_read: Counter
+    cache_creation: Counter
+    cost: Counter
+    seconds: Histogram
+
+    @classmethod
+    @functools.cache
+    def of(cls, label: str) -> _ModelSeries:
+        return cls(
+            input=TOKENS.labels(label, "input"),
+            output=TOKENS.labels(label, "output"),
+            cache_read=TOKENS.labels(label, "cache_read"),
+            cache_creation=TOKENS.labels(label, "cache_creation"),
+            cost=COST.labels(label),
+            seconds=CALL_SECONDS.labels(label),
+        )
 
 
 def _cache_tokens(usage: Usage) -> tuple[int, int]:
@@ -67,7 +93,7 @@ class ObservedProvider:
     def name(self) -> str:
         return self._provider.name
 
-    def _begin(self, model: str, max_tokens: int) -> telemetry.Span | None:
+    def _begin(self, model: str) -> telemetry.Span | None:
         return telemetry.start_span(
             f"chat {model}",
             kind=telemetry.SpanKind.CLIENT,
@@ -75,29 +101,30 @@ class ObservedProvider:
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": self._provider.name,
                 "gen_ai.request.model": model,
-                "gen_ai.request.max_tokens": max_tokens,
             },
         )
 
     def _ended(self, model: str, began: float, span: telemetry.Span | None, usage: Usage) -> None:
-        label = model_label(model)
+        series = _ModelSeries.of(model_label(model))
         cache_read, cache_creation = _cache_tokens(usage)
-        for kind, tokens in zip(
-            TOKEN_TYPES, (usage.input_tokens, usage.output_tokens, cache_read, cache_creation), strict=True
-        ):
-            TOKENS.labels(label, kind).inc(tokens)
-        COST.labels(label).inc(usage.cost_usd)
-        CALL_SECONDS.labels(label).observe(time.monotonic() - began)
-        telemetry.end_span(
-            span,
-            attributes={
+        series.input.inc(usage.input_tokens)
+        series.output.inc(usage.output_tokens)
+        if cache_read:
+            series.cache_read.inc(cache_read)
+        if cache_creation:
+            series.cache_creation.inc(cache_creation)
+        series.cost.inc(usage.cost_usd)
+        series.seconds.observe(time.monotonic() - began)
+        if span is not None:
+            attributes: dict[str, AttributeValue] = {
                 "gen_ai.usage.input_tokens": usage.input_tokens,
                 "gen_ai.usage.output_tokens": usage.output_tokens,
                 "gen_ai.usage.cache_read.input_tokens": cache_read,
-                "gen_ai.usage.cache_creation.input_tokens": cache_creation,
                 "gen_ai.response.finish_reasons": [usage.stop_reason] if usage.stop_reason else [],
-            },
-        )
+            }
+            if cache_creation:
+                attributes["gen_ai.usage.cache_creation.input_tokens"] = cache_creation
+            telemetry.end_span(span, attributes=attributes)
 
     @staticmethod
     def _failed(span: telemetry.Span | None, error: Exception) -> None:
@@ -108,7 +135,7 @@ class ObservedProvider:
             telemetry.end_span(span, error=type(error).__name__)
 
     async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
-        span = self._begin(request.model, request.max_tokens)
+        span = self._begin(request.model)
         began = time.monotonic()
         try:
             async for item in self._provider.stream(request):
@@ -125,15 +152,13 @@ class ObservedProvider:
             telemetry.end_span(span, error="cancelled")
 
     async def plan(self, request: PlanRequest) -> PlanDraft:
-        return await self._whole(request.model, request.max_tokens, lambda: self._provider.plan(request))
+        return await self._whole(request.model, lambda: self._provider.plan(request))
 
     async def outline(self, request: OutlineRequest) -> PlanDraft:
-        return await self._whole(request.model, request.max_tokens, lambda: self._provider.outline(request))
+        return await self._whole(request.model, lambda: self._provider.outline(request))
 
-    async def _whole(
-        self, model: str, max_tokens: int, call: Callable[[], Awaitable[PlanDraft]]
-    ) -> PlanDraft:
-        span = self._begin(model, max_tokens)
+    async def _whole(self, model: str, call: Callable[[], Awaitable[PlanDraft]]) -> PlanDraft:
+        span = self._begin(model)
         began = time.monotonic()
         try:
             draft = await call()

@@ -1,11 +1,11 @@
-"""An OTLP/gRPC trace receiver for the tests, built on opentelemetry-proto's TraceService: the
-services export to it exactly as to a collector, and the test reads what arrived."""
+"""An OTLP/gRPC trace collector for tests and benchmarks, built on opentelemetry-proto's
+TraceService: the services export to it exactly as to an OpenTelemetry Collector, and the caller
+reads what arrived."""
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,43 +49,44 @@ class ReceivedSpan:
         )
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span it is sent (`spans`), or with `keep=False` only counts them (`count`): a
+    benchmark's collector must cost its machine as little as it can."""
+
+    def __init__(self, *, keep: bool = True) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.count = 0
+        self._keep = keep
         self._changed = threading.Condition()
 
     def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []
+        count = 0
         for resource_spans in request.resource_spans:
             attributes = {item.key: _value(item.value) for item in resource_spans.resource.attributes}
             service = str(attributes.get("service.name", ""))
             for scope_spans in resource_spans.scope_spans:
-                received += [ReceivedSpan.of(service, span) for span in scope_spans.spans]
+                count += len(scope_spans.spans)
+                if self._keep:
+                    received += [ReceivedSpan.of(service, span) for span in scope_spans.spans]
         with self._changed:
             self.spans += received
+            self.count += count
             self._changed.notify_all()
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, done: Callable[[list[ReceivedSpan]], bool], timeout: float) -> list[ReceivedSpan]:
-        """The spans received, once `done` says they are enough (or the time is up)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not done(self.spans) and (left := deadline - time.monotonic()) > 0:
-                self._changed.wait(left)
-            return list(self.spans)
-
 
 @contextmanager
-def otlp_receiver() -> Iterator[tuple[Receiver, str]]:
-    """A receiver on 127.0.0.1, and the OTEL_EXPORTER_OTLP_ENDPOINT that reaches it."""
+def otlp_collector(*, keep: bool = True) -> Iterator[tuple[Collector, str]]:
+    """A collector on 127.0.0.1, and the OTEL_EXPORTER_OTLP_ENDPOINT that reaches it."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    receiver = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    collector = Collector(keep=keep)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield receiver, f"http://127.0.0.1:{port}"
+        yield collector, f"http://127.0.0.1:{port}"
     finally:
         server.stop(0)
