@@ -1,19 +1,25 @@
 """Metrics as an operator sees them: a real Prometheus server scrapes a real orchestrator and two
 real workers while a swarm runs, and its HTTP API is asked for the queue, the running subtasks and
 the tokens, which must match what the swarm did. The Grafana dashboard's queries and the
-autoscaler's prometheus-adapter rule run against the same Prometheus."""
+autoscaler's prometheus-adapter rule run against the same Prometheus, and Prometheus's own graph page
+draws the swarm in Debian's headless Chromium (set SWARM_PROMETHEUS_SCREENSHOT=docs/prometheus-graph.png
+to have it write README's picture)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import sync_playwright
 from prometheus_server import NAMESPACE, Prometheus, metrics_address, prometheus
 from ruamel.yaml import YAML
 
@@ -171,3 +177,42 @@ def test_every_dashboard_query_runs_on_prometheus_and_names_real_metrics(scraped
         "Tokens by model",
         "Cost by model",
     }, with_data
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+# The queue filling and draining, the slots it waits for, and the tokens by where they were spent.
+GRAPHS = [
+    "sum by (job) (swarm_subtasks_queued)",
+    "sum by (state) (swarm_worker_slots)",
+    "sum by (job, type) (swarm_model_tokens_total)",
+]
+
+
+def test_prometheus_draws_the_swarm_in_a_browser(scraped: Scraped, tmp_path: Path) -> None:
+    """Prometheus's graph page, in Chromium, over the swarm's run: the queue filling and draining,
+    the slots, and the tokens. Each graph draws its series."""
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail("the screenshot needs Debian's Chromium: `apt-get install -y chromium` (make test does)")
+    # The page's end time is now (its end field keeps whole minutes): the range reaches back to
+    # just before the swarm began.
+    since = f"{int(time.time() - scraped.start) + 3}s"
+    query: dict[str, str] = {}
+    for index, expression in enumerate(GRAPHS):
+        query |= {f"g{index}.expr": expression, f"g{index}.tab": "0", f"g{index}.range_input": since}
+    screenshot = Path(os.environ.get("SWARM_PROMETHEUS_SCREENSHOT") or tmp_path / "prometheus-graph.png")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            # Tall enough for all three graphs: a full-page shot would paint the fixed bar mid-page.
+            page = browser.new_page(viewport={"width": 1000, "height": 2300})
+            page.goto(f"{scraped.prometheus.url}/graph?{urllib.parse.urlencode(query)}")
+            page.wait_for_function(f"document.querySelectorAll('.graph svg path').length >= {len(GRAPHS)}")
+            legends = page.locator(".legend").all_inner_texts()
+            page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+    shown = " ".join(legends)
+    for series in ("orchestrator", 'state="free"', 'type="input"', 'job="worker"'):
+        assert series in shown, f"{series} is not drawn: {shown}"
