@@ -194,10 +194,17 @@ def test_a_swarm_resumed_after_a_crash_goes_on_in_its_trace() -> None:
             running.restart_orchestrator(kill=True)
             with SwarmClient(running.target) as client:
                 events = list(client.watch(event.swarm_id))
+            shown = subprocess.run(
+                [str(BIN / "swarm"), "--target", running.target, "get", event.swarm_id],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout
         accepted = events[0].accepted
         spans = [s for s in collector.spans if s.trace_id == accepted.trace_id]
     assert kinds(events)[-1] == "swarm_completed"
     assert len(accepted.trace_id) == 32 and len(accepted.span_id) == 16
+    assert f"trace: {accepted.trace_id}" in shown, "swarm get shows where to find the swarm's trace"
     resumed = only(spans, name="swarm resumed")
     assert resumed.parent_span_id == accepted.span_id, "under the swarm's first span"
     attempts = children(spans, resumed, "subtask attempt")
