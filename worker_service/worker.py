@@ -68,7 +68,8 @@ class Assignment:
 def executing(assignment: Assignment) -> AbstractContextManager[object]:
     """The assignment's span, continued from its caller's trace and current inside the `with` (its
     model call's span is its child); and its ids on every line the task logs from here on. For a
-    subtask in a task of its own, in a coroutine (see telemetry.span)."""
+    subtask in a task of its own: an ExecuteSubtasks call's task, or an ExecuteSubtask call's, whose
+    handler grpc closes in that same task (see telemetry.span; a test cancels one mid-answer)."""
     logs.bind(
         swarm_id=assignment.swarm_id,
         subtask_id=assignment.subtask_id,
