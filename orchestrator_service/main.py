@@ -16,7 +16,7 @@ from orchestrator_service.store import Store, StoreError, expire_forever, open_s
 from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from swarm_common import logs
+from swarm_common import logs, telemetry
 from swarm_common.providers import ProviderConfigError, make_provider
 from swarm_common.serving import Service
 
@@ -26,7 +26,8 @@ async def serve(settings: OrchestratorSettings) -> None:
     # First: a database that cannot be used stops the start before anything else is set up.
     store = await open_store(settings.db)
     try:
-        await _serve_on(store, settings, log)
+        with telemetry.exported("swarm-orchestrator", settings.metrics_listen):
+            await _serve_on(store, settings, log)
     finally:
         await store.close()
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = OrchestratorSettings.from_command_line(argv)
     try:
         asyncio.run(serve(settings))
-    except StoreError as error:
+    except (StoreError, telemetry.MetricsUnavailable) as error:
         print(f"swarm-orchestrator: {error}", file=sys.stderr)
         sys.exit(1)
     except (ProviderConfigError, ValueError) as error:

@@ -12,8 +12,10 @@ import base64
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+
+from prometheus_client import Gauge
 
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
@@ -21,8 +23,9 @@ from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Cursor, Store, StoreError
-from orchestrator_service.swarm import Swarm, SwarmSpec
+from orchestrator_service.swarm import Swarm, SwarmSpec, state_name
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import logs, telemetry
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
@@ -156,6 +159,11 @@ class Orchestrator:
         # clients see is durable, so it stops (and a restart resumes from what was stored).
         self.store_failure: StoreError | None = None
         self.store_failed = asyncio.Event()
+        _ORCHESTRATORS.add(self)
+
+    def count_swarms(self, state: int) -> int:
+        """Swarms in memory in `state`; safe from the metrics thread (one copy of the list)."""
+        return sum(1 for swarm in list(self._swarms.values()) if swarm.record.state == state)
 
     async def recover(self) -> list[str]:
         """Resumes every unfinished swarm in the store: rebuilds it from its events and runs it on
@@ -189,10 +197,12 @@ class Orchestrator:
         max_parallel: int = 0,
         deadline: float | None = None,
         answer_max_tokens: int = 0,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Started:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
         if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline."""
+        attempt: the attached call's own deadline. `trace_context`: the caller's W3C trace
+        headers, whose trace the swarm's joins."""
         spec = SwarmSpec(
             idea=idea,
             num_agents=num_agents,
@@ -226,6 +236,7 @@ class Orchestrator:
             provider_name=self.planner.provider.name,
             store=self.store,
             on_store_failure=self._store_failed,
+            trace_context=trace_context,
         )
         swarm.deadline = deadline
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
@@ -260,7 +271,11 @@ class Orchestrator:
         swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
 
     async def _run(self, swarm: Swarm) -> None:
-        await swarm.run(self.planner, self.scheduler)
+        # The swarm's own task: what it logs, and the spans of its work, are the swarm's.
+        logs.bind(swarm_id=swarm.id, trace_id=swarm.record.accepted.trace_id)
+        with telemetry.current(swarm.span):
+            await swarm.run(self.planner, self.scheduler)
+        swarm.observe_end()
         if not swarm.finished:
             return  # suspended: it stays unfinished in the store for the next start
         try:
@@ -428,3 +443,18 @@ def _decode_token(token: str) -> Cursor:
     if cursor is None or not 0 <= cursor.create_ns <= MAX_STORED_INT:
         raise InvalidRequest([("page_token", "is not a token this server gave out")])
     return cursor
+
+
+# The swarms held in memory (the running ones, and ended ones until they are stored), by state,
+# read when Prometheus scrapes.
+_ORCHESTRATORS: telemetry.Census[Orchestrator] = telemetry.Census()
+SWARMS = Gauge("swarm_swarms", "Swarms this orchestrator runs, by state", ["state"])
+
+
+def _swarms_in(state: int) -> Callable[[], float]:
+    return lambda: _ORCHESTRATORS.total(lambda orchestrator: orchestrator.count_swarms(state))
+
+
+for _state in orchestrator_pb2.SwarmState.values():
+    if _state != orchestrator_pb2.SWARM_STATE_UNSPECIFIED:
+        SWARMS.labels(state_name(_state)).set_function(_swarms_in(_state))

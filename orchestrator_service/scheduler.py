@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from prometheus_client import Counter, Histogram
 
 from orchestrator_service.event_log import EventLog, LogClosed
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
@@ -22,9 +23,61 @@ from orchestrator_service.watchdog import Bounds, Overtime, Silent, watched
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed
 from swarm.v1 import events_pb2, worker_pb2
-from swarm_common import prompts
-from swarm_common.errors import Overloaded, RateLimited
-from swarm_common.status import CallFailure
+from swarm_common import logs, prompts, telemetry
+from swarm_common.errors import (
+    AuthenticationFailed,
+    InvalidModelRequest,
+    Overloaded,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from swarm_common.status import WORKER_BUSY, CallFailure
+
+SCHEDULE_TO_START = Histogram(
+    "swarm_subtask_schedule_to_start_seconds",
+    "From an attempt's entry in the queue to the worker slot it is given",
+    buckets=telemetry.WAIT_BUCKETS,
+)
+FIRST_TOKEN = Histogram(
+    "swarm_subtask_first_token_seconds",
+    "From an attempt's start to its first output reaching the orchestrator",
+    buckets=telemetry.DURATION_BUCKETS,
+)
+DURATION = Histogram(
+    "swarm_subtask_duration_seconds",
+    "A completed subtask's time, from its first queueing to its completion, every attempt included",
+    buckets=telemetry.DURATION_BUCKETS,
+)
+ATTEMPTS = Counter("swarm_subtask_attempts_total", "Subtask attempts given a worker slot")
+RETRIES = Counter(
+    "swarm_subtask_retries_total",
+    "Failed attempts that will be tried again (elsewhere), by reason",
+    ["reason"],
+)
+FAILOVERS = Counter(
+    "swarm_subtask_failovers_total",
+    "Failed attempts lost to their worker (it went away or hung, and is taken out), by reason",
+    ["reason"],
+)
+FAILED = Counter(
+    "swarm_subtasks_failed_total",
+    "Subtasks that failed for good, by the reason of their last attempt",
+    ["reason"],
+)
+# A worker's error kinds that name a reason of their own; any other is "other", so a misbehaving
+# worker cannot add series.
+KNOWN_KINDS = frozenset(
+    error.code
+    for error in (
+        ProviderError,
+        RateLimited,
+        Overloaded,
+        ProviderUnavailable,
+        AuthenticationFailed,
+        InvalidModelRequest,
+    )
+) | {WORKER_BUSY}
 
 # Codes a retry on another worker cannot fix: the request itself, or the credentials, are wrong.
 FINAL_CODES = frozenset(
@@ -67,6 +120,8 @@ class AttemptError:
     retryable: bool
     # Take the worker out until it answers a probe: it died, or hung.
     worker_suspect: bool = False
+    # The failure's kind, for metrics: one of a bounded set.
+    reason: str = "other"
 
 
 class IncompleteAttempt(Exception):
@@ -81,14 +136,24 @@ def classify(failure: CallFailure, limiter: ModelRateLimiter) -> AttemptError:
         limiter.note_error(RateLimited(details, failure.retry_after_s))
     elif kind == Overloaded.code:
         limiter.note_error(Overloaded(details))
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind:
+    gone = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind
+    if gone:
         details = f"the worker went away: {details}"
     return AttemptError(
         message=f"{code.name}: {details}",
         retryable=code not in FINAL_CODES,
         # A worker that answered with an error kind is alive; its model API is what failed.
         worker_suspect=code == grpc.StatusCode.UNAVAILABLE and not kind,
+        reason=_reason(failure, gone),
     )
+
+
+def _reason(failure: CallFailure, gone: bool) -> str:
+    if gone:
+        return "worker_gone"
+    if failure.kind:
+        return failure.kind if failure.kind in KNOWN_KINDS else "other"
+    return failure.code.name.lower()
 
 
 class DeltaCoalescer:
@@ -172,21 +237,40 @@ class Scheduler:
         `max_tokens` is the answer's budget (0 = the worker's default)."""
         tried: set[str] = set()
         last_attempt = first_attempt + self.policy.max_attempts - 1
+        began = time.monotonic()
+        logs.bind(subtask_id=subtask.id)  # this runs as a task of its own (the swarm's TaskGroup)
         for attempt in range(first_attempt, last_attempt + 1):
+            queued_at = time.monotonic()
             worker = await self.pool.acquire(log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel)
+            SCHEDULE_TO_START.observe(time.monotonic() - queued_at)
+            ATTEMPTS.inc()
+            logs.bind(attempt=attempt)
             tried.add(worker.address)
             error: AttemptError | None = None
             try:
-                return await self._attempt(log, worker, subtask, idea, model, attempt, deadline, max_tokens)
+                outcome = await telemetry.traced(
+                    self._attempt(log, worker, subtask, idea, model, attempt, deadline, max_tokens),
+                    "subtask attempt",
+                    kind=telemetry.SpanKind.CLIENT,
+                    attributes={
+                        "swarm.subtask.id": subtask.id,
+                        "swarm.attempt": attempt,
+                        "swarm.worker.id": worker.worker_id,
+                    },
+                )
+                DURATION.observe(time.monotonic() - began)
+                return outcome
             except SubtaskCallFailed as failed:
                 error = classify(failed.failure, self.limiter)
             except Overtime as overtime:
                 # The subtask timeout, or the swarm's deadline.
-                error = AttemptError(f"the attempt {overtime}", retryable=True)
+                error = AttemptError(f"the attempt {overtime}", retryable=True, reason="timeout")
             except Silent as silent:
-                error = AttemptError(f"{silent}: the worker seems hung", retryable=True, worker_suspect=True)
+                error = AttemptError(
+                    f"{silent}: the worker seems hung", retryable=True, worker_suspect=True, reason="hung"
+                )
             except IncompleteAttempt as incomplete:
-                error = AttemptError(str(incomplete), retryable=True)
+                error = AttemptError(str(incomplete), retryable=True, reason="incomplete")
             finally:
                 # A suspect worker is out before its slot is given back, or the slot would go
                 # straight to a waiting subtask.
@@ -194,6 +278,9 @@ class Scheduler:
                     self.pool.mark_unreachable(worker)
                 self.pool.release(worker, log.swarm_id)
             will_retry = error.retryable and attempt < last_attempt
+            (RETRIES if will_retry else FAILED).labels(error.reason).inc()
+            if error.worker_suspect:
+                FAILOVERS.labels(error.reason).inc()
             log.append(
                 "subtask_failed",
                 events_pb2.SubtaskFailed(
@@ -242,6 +329,7 @@ class Scheduler:
                 attempt=attempt,
                 idea=idea,
                 max_tokens=max_tokens,
+                trace_context=telemetry.carrier(),  # the worker's span continues this attempt's
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
@@ -250,8 +338,12 @@ class Scheduler:
                 worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
             )
             response: worker_pb2.ExecuteSubtaskResponse | None = None
+            started = time.monotonic()
             try:
                 async for response in outputs:
+                    if started:
+                        FIRST_TOKEN.observe(time.monotonic() - started)
+                        started = 0.0
                     permit.answered()
                     if response.HasField("result"):
                         break

@@ -21,6 +21,7 @@ from orchestrator_service.orchestrator import (
 from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common.rpc_errors import bad_request, over_limit
+from swarm_common.telemetry import TRACE_HEADERS
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,6 +42,11 @@ async def abort_over_limit(context: Context, error: OverLimit) -> NoReturn:
 # A stream that cannot go on here (the orchestrator is stopping, or its store failed) ends
 # UNAVAILABLE, and its client WatchSwarms on from its last sequence, after a restart too.
 CUT_OFF = (LogSuspended, StoreError)
+
+
+def _trace_context(context: Context) -> dict[str, str]:
+    """The W3C trace headers the caller sent as metadata: its span is the swarm's parent."""
+    return {key: str(value) for key, value in context.invocation_metadata() or () if key in TRACE_HEADERS}
 
 
 def _deadline(context: Context) -> float | None:
@@ -65,6 +71,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 max_parallel=request.max_parallel,
                 deadline=_deadline(context) if not request.detach else None,
                 answer_max_tokens=request.answer_max_tokens,
+                trace_context=_trace_context(context),
             )
             events = await self._orchestrator.watch(started.swarm_id)
         except InvalidRequest as error:

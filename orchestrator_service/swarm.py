@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from prometheus_client import Histogram
 
 from orchestrator_service.event_log import EventLog
 from orchestrator_service.planner import Planner, PlanningFailed
@@ -21,6 +24,7 @@ from orchestrator_service.store import Store, StoreError
 from orchestrator_service.synthesis import CannotFit, SynthesisTree
 from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import telemetry
 from swarm_common.errors import ProviderError
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Usage
 from swarm_common.rpc_errors import internal_message, new_error_id
@@ -28,6 +32,18 @@ from swarm_common.rpc_errors import internal_message, new_error_id
 log = logging.getLogger("swarm.orchestrator.swarm")
 
 RESTARTED = "orchestrator restarted"
+
+DURATION = Histogram(
+    "swarm_swarm_duration_seconds",
+    "From a swarm's acceptance to its end, by how it ended: completed, failed or cancelled",
+    ["state"],
+    buckets=telemetry.DURATION_BUCKETS,
+)
+
+
+def state_name(state: int) -> str:
+    """A SwarmState as a metric label or span attribute: `running`, `completed` ..."""
+    return orchestrator_pb2.SwarmState.Name(state).removeprefix("SWARM_STATE_").lower()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +94,9 @@ class Swarm:
         # The answer budget of a subtask when the request set none (the orchestrator's setting).
         self.default_answer_max_tokens = DEFAULT_ANSWER_MAX_TOKENS
         self._suspending = False
+        # The swarm's span while it runs here (None when tracing is off): every span of its work is
+        # in its trace.
+        self.span: telemetry.Span | None = None
 
     @classmethod
     def accept(
@@ -88,9 +107,18 @@ class Swarm:
         provider_name: str,
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Swarm:
-        """A new swarm, its `accepted` event appended."""
+        """A new swarm, its `accepted` event appended. Its span continues the caller's trace when
+        `trace_context` (the W3C headers the client sent) names one."""
         swarm = cls(EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure))
+        swarm.span = telemetry.start_span(
+            "swarm",
+            kind=telemetry.SpanKind.SERVER,
+            parent=telemetry.parent_from(trace_context or {}),
+            attributes=swarm._attributes(spec),
+        )
+        trace_id, span_id = telemetry.span_ids(swarm.span)
         swarm.log.append(
             "accepted",
             events_pb2.SwarmAccepted(
@@ -100,6 +128,8 @@ class Swarm:
                 provider=provider_name,
                 request_id=spec.request_id,
                 max_parallel=spec.max_parallel,
+                trace_id=trace_id,
+                span_id=span_id,
             ),
         )
         if spec.answer_max_tokens:
@@ -117,6 +147,12 @@ class Swarm:
         """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
         attempts that the restart interrupted told as failed."""
         swarm = cls(EventLog(record, store, on_store_failure=on_store_failure))
+        swarm.span = telemetry.start_span(
+            "swarm resumed",
+            kind=telemetry.SpanKind.INTERNAL,
+            parent=telemetry.remote_parent(record.accepted.trace_id, record.accepted.span_id),
+            attributes=swarm._attributes(swarm.spec),
+        )
         subtasks = list(record.subtasks.values())
         swarm.log.append(
             "swarm_resumed",
@@ -146,6 +182,23 @@ class Swarm:
     @property
     def spec(self) -> SwarmSpec:
         return SwarmSpec.of(self.record)
+
+    def _attributes(self, spec: SwarmSpec) -> dict[str, str | int]:
+        return {"swarm.id": self.id, "swarm.num_agents": spec.num_agents, "gen_ai.request.model": spec.model}
+
+    def observe_end(self) -> None:
+        """After a run: the swarm's span ends, and a swarm that ended has its duration measured (a
+        suspended one ends neither: the next start resumes it)."""
+        state = state_name(self.record.state)
+        if self.finished:
+            created = self.record.create_time.seconds + self.record.create_time.nanos * 1e-9
+            DURATION.labels(state).observe(time.time() - created)
+        telemetry.end_span(
+            self.span,
+            error=state if state in ("failed", "cancelled") else "",
+            attributes={"swarm.state": state},
+        )
+        self.span = None
 
     @property
     def finished(self) -> bool:
@@ -200,14 +253,16 @@ class Swarm:
         spec = self.spec
         if not self.record.planned:
             try:
-                plan = await planner.plan(idea=spec.idea, num_agents=spec.num_agents, model=spec.model)
+                with telemetry.span("plan", attributes={"swarm.num_agents": spec.num_agents}):
+                    plan = await planner.plan(idea=spec.idea, num_agents=spec.num_agents, model=spec.model)
             except PlanningFailed as error:
                 raise SwarmError(str(error)) from None
             self.log.append(
                 "plan_created", events_pb2.PlanCreated(subtasks=plan.subtasks, usage=usage_proto(plan.usage))
             )
         await self._run_subtasks(scheduler, spec)
-        result, usage = await self._synthesize(planner, spec)
+        with telemetry.span("synthesis"):
+            result, usage = await self._synthesize(planner, spec)
         usage += usage_of(self.record.plan_usage) + usage_of(self.record.partial_usage)
         for subtask in self.record.subtasks.values():
             usage += usage_of(subtask.usage)

@@ -61,6 +61,14 @@ def _host_port(text: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 """`host:port` or `[v6]:port`; an empty host means every interface."""
 
+
+def _optional_host_port(text: str) -> str:
+    return _host_port(text) if text else text
+
+
+OptionalHostPort = Annotated[str, AfterValidator(_optional_host_port)]
+"""A HostPort, or empty for "off"."""
+
 LISTEN = "address to serve on; port 0 picks a free one. A service prints `listening on HOST:PORT` when bound"
 
 
@@ -141,6 +149,11 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--shutdown-grace",
     )
     log_level: str = setting("INFO", "logs are JSON lines on standard error")
+    metrics_listen: OptionalHostPort = setting(
+        "",
+        "HOST:PORT serving Prometheus `/metrics` over HTTP; empty = off. Port 0 picks a free one, and "
+        "the service logs `metrics served on http://HOST:PORT/metrics`",
+    )
     max_streams_per_connection: PositiveInt = setting(
         1000,
         "calls one client connection may have open at once; beyond, a call is refused (a gRPC client "

@@ -29,6 +29,7 @@ BOTH = [
     ("--model", "CLAUDE_MODEL", "claude-sonnet-5-5"),
     ("--shutdown-grace", "SWARM_SHUTDOWN_GRACE_S", 30.0),
     ("--log-level", "SWARM_LOG_LEVEL", "INFO"),
+    ("--metrics-listen", "SWARM_METRICS_LISTEN", ""),
     ("--sim-latency-ms", "SWARM_SIM_LATENCY_MS", 300.0),
     ("--sim-latency-sigma", "SWARM_SIM_LATENCY_SIGMA", 0.0),
     ("--sim-chunks", "SWARM_SIM_CHUNKS", 8),

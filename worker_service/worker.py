@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
-from swarm_common import prompts
-from swarm_common.errors import ProviderUnavailable
+from prometheus_client import Counter, Gauge
+
+from swarm_common import logs, prompts, telemetry
+from swarm_common.errors import ProviderError, ProviderUnavailable
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.worker")
@@ -58,6 +61,27 @@ class Assignment:
     deadline: float | None = None
     # The answer's budget of output tokens.
     max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
+    # The caller's W3C trace headers: the execution's span continues its trace.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+
+
+def executing(assignment: Assignment) -> AbstractContextManager[object]:
+    """The assignment's span, continued from its caller's trace and current inside the `with` (its
+    model call's span is its child); and its ids on every line the task logs from here on. For a
+    subtask in a task of its own: an ExecuteSubtasks call's task, or an ExecuteSubtask call's, whose
+    handler grpc closes in that same task (see telemetry.span; a test cancels one mid-answer)."""
+    logs.bind(
+        swarm_id=assignment.swarm_id,
+        subtask_id=assignment.subtask_id,
+        attempt=assignment.attempt,
+        trace_id=telemetry.trace_id_in(assignment.trace_context),
+    )
+    return telemetry.span(
+        "execute subtask",
+        kind=telemetry.SpanKind.SERVER,
+        parent=telemetry.parent_from(assignment.trace_context),
+        attributes={"swarm.subtask.id": assignment.subtask_id, "swarm.attempt": assignment.attempt},
+    )
 
 
 class Slot:
@@ -93,10 +117,23 @@ class Worker:
         self.direct_in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Failed model calls are logged, but a flood of them (an outage) is counted, not written.
+        self._failures = logs.Throttle()
+        _WORKERS.add(self)
 
     def claim(self, assignment: Assignment, *, direct: bool) -> Slot:
         """Checks the assignment against the limits (RefusedAssignment), then takes a slot of its
         pool or raises WorkerBusy; `execute` gives it back."""
+        try:
+            return self._claim(assignment, direct=direct)
+        except RefusedAssignment:
+            ERRORS.labels("refused").inc()
+            raise
+        except WorkerBusy:
+            ERRORS.labels("worker_busy").inc()
+            raise
+
+    def _claim(self, assignment: Assignment, *, direct: bool) -> Slot:
         self._check(assignment)
         if direct:
             if not self.limits.direct_slots:
@@ -152,6 +189,18 @@ class Worker:
             )
             async for item in self.provider.stream(request):
                 yield item
+        except ProviderError as error:
+            ERRORS.labels(error.code).inc()
+            left_out = self._failures.take()
+            if left_out is not None:
+                log.warning(
+                    f"the model call failed: {error.message}",
+                    extra={"error": error.code, "left_out": left_out or None},
+                )
+            raise
+        except Exception:
+            ERRORS.labels("internal").inc()
+            raise
         finally:
             slot.release()
 
@@ -166,3 +215,22 @@ class Worker:
     def log_unfinished(self) -> None:
         unfinished = self.in_flight + self.direct_in_flight
         log.warning(f"shutdown grace over with {unfinished} subtask(s) unfinished: they are cancelled")
+
+
+_WORKERS: telemetry.Census[Worker] = telemetry.Census()
+IN_FLIGHT = Gauge(
+    "swarm_worker_subtasks_in_flight",
+    "Subtasks this worker is running, by whose slots they hold: orchestrator (ExecuteSubtasks) or direct",
+    ["path"],
+)
+IN_FLIGHT.labels("orchestrator").set_function(lambda: _WORKERS.total(lambda w: w.in_flight))
+IN_FLIGHT.labels("direct").set_function(lambda: _WORKERS.total(lambda w: w.direct_in_flight))
+CAPACITY = Gauge("swarm_worker_max_concurrency", "Subtasks this worker runs at once for orchestrators")
+CAPACITY.set_function(lambda: _WORKERS.total(lambda w: w.max_concurrency))
+ERRORS = Counter(
+    "swarm_worker_subtask_errors_total",
+    "Subtasks this worker ended with an error, by kind: worker_busy, refused (over its limits), the "
+    "model API's kinds (rate_limited, overloaded, unavailable, unauthenticated, invalid_request, "
+    "provider_error), internal",
+    ["kind"],
+)

@@ -168,6 +168,8 @@ def cmd_get(args: argparse.Namespace, client: SwarmClient) -> int:
         )
     )
     out.print(safe_text(f"idea: {strip_controls(swarm.idea)[:200]}"))
+    if swarm.trace_id:  # the orchestrator traces: look the swarm up in the tracing backend
+        out.print(safe_text(f"trace: {strip_controls(swarm.trace_id)}"))
     table = Table(box=None, header_style="bold")
     for column in ("subtask", "title", "state", "worker", "tries", "output tokens"):
         table.add_column(column)
