@@ -13,7 +13,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from orchestrator_service.settings import OrchestratorSettings
-from swarm_common.pricing import PRICES_PER_MTOK
+from swarm_common.pricing import PRICES
 from swarm_common.settings import ServiceSettings, env_name, flag_name, setting, settings_table
 from worker_service.settings import WorkerSettings
 
@@ -79,7 +79,7 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--direct-slots", "SWARM_DIRECT_SLOTS", 2),
         ("--max-idea-bytes", "SWARM_MAX_IDEA_BYTES", 65536),
         ("--max-subtask-bytes", "SWARM_MAX_SUBTASK_BYTES", 128 * 1024),
-        ("--allowed-models", "SWARM_ALLOWED_MODELS", ",".join(PRICES_PER_MTOK)),
+        ("--allowed-models", "SWARM_ALLOWED_MODELS", ",".join(PRICES)),
         ("--stream-queue", "SWARM_STREAM_QUEUE", 1024),
         *BOTH,
     ],
