@@ -113,6 +113,7 @@ class SwarmBudget:
         # their holds when it resumed).
         self.ledger.charge(Amount(record.spent.cost_usd, _tokens(record.spent)))
         self._settled = asyncio.Event()
+        self._settles = 0
 
     @property
     def limited(self) -> bool:
@@ -175,11 +176,14 @@ class SwarmBudget:
 
     def settled(self) -> None:
         """A hold was let go: a step waiting for room may look again."""
+        self._settles += 1
         self._settled.set()
 
-    async def room_changed(self) -> None:
-        self._settled.clear()
-        await self._settled.wait()
+    async def _room_changed(self, since: int) -> None:
+        """Waits for a hold to be let go after the `since`-th."""
+        while self._settles == since:
+            self._settled.clear()
+            await self._settled.wait()
 
     # ---- the swarm's steps ----------------------------------------------------------------
 
@@ -214,14 +218,15 @@ class SwarmBudget:
         """An attempt's grant: its fair share of what is left. When that is too little while calls
         are in flight, waits for them to give back what they held but did not spend."""
         while True:
+            since = self._settles
             try:
                 return self._grant_attempt(
                     subtask, context, share=self._unstarted(), minimum=MIN_ANSWER_TOKENS
                 )
             except BudgetExhausted:
-                if self.ledger.held.tokens == 0 and self.ledger.held.usd == 0:
+                if not self.ledger.open_holds:
                     raise
-            await self.room_changed()
+            await self._room_changed(since)
 
     def grant_hedge(self, subtask: events_pb2.Subtask, context: str, max_tokens: int) -> Grant | None:
         """A hedge's grant, with the max_tokens of the attempt it hedges, from what the subtasks not

@@ -41,6 +41,8 @@ class Ledger:
         self.max_tokens = max_tokens
         self.spent = Amount()
         self.held = Amount()
+        # Holds not yet settled (their sum in dollars is a float, never quite back to zero).
+        self.open_holds = 0
 
     @property
     def limited(self) -> bool:
@@ -61,6 +63,7 @@ class Ledger:
         if not self.fits(amount):
             raise OverLimit(f"{amount} does not fit the {self.room()} left")
         self.held += amount
+        self.open_holds += 1
         return Hold(self, amount)
 
     def charge(self, amount: Amount) -> None:
@@ -81,5 +84,6 @@ class Hold:
         if self.settled:
             return
         self.settled = True
+        self.ledger.open_holds -= 1
         self.ledger.held -= self.amount
         self.ledger.spent += cost

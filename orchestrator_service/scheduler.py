@@ -176,6 +176,8 @@ class Attempt:
     started: float = field(default_factory=time.monotonic)
     # Its subtask_started is in the log (a hedge cancelled before that never ran).
     began: bool = False
+    # The worker sent output: the model API was writing.
+    answered: bool = False
 
 
 @dataclass(slots=True)
@@ -255,7 +257,7 @@ class Scheduler:
                 error=failed.error.message,
                 attempt=attempt.number,
                 will_retry=will_retry,
-                usage=_charged(attempt, None if not failed.error.unbilled else Usage()),
+                usage=_charged(attempt, Usage() if failed.error.unbilled and not attempt.answered else None),
             ),
         )
 
@@ -377,7 +379,9 @@ class Scheduler:
                 self.pool.mark_unreachable(worker)
             self.pool.release(worker, job.log.swarm_id)
             if attempt.grant is not None:
-                unbilled = not attempt.began or (error is not None and error.unbilled)
+                unbilled = not attempt.began or (
+                    error is not None and error.unbilled and not attempt.answered
+                )
                 self._settle(job.shared, attempt.grant, Usage() if unbilled else usage)
         return Failed(attempt, error)
 
@@ -435,6 +439,7 @@ class Scheduler:
             try:
                 async for response in outputs:
                     permit.answered()
+                    attempt.answered = True
                     if job.shared.warmed is not None:
                         job.shared.warmed.set()
                     if response.HasField("result"):

@@ -30,7 +30,6 @@ from swarm.v1 import events_pb2
 from swarm_checks import assert_completed, kinds
 from swarm_client import AsyncSwarmClient, InvalidArgument
 from swarm_client._view import SwarmView
-from swarm_common import prompts
 from swarm_common.model_limits import LIMITS, UNKNOWN, limits_of
 from swarm_common.providers.anthropic import AnthropicProvider
 
