@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from orchestrator_service.orchestrator import Limits, Orchestrator
+from orchestrator_service.orchestrator import Economy, Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
@@ -84,6 +84,12 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
             max_watchers_per_swarm=settings.max_watchers_per_swarm,
             max_page_bytes=settings.max_page_bytes,
             list_text_bytes=settings.list_text_bytes,
+        ),
+        economy=Economy(
+            worker_model=settings.worker_model,
+            hedging=settings.hedging,
+            hedge_max_extra=settings.hedge_max_extra,
+            prompt_caching=not settings.no_prompt_caching,
         ),
     )
     service = Service(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
@@ -25,7 +27,7 @@ from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Cursor, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec, state_name
 from swarm.v1 import events_pb2, orchestrator_pb2
-from swarm_common import logs, telemetry
+from swarm_common import logs, pricing, telemetry
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
@@ -57,6 +59,18 @@ class Limits:
     # errors are cut to `list_text_bytes` each (GetSwarm has them whole).
     max_page_bytes: int = 1024 * 1024
     list_text_bytes: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Economy:
+    """The orchestrator's defaults for what a swarm spends, where its request says nothing."""
+
+    # The model subtasks run on; "" = the swarm's model.
+    worker_model: str = ""
+    hedging: bool = False
+    hedge_max_extra: float = 0.1
+    # Mark shared prompt prefixes for the model API's prompt cache.
+    prompt_caching: bool = True
 
 
 class InvalidRequest(ValueError):
@@ -112,6 +126,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
     if spec.answer_max_tokens < 0:
         violations.append(("answer_max_tokens", f"must not be negative, got {spec.answer_max_tokens}"))
+    if spec.worker_model and not MODEL_NAME.fullmatch(spec.worker_model):
+        violations.append(("worker_model", f"{spec.worker_model[:40]!r} is not a model name"))
+    if not 0 <= spec.hedge_max_extra <= 1:
+        violations.append(
+            (
+                "hedge_max_extra",
+                f"must be between 0 and 1 (a fraction of num_agents), got {spec.hedge_max_extra:g}",
+            )
+        )
+    violations += _budget_violations(spec)
     if not violations:
         # Only a request that is otherwise good is sized: the checks need a model and an idea.
         violations = misfits(
@@ -119,6 +143,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
             model=spec.model,
             answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
         )
+        if spec.workers_model != spec.model:
+            violations += [
+                ("worker_model", text)
+                for field, text in misfits(
+                    idea=spec.idea,
+                    model=spec.workers_model,
+                    answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
+                )
+                if field == "answer_max_tokens"
+            ]
     if violations:
         raise InvalidRequest(violations)
     input_bytes = len(spec.idea.encode()) * spec.num_agents
@@ -130,9 +164,44 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
 
 
+def _budget_violations(spec: SwarmSpec) -> list[tuple[str, str]]:
+    budget = spec.budget
+    if budget is None:
+        return []
+    violations: list[tuple[str, str]] = []
+    if not (math.isfinite(budget.max_cost_usd) and budget.max_cost_usd >= 0):
+        violations.append(
+            ("budget.max_cost_usd", f"must be a positive number of dollars, got {budget.max_cost_usd:g}")
+        )
+    elif budget.max_cost_usd:
+        for model in {spec.model, spec.workers_model}:
+            if not pricing.priced(model):
+                violations.append(
+                    (
+                        "budget.max_cost_usd",
+                        f"{model} has no price in swarm_common/pricing.py: a cost budget cannot be kept",
+                    )
+                )
+    if budget.max_tokens < 0:
+        violations.append(("budget.max_tokens", f"must not be negative, got {budget.max_tokens}"))
+    if not budget.max_cost_usd and not budget.max_tokens and not violations:
+        violations.append(("budget", "sets neither max_cost_usd nor max_tokens"))
+    return violations
+
+
 def differences(asked: SwarmSpec, started: SwarmSpec) -> list[str]:
     """The parameters in which a request differs from the one that started a swarm."""
-    names = ("idea", "num_agents", "model", "max_parallel", "answer_max_tokens")
+    names = (
+        "idea",
+        "num_agents",
+        "model",
+        "max_parallel",
+        "answer_max_tokens",
+        "budget",
+        "worker_model",
+        "hedging",
+        "hedge_max_extra",
+    )
     return [name for name in names if getattr(asked, name) != getattr(started, name)]
 
 
@@ -145,8 +214,10 @@ class Orchestrator:
         *,
         default_model: str,
         limits: Limits | None = None,
+        economy: Economy | None = None,
     ) -> None:
         self.planner = planner
+        self.economy = economy or Economy()
         self.scheduler = scheduler
         self.store = store
         self.default_model = default_model
@@ -179,6 +250,7 @@ class Orchestrator:
             stored_through = record.last_sequence
             swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
             swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+            swarm.prompt_caching = self.economy.prompt_caching
             self._launch(swarm)
             resumed.append(swarm_id)
             log.info(
@@ -197,19 +269,28 @@ class Orchestrator:
         max_parallel: int = 0,
         deadline: float | None = None,
         answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
         trace_context: Mapping[str, str] | None = None,
     ) -> Started:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
         if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline. `trace_context`: the caller's W3C trace
-        headers, whose trace the swarm's joins."""
-        spec = SwarmSpec(
+        attempt: the attached call's own deadline. `hedging` None and `hedge_max_extra` 0 take the
+        orchestrator's defaults. `trace_context`: the caller's W3C trace headers, whose trace the
+        swarm's joins."""
+        spec = self.spec_of(
             idea=idea,
             num_agents=num_agents,
-            model=model or self.default_model,
+            model=model,
             request_id=request_id,
             max_parallel=max_parallel,
             answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model,
+            hedging=hedging,
+            hedge_max_extra=hedge_max_extra,
         )
         validate(spec, self.limits)
         if request_id:
@@ -240,9 +321,52 @@ class Orchestrator:
         )
         swarm.deadline = deadline
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        swarm.prompt_caching = self.economy.prompt_caching
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return Started(swarm.id, new=True)
+
+    def spec_of(
+        self,
+        *,
+        idea: str,
+        num_agents: int,
+        model: str = "",
+        request_id: str = "",
+        max_parallel: int = 0,
+        answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
+    ) -> SwarmSpec:
+        """What a request asks for, the orchestrator's defaults filled in."""
+        model = model or self.default_model
+        return SwarmSpec(
+            idea=idea,
+            num_agents=num_agents,
+            model=model,
+            request_id=request_id,
+            max_parallel=max_parallel,
+            answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model or self.economy.worker_model,
+            hedging=self.economy.hedging if hedging is None else hedging,
+            hedge_max_extra=hedge_max_extra or self.economy.hedge_max_extra,
+        )
+
+    def estimate(self, spec: SwarmSpec) -> orchestrator_pb2.EstimateSwarmResponse:
+        """What the swarm would use and cost, as a range; nothing is started."""
+        validate(spec, self.limits)
+        return estimate_swarm(
+            idea=spec.idea,
+            num_agents=spec.num_agents,
+            model=spec.model,
+            worker_model=spec.workers_model,
+            answer_max_tokens=spec.answer_max_tokens or self.limits.answer_max_tokens,
+            budget=spec.budget,
+            prompt_caching=self.economy.prompt_caching,
+        )
 
     async def _requested(self, swarm_id: str) -> SwarmSpec:
         """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
@@ -251,7 +375,7 @@ class Orchestrator:
         if running is not None:
             return running.spec
         record = SwarmRecord(swarm_id)
-        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):
+        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):  # accepted, answer_budget
             record.apply(event)
         return SwarmSpec.of(record)
 

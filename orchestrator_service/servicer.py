@@ -49,6 +49,23 @@ def _trace_context(context: Context) -> dict[str, str]:
     return {key: str(value) for key, value in context.invocation_metadata() or () if key in TRACE_HEADERS}
 
 
+def _hedging(request: orchestrator_pb2.RunSwarmRequest) -> bool | None:
+    """The request's hedging switch; None = the orchestrator's default."""
+    if request.hedging == orchestrator_pb2.HEDGING_UNSPECIFIED:
+        return None
+    return request.hedging == orchestrator_pb2.HEDGING_ON
+
+
+def _economics(request: orchestrator_pb2.RunSwarmRequest) -> dict[str, Any]:
+    """What the request asks of the swarm's spending, as Orchestrator.start and spec_of take it."""
+    return {
+        "budget": request.budget if request.HasField("budget") else None,
+        "worker_model": request.worker_model,
+        "hedging": _hedging(request),
+        "hedge_max_extra": request.hedge_max_extra,
+    }
+
+
 def _deadline(context: Context) -> float | None:
     """The call's deadline as a wall-clock time; grpc Python does not pass deadlines on by itself."""
     remaining = context.time_remaining()
@@ -72,6 +89,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 deadline=_deadline(context) if not request.detach else None,
                 answer_max_tokens=request.answer_max_tokens,
                 trace_context=_trace_context(context),
+                **_economics(request),
             )
             events = await self._orchestrator.watch(started.swarm_id)
         except InvalidRequest as error:
@@ -165,3 +183,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             default_model=orchestrator.default_model,
             provider=orchestrator.planner.provider.name,
         )
+
+    async def EstimateSwarm(
+        self, request: orchestrator_pb2.EstimateSwarmRequest, context: Context
+    ) -> orchestrator_pb2.EstimateSwarmResponse:
+        run = request.request
+        spec = self._orchestrator.spec_of(
+            idea=run.idea,
+            num_agents=run.num_agents,
+            model=run.model,
+            max_parallel=run.max_parallel,
+            answer_max_tokens=run.answer_max_tokens,
+            **_economics(run),
+        )
+        try:
+            return self._orchestrator.estimate(spec)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        except OverLimit as error:
+            await abort_over_limit(context, error)

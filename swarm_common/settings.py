@@ -116,6 +116,12 @@ class SimulatedProviderSettings(BaseSettings):
     sim_stall_after_chunks: int = setting(
         0, "simulated provider: chunks a stalling call streams before it hangs (0 = none)"
     )
+    sim_answer_words: int = setting(0, "simulated provider: words an answer is padded to (0 = a short one)")
+    sim_seed: int = setting(
+        0,
+        "simulated provider: seeds its draws (0 = unseeded); each subtask's attempt then takes the same "
+        "time in every run (benchmarks compare runs)",
+    )
 
     def simulated(self) -> SimulatedSettings:
         return SimulatedSettings(
@@ -127,6 +133,8 @@ class SimulatedProviderSettings(BaseSettings):
             bad_plans=self.sim_bad_plans,
             stall_rate=self.sim_stall_rate,
             stall_after_chunks=self.sim_stall_after_chunks,
+            answer_words=self.sim_answer_words,
+            seed=self.sim_seed or None,
         )
 
 

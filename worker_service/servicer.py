@@ -22,6 +22,7 @@ from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
 from swarm_common.telemetry import TRACE_HEADERS
+from swarm_common.usage import usage_proto
 from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy, executing
 
 log = logging.getLogger("swarm.worker")
@@ -60,6 +61,8 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | No
         deadline=deadline,
         max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
         trace_context=trace_context,
+        plan_context=request.plan_context,
+        cache_shared_prefix=request.cache_shared_prefix,
     )
 
 
@@ -100,11 +103,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if isinstance(item, str):
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
                 else:
-                    usage = events_pb2.Usage(
-                        input_tokens=item.input_tokens,
-                        output_tokens=item.output_tokens,
-                        cost_usd=item.cost_usd,
-                    )
+                    usage = usage_proto(item)
                     stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None

@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from swarm_common import logs, prompts, telemetry
 from swarm_common.errors import ProviderError, ProviderUnavailable
-from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Provider, StreamRequest, Usage
+from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, PromptBlock, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.worker")
 
@@ -63,6 +63,26 @@ class Assignment:
     max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
     # The caller's W3C trace headers: the execution's span continues its trace.
     trace_context: Mapping[str, str] = field(default_factory=dict)
+    # What the plan says about the whole, shared by the swarm's subtasks; and whether the shared
+    # prefix (system prompt, idea, plan) is marked for the model API's prompt cache.
+    plan_context: str = ""
+    cache_shared_prefix: bool = False
+
+    def stream_request(self, default_model: str, timeout_s: float | None) -> StreamRequest:
+        """The model call: the idea and the plan first, marked for the cache as the orchestrator
+        asked, so the swarm's N calls share their prefix; the subtask's own part last."""
+        shared = [PromptBlock(prompts.idea_block(self.idea), cache=self.cache_shared_prefix)]
+        if self.plan_context:
+            shared.append(PromptBlock(self.plan_context, cache=self.cache_shared_prefix))
+        return StreamRequest(
+            model=self.model or default_model,
+            system=prompts.SWARM_SYSTEM,
+            prompt=prompts.worker_prompt(self.title, self.instructions),
+            max_tokens=self.max_tokens,
+            timeout_s=timeout_s,
+            shared=tuple(shared),
+            call_key=f"{self.subtask_id}/{self.attempt}",
+        )
 
 
 def executing(assignment: Assignment) -> AbstractContextManager[object]:
@@ -164,6 +184,10 @@ class Worker:
         limits = self.limits
         if len(assignment.idea.encode()) > limits.max_idea_bytes:
             raise RefusedAssignment(f"the idea is over this worker's limit of {limits.max_idea_bytes} bytes")
+        if len(assignment.plan_context.encode()) > limits.max_subtask_bytes:
+            raise RefusedAssignment(
+                f"the plan context is over this worker's limit of {limits.max_subtask_bytes} bytes"
+            )
         if len(assignment.title.encode()) + len(assignment.instructions.encode()) > limits.max_subtask_bytes:
             raise RefusedAssignment(
                 f"the subtask's title and instructions are over this worker's limit of {limits.max_subtask_bytes} bytes"
@@ -180,13 +204,7 @@ class Worker:
                 timeout_s = assignment.deadline - time.time()
                 if timeout_s <= 0:
                     raise ProviderUnavailable("the attempt's deadline passed before it started")
-            request = StreamRequest(
-                model=assignment.model or self.default_model,
-                system=prompts.WORKER_SYSTEM,
-                prompt=prompts.worker_prompt(assignment.idea, assignment.title, assignment.instructions),
-                max_tokens=assignment.max_tokens,
-                timeout_s=timeout_s,
-            )
+            request = assignment.stream_request(self.default_model, timeout_s)
             async for item in self.provider.stream(request):
                 yield item
         except ProviderError as error:

@@ -20,7 +20,7 @@ from prometheus_client import Counter, Histogram
 from swarm_common import telemetry
 from swarm_common.errors import ProviderError
 from swarm_common.model_limits import base_model
-from swarm_common.pricing import PRICES_PER_MTOK
+from swarm_common.pricing import priced
 from swarm_common.providers.base import OutlineRequest, PlanDraft, PlanRequest, Provider, StreamRequest, Usage
 
 TOKENS = Counter(
@@ -49,7 +49,7 @@ OTHER_MODEL = "other"
 
 def model_label(model: str) -> str:
     base = base_model(model)
-    return base if base in PRICES_PER_MTOK else OTHER_MODEL
+    return base if priced(base) else OTHER_MODEL
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +77,8 @@ class _ModelSeries:
 
 
 def _cache_tokens(usage: Usage) -> tuple[int, int]:
-    """Prompt-cache reads and writes. The provider reports them once Usage carries the API's
-    `cache_read_input_tokens` and `cache_creation_input_tokens` (prompt caching); until then 0."""
-    return (
-        int(getattr(usage, "cache_read_input_tokens", 0) or 0),
-        int(getattr(usage, "cache_creation_input_tokens", 0) or 0),
-    )
+    """Prompt-cache reads and writes, as the API reports them."""
+    return usage.cache_read_input_tokens, usage.cache_creation_input_tokens
 
 
 class ObservedProvider:
