@@ -145,6 +145,8 @@ class SwarmBudget:
         """Holds a call of `input_tokens` with the largest max_tokens up to `wanted` that fits 1/share
         of the room left after `keep`; at least `minimum`, else BudgetExhausted. `per_output` is what
         each output token costs besides itself (the synthesis that will read it)."""
+        # A request that wants answers shorter than the usual minimum gets what it asked for.
+        minimum = min(minimum, wanted)
         max_tokens = wanted
         if self.limited:
             max_tokens = min(wanted, self._fitting(model, input_tokens, keep, share, per_output))
