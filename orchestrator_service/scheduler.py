@@ -173,7 +173,12 @@ class Scheduler:
         tried: set[str] = set()
         last_attempt = first_attempt + self.policy.max_attempts - 1
         for attempt in range(first_attempt, last_attempt + 1):
-            worker = await self.pool.acquire(log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel)
+            worker = await self.pool.acquire(
+                log.swarm_id,
+                avoid=frozenset(tried),
+                max_parallel=max_parallel,
+                tenant=log.record.accepted.tenant,  # slots are shared between tenants first
+            )
             tried.add(worker.address)
             error: AttemptError | None = None
             try:

@@ -182,6 +182,7 @@ class SwarmRecord:
             model=self.accepted.model,
             provider=self.accepted.provider,
             request_id=self.accepted.request_id,
+            tenant=self.accepted.tenant,
             state=self.state,  # type: ignore[arg-type]
             result=self.result,
             error=self.error,

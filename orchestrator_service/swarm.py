@@ -39,6 +39,8 @@ class SwarmSpec:
     max_parallel: int = 0
     # The request's own answer budget per subtask; 0 = the orchestrator's default.
     answer_max_tokens: int = 0
+    # Whose swarm it is: the tenant of the token that started it ("" without tokens).
+    tenant: str = ""
 
     @classmethod
     def of(cls, record: SwarmRecord) -> SwarmSpec:
@@ -51,6 +53,7 @@ class SwarmSpec:
             accepted.request_id,
             accepted.max_parallel,
             record.answer_max_tokens,
+            accepted.tenant,
         )
 
 
@@ -71,6 +74,8 @@ class Swarm:
         self.record = log.record
         self.id = log.swarm_id
         self.cancel_reason = ""
+        # Set by `fail`: the run stops and the swarm ends in swarm_failed with this, not cancelled.
+        self._failure: events_pb2.SwarmFailed | None = None
         self.task: asyncio.Task[None] | None = None
         # When the RunSwarm call that is attached to the swarm runs out (epoch seconds): every
         # attempt ends by then. Not stored: a resumed swarm is attached to no call.
@@ -100,6 +105,7 @@ class Swarm:
                 provider=provider_name,
                 request_id=spec.request_id,
                 max_parallel=spec.max_parallel,
+                tenant=spec.tenant,
             ),
         )
         if spec.answer_max_tokens:
@@ -165,6 +171,14 @@ class Swarm:
         self.task.cancel()
         return True
 
+    def fail(self, failure: events_pb2.SwarmFailed) -> bool:
+        """Stops the run from outside (a quota of its tenant ran out): it ends in `failure`."""
+        if self.finished or self._suspending or self.task is None or self.task.done():
+            return False
+        self._failure = self._failure or failure
+        self.task.cancel()
+        return True
+
     def suspend(self) -> bool:
         """Stops the run without an end, for a restart to resume: the orchestrator is shutting down."""
         if self.finished or self.task is None or self.task.done():
@@ -183,6 +197,8 @@ class Swarm:
             # event, or its suspension, told by the log to its readers.
             if self._suspending:
                 self.log.suspend()
+            elif self._failure is not None:
+                self.log.append("swarm_failed", self._failure)
             else:
                 self.log.append(
                     "swarm_cancelled", events_pb2.SwarmCancelled(reason=self.cancel_reason or "cancelled")
