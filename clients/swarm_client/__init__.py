@@ -23,16 +23,19 @@ from swarm_client._errors import (
     ResourceExhausted,
     ResumeFailed,
     SwarmError,
+    TlsFailed,
     Unauthenticated,
     Unavailable,
 )
 from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, TERMINAL_KINDS, Reconnecting
+from swarm_client._tls import ClientTls, TlsOptionError
 
 __all__ = [
     "DEFAULT_RESUME_WITHIN_S",
     "DEFAULT_TARGET",
     "TERMINAL_KINDS",
     "AsyncSwarmClient",
+    "ClientTls",
     "DeadlineExceeded",
     "InvalidArgument",
     "NotFound",
@@ -44,6 +47,8 @@ __all__ = [
     "SwarmError",
     "SwarmEvent",
     "SwarmState",
+    "TlsFailed",
+    "TlsOptionError",
     "Unauthenticated",
     "Unavailable",
     "default_target",
