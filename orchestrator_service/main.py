@@ -114,6 +114,7 @@ async def _serve_on(
         refresh_interval_s=settings.refresh_interval_s,
         no_worker_timeout_s=settings.no_worker_timeout_s,
         credentials=worker_credentials,
+        client_certificate=bool(settings.worker_tls_cert),
     )
     orchestrator = Orchestrator(
         Planner(

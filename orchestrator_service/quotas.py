@@ -80,8 +80,8 @@ class QuotaKeeper:
 
     def admit(self, tenant: Tenant, *, num_agents: int, unfinished: int) -> None:
         """Raises QuotaExceeded when a new swarm of `num_agents` would pass one of the tenant's
-        quotas; `unfinished` is how many of its swarms have not ended. A call let through counts
-        toward the calls per minute."""
+        quotas; `unfinished` is how many of its swarms have not ended. Every call that gets here
+        counts toward the calls per minute, refused or not: retrying in a loop does not help."""
         quotas, name = tenant.quotas, tenant.name
         now = self._clock()
         runs = self._runs.setdefault(name, deque())
@@ -95,6 +95,7 @@ class QuotaKeeper:
                 f"tenant {name} has made {len(runs)} RunSwarm calls in the last minute, its quota "
                 f"(runs_per_minute {quotas.runs_per_minute}): try again in {wait:.0f}s",
             )
+        runs.append(now)
         if quotas.agents_per_swarm and num_agents > quotas.agents_per_swarm:
             raise QuotaExceeded(
                 name,
@@ -112,7 +113,6 @@ class QuotaKeeper:
         exhausted = self.exhausted(tenant)
         if exhausted is not None:
             raise exhausted
-        runs.append(now)
 
     def exhausted(self, tenant: Tenant) -> QuotaExceeded | None:
         """The tenant's daily quota that today's spend has reached, if any."""

@@ -184,10 +184,13 @@ class WorkerPool:
         no_worker_timeout_s: float = 30.0,
         cancel_timeout_s: float = CANCEL_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
+        client_certificate: bool = False,
     ) -> None:
-        """`credentials`: call the workers over TLS with these; None = plaintext."""
+        """`credentials`: call the workers over TLS with these (None = plaintext), which present a
+        client certificate when `client_certificate`."""
         self.target = PoolTarget.parse(target)
         self.credentials = credentials
+        self.client_certificate = client_certificate
         self.target_text = target
         self.refresh_interval_s = refresh_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -327,9 +330,7 @@ class WorkerPool:
                         self._changed()
             except grpc.aio.AioRpcError as error:
                 tls = (
-                    explain_tls_failure(
-                        error.details() or "", client_certificate=self.credentials is not None
-                    )
+                    explain_tls_failure(error.details() or "", client_certificate=self.client_certificate)
                     if self.credentials is not None
                     else None
                 )

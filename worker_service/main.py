@@ -27,6 +27,7 @@ async def drain(worker: Worker, grace_s: float) -> None:
 
 async def serve(settings: WorkerSettings) -> None:
     log = logs.setup("worker", settings.log_level)
+    tls = settings.server_tls(log)  # files that cannot be used stop the start
     provider = make_provider(settings.provider, settings.simulated())
     worker = Worker(
         provider,
@@ -49,6 +50,7 @@ async def serve(settings: WorkerSettings) -> None:
         listen=settings.listen,
         log=log,
         limits=settings.call_limits(),
+        tls=tls,
     )
     worker.worker_id = settings.worker_id or f"{socket.gethostname()}:{service.port}"
     log.info(

@@ -7,6 +7,13 @@ async with AsyncSwarmClient("localhost:50051") as client:
 A stream that breaks (an orchestrator restart, a dropped connection) is resumed where it stopped.
 """
 
+import os
+
+# grpc's C core writes lines of its own to standard error (a failed TLS handshake, at INFO). A
+# client tells what failed itself, in one line (its errors), so grpc's are errors only unless
+# GRPC_VERBOSITY says otherwise: set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from swarm_client._client import (
     DEFAULT_TARGET,
     AsyncSwarmClient,

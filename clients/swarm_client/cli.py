@@ -250,7 +250,10 @@ def cmd_cancel(args: argparse.Namespace, client: SwarmClient) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm", description="Run swarms of Claude agents in parallel.")
+    # No abbreviations: `swarm up --tls` is up's own flag, not a short --tls-ca.
+    parser = argparse.ArgumentParser(
+        prog="swarm", description="Run swarms of Claude agents in parallel.", allow_abbrev=False
+    )
     parser.add_argument(
         "--target",
         default=default_target(),
