@@ -30,9 +30,16 @@ class CallLimits:
     # timeout is gone: its connection and calls end, also when it vanished without a reset.
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
+    # The largest request message, and the most request metadata (headers: a token among them),
+    # a call may bring; beyond, it is refused RESOURCE_EXHAUSTED before any handler sees it.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
 
     def options(self) -> list[tuple[str, int]]:
         return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", self.max_metadata_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),

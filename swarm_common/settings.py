@@ -162,6 +162,12 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--keepalive-timeout",
     )
 
+    max_message_bytes: PositiveInt = setting(
+        4 * 1024 * 1024, "largest request message a call may bring (4 MiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
+    max_metadata_bytes: PositiveInt = setting(
+        16 * 1024, "most request metadata (headers) a call may bring (16 KiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
     tls_cert: str = setting(
         "",
         "PEM certificate (chain) to serve TLS with; set = TLS only. A renewed file is served from the next "
@@ -187,6 +193,8 @@ class ServiceSettings(SimulatedProviderSettings):
             stream_write_timeout_s=self.stream_write_timeout_s,
             keepalive_time_s=self.keepalive_time_s,
             keepalive_timeout_s=self.keepalive_timeout_s,
+            max_message_bytes=self.max_message_bytes,
+            max_metadata_bytes=self.max_metadata_bytes,
         )
 
     @classmethod

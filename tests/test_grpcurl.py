@@ -28,7 +28,9 @@ def readme_grpcurl_lines() -> list[list[str]]:
     (the TLS ones are run by tests/test_security.py)."""
     text = README.read_text().replace("\\\n", " ")
     return [
-        shlex.split(line) for line in text.splitlines() if line.startswith("grpcurl ") and "-plaintext" in line.split()
+        shlex.split(line)
+        for line in text.splitlines()
+        if line.startswith("grpcurl ") and "-plaintext" in line.split()
     ]
 
 

@@ -41,6 +41,8 @@ BOTH = [
     ("--stream-write-timeout", "SWARM_STREAM_WRITE_TIMEOUT_S", 30.0),
     ("--keepalive-time", "SWARM_KEEPALIVE_TIME_S", 30.0),
     ("--keepalive-timeout", "SWARM_KEEPALIVE_TIMEOUT_S", 20.0),
+    ("--max-message-bytes", "SWARM_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+    ("--max-metadata-bytes", "SWARM_MAX_METADATA_BYTES", 16 * 1024),
     ("--tls-cert", "SWARM_TLS_CERT", ""),
     ("--tls-key", "SWARM_TLS_KEY", ""),
     ("--tls-client-ca", "SWARM_TLS_CLIENT_CA", ""),
