@@ -440,7 +440,9 @@ def dispatch(
     except Unauthenticated as error:
         hint = "" if args.token else " (give --token or SWARM_TOKEN)"
         err.print(
-            safe_text(f"swarm: the orchestrator at {args.target} refused the call: {error.message}{hint}")
+            safe_text(
+                f"swarm: UNAUTHENTICATED: the orchestrator at {args.target} refused the call: {error.message}{hint}"
+            )
         )
         return EXIT_FAILED
     except InvalidArgument as error:
