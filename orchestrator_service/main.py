@@ -11,8 +11,6 @@ import ipaddress
 import logging
 import sys
 
-import grpc
-
 from orchestrator_service.auth import Authentication, AuthFileError, TokenBook, add_token
 from orchestrator_service.orchestrator import Limits, Orchestrator
 from orchestrator_service.planner import Planner
@@ -28,7 +26,7 @@ from swarm_common import logs
 from swarm_common.config import split_host_port
 from swarm_common.providers import ProviderConfigError, make_provider
 from swarm_common.serving import Service
-from swarm_common.tls import ServerTls, channel_credentials
+from swarm_common.tls import ClientTls, ServerTls
 
 
 class Unprotected(ValueError):
@@ -62,8 +60,8 @@ async def serve(settings: OrchestratorSettings) -> None:
     check_exposure(settings)
     # Files that cannot be used stop the start before anything is set up.
     tls = settings.server_tls(log)
-    worker_credentials = (
-        channel_credentials(
+    worker_tls = (
+        ClientTls(
             settings.worker_tls_ca, settings.worker_tls_cert, settings.worker_tls_key, flags="--worker-tls"
         )
         if settings.worker_tls_ca
@@ -77,7 +75,7 @@ async def serve(settings: OrchestratorSettings) -> None:
     # First: a database that cannot be used stops the start before anything else is set up.
     store = await open_store(settings.db)
     try:
-        await _serve_on(store, settings, log, tls=tls, worker_credentials=worker_credentials, book=book)
+        await _serve_on(store, settings, log, tls=tls, worker_tls=worker_tls, book=book)
     finally:
         await store.close()
 
@@ -88,7 +86,7 @@ async def _serve_on(
     log: logging.Logger,
     *,
     tls: ServerTls | None,
-    worker_credentials: grpc.ChannelCredentials | None,
+    worker_tls: ClientTls | None,
     book: TokenBook | None,
 ) -> None:
     provider = make_provider(settings.provider, settings.simulated())
@@ -113,8 +111,7 @@ async def _serve_on(
         settings.workers,
         refresh_interval_s=settings.refresh_interval_s,
         no_worker_timeout_s=settings.no_worker_timeout_s,
-        credentials=worker_credentials,
-        client_certificate=bool(settings.worker_tls_cert),
+        tls=worker_tls,
     )
     orchestrator = Orchestrator(
         Planner(

@@ -17,8 +17,10 @@ pool keeps one channel per worker address and decides itself:
   the next tenant in round-robin order, and within it to that tenant's next swarm, so one tenant's
   big swarms cannot starve another's, and a small swarm is not stuck behind a big one. A swarm may
   cap how many of its subtasks hold slots at once.
-- **TLS.** With channel credentials, every worker is called over TLS (mTLS when they carry a client
-  certificate), its certificate checked for the host the target names, whatever address it has.
+- **TLS.** With TLS files, every worker is called over TLS (mTLS when they hold a client
+  certificate), its certificate checked for the host the target names, whatever address it has. A
+  worker that cannot be reached after the files were renewed gets a new channel, with the renewed
+  certificate: an expired one no longer fails every reconnection.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator_service.worker_session import CANCEL_TIMEOUT_S, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.config import split_host_port
-from swarm_common.tls import explain_tls_failure
+from swarm_common.tls import ClientTls, explain_tls_failure
 
 log = logging.getLogger("swarm.orchestrator.pool")
 
@@ -145,6 +147,8 @@ class PoolWorker:
     last_pick: int = 0
     provider: str = ""
     watcher: asyncio.Task[None] | None = None
+    # The reading of the TLS files its channel was made with.
+    tls_version: int = 0
 
     @property
     def eligible(self) -> bool:
@@ -183,14 +187,11 @@ class WorkerPool:
         probe_timeout_s: float = 2.0,
         no_worker_timeout_s: float = 30.0,
         cancel_timeout_s: float = CANCEL_TIMEOUT_S,
-        credentials: grpc.ChannelCredentials | None = None,
-        client_certificate: bool = False,
+        tls: ClientTls | None = None,
     ) -> None:
-        """`credentials`: call the workers over TLS with these (None = plaintext), which present a
-        client certificate when `client_certificate`."""
+        """`tls`: call the workers over TLS with these files (None = plaintext)."""
         self.target = PoolTarget.parse(target)
-        self.credentials = credentials
-        self.client_certificate = client_certificate
+        self.tls = tls
         self.target_text = target
         self.refresh_interval_s = refresh_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -272,19 +273,36 @@ class WorkerPool:
             self._remove(worker)
         self._changed()
 
-    def _add(self, address: str) -> None:
-        if self.credentials is None:
+    def _connect(
+        self, address: str
+    ) -> tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceAsyncStub, WorkerSession, int]:
+        """A channel to the worker, with the TLS files as they are now, and what is made on it."""
+        if self.tls is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            version = 0
         else:
             name = self.target.server_name
             options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", name)] if name else [])]
-            channel = grpc.aio.secure_channel(address, self.credentials, options=options)
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options=options)
+            version = self.tls.version
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
         session = WorkerSession(stub, on_slot_freed=self._dispatch, cancel_timeout_s=self.cancel_timeout_s)
-        worker = PoolWorker(address, channel, stub, session)
+        return channel, stub, session, version
+
+    def _add(self, address: str) -> None:
+        channel, stub, session, version = self._connect(address)
+        worker = PoolWorker(address, channel, stub, session, tls_version=version)
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})
+
+    async def _renew_channel(self, worker: PoolWorker) -> None:
+        """A new channel with the renewed TLS files, for a worker that holds no subtask."""
+        old_channel, old_session = worker.channel, worker.session
+        worker.channel, worker.stub, worker.session, worker.tls_version = self._connect(worker.address)
+        log.info("a new channel to the worker, with the renewed TLS files", extra={"address": worker.address})
+        await old_session.close()
+        await old_channel.close()
 
     def _remove(self, worker: PoolWorker) -> None:
         """No new work for the worker. It stays in the pool, holding its slots, until its running
@@ -311,8 +329,8 @@ class WorkerPool:
     async def _watch(self, worker: PoolWorker) -> None:
         """Probe, then follow the worker's health until the watch breaks; then again, with backoff."""
         backoff = 0.25
-        health = health_pb2_grpc.HealthStub(worker.channel)
         while not worker.removed:
+            health = health_pb2_grpc.HealthStub(worker.channel)
             try:
                 info = await worker.stub.GetWorkerInfo(
                     worker_pb2.GetWorkerInfoRequest(), timeout=self.probe_timeout_s
@@ -330,8 +348,8 @@ class WorkerPool:
                         self._changed()
             except grpc.aio.AioRpcError as error:
                 tls = (
-                    explain_tls_failure(error.details() or "", client_certificate=self.client_certificate)
-                    if self.credentials is not None
+                    explain_tls_failure(error.details() or "", client_certificate=self.tls.client_certificate)
+                    if self.tls is not None
                     else None
                 )
                 if worker.reachable or (tls and not worker.capacity and backoff == 0.25):
@@ -343,6 +361,10 @@ class WorkerPool:
             self._changed()
             await asyncio.sleep(backoff)
             backoff = min(MAX_WATCH_BACKOFF_S, backoff * 2)
+            if self.tls is not None and worker.in_flight == 0 and not worker.session.stopping:
+                self.tls.credentials()  # looks at the files
+                if self.tls.version != worker.tls_version:
+                    await self._renew_channel(worker)
 
     def _learn(self, worker: PoolWorker, info: worker_pb2.GetWorkerInfoResponse) -> None:
         first = not worker.capacity

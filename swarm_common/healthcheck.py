@@ -23,7 +23,7 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from swarm_common.tls import TlsConfigError, channel_credentials, explain_tls_failure
+from swarm_common.tls import ClientTls, TlsConfigError, explain_tls_failure
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 3.0
@@ -51,7 +51,7 @@ def default_address(environ: dict[str, str] | None = None) -> str:
 def _channel(address: str, tls: argparse.Namespace | None) -> grpc.Channel:
     if tls is None or not tls.tls_ca:
         return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-    credentials = channel_credentials(tls.tls_ca, tls.tls_cert, tls.tls_key)
+    credentials = ClientTls(tls.tls_ca, tls.tls_cert, tls.tls_key).credentials()
     name = [("grpc.ssl_target_name_override", tls.tls_server_name)] if tls.tls_server_name else []
     return grpc.secure_channel(address, credentials, options=[*_CHANNEL_OPTIONS, *name])
 

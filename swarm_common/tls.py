@@ -8,7 +8,8 @@ one reading of a failed handshake.
   a restart. A renewal caught half-written (a key that does not match its certificate yet) keeps
   the old pair until both files agree. Kubernetes swaps a mounted Secret's files at once, and
   `swarm certs` renames whole files into place.
-- **Calling.** `channel_credentials` reads a CA and, for mTLS, a client certificate and key.
+- **Calling.** `ClientTls` reads a CA and, for mTLS, a client certificate and key, and again when
+  they change, so that a channel made after a renewal presents the renewed certificate.
 - **Failures.** grpc tells a failed handshake in OpenSSL's words; `explain_tls_failure` says
   what it means in one line.
 
@@ -147,18 +148,44 @@ class ServerTls:
             )
 
 
-def channel_credentials(
-    ca: str, cert: str = "", key: str = "", *, flags: str = "--tls"
-) -> grpc.ChannelCredentials:
+class ClientTls:
     """Credentials to call a TLS server: its certificate checked against `ca`, and, for mTLS, the
-    client certificate `cert` with its `key`. `flags` names the options in errors (`--worker-tls`)."""
-    if bool(cert) != bool(key):
-        raise TlsConfigError(f"{flags}-cert and {flags}-key go together: give both or neither")
-    return grpc.ssl_channel_credentials(
-        read_pem(ca, f"{flags}-ca"),
-        read_pem(key, f"{flags}-key") if key else None,
-        read_pem(cert, f"{flags}-cert") if cert else None,
-    )
+    client certificate `cert` with its `key`; read again when the files change (`version` counts
+    the readings). `flags` names the options in errors (`--worker-tls`)."""
+
+    def __init__(self, ca: str, cert: str = "", key: str = "", *, flags: str = "--tls") -> None:
+        if bool(cert) != bool(key):
+            raise TlsConfigError(f"{flags}-cert and {flags}-key go together: give both or neither")
+        self._paths = (ca, cert, key)
+        self._flags = flags
+        self._seen = _signature(self._paths)
+        self._credentials = self._read()  # a file that cannot be read stops the start
+        self.version = 1
+
+    @property
+    def client_certificate(self) -> bool:
+        return bool(self._paths[1])
+
+    def _read(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self._paths
+        flags = self._flags
+        return grpc.ssl_channel_credentials(
+            read_pem(ca, f"{flags}-ca"),
+            read_pem(key, f"{flags}-key") if key else None,
+            read_pem(cert, f"{flags}-cert") if cert else None,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The credentials as the files are now (the previous ones while the files cannot be read)."""
+        seen = _signature(self._paths)
+        if seen != self._seen:
+            try:
+                self._credentials = self._read()
+            except TlsConfigError:
+                return self._credentials  # mid-renewal: the next call looks again
+            self._seen = seen
+            self.version += 1
+        return self._credentials
 
 
 # What OpenSSL's words in grpc's error details mean, checked in this order.

@@ -589,6 +589,48 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> No
         orchestrator.stop()
 
 
+def test_the_orchestrator_calls_workers_with_its_renewed_client_certificate_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    ca = Authority("renewal test CA")
+    now = datetime.datetime.now(datetime.UTC)
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    worker_cert = issued(tmp_path, "worker", ca.issue("w", hosts=["127.0.0.1"]))
+    expired = ca.issue("o", client=True, server=False, not_before=now - datetime.timedelta(days=2),
+                       not_after=now - datetime.timedelta(days=1))  # fmt: skip
+    client_cert = issued(tmp_path, "orchestrator", expired)
+    calling = ["--worker-tls-ca", str(tmp_path / "ca.pem"), "--worker-tls-cert", client_cert[0],
+               "--worker-tls-key", client_cert[1], "--allow-unauthenticated"]  # fmt: skip
+    serving = [
+        "--tls-cert",
+        worker_cert[0],
+        "--tls-key",
+        worker_cert[1],
+        "--tls-client-ca",
+        str(tmp_path / "ca.pem"),
+    ]
+    with stack(1, worker_args=serving, orchestrator_args=calling) as running:
+        deadline = time.monotonic() + 20
+        while "worker unreachable" not in running.orchestrator.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "refused the client certificate" in running.orchestrator.output()
+        renewed = ca.issue("o", client=True, server=False)
+        for path, data in [(client_cert[0], renewed.cert), (client_cert[1], renewed.key)]:
+            Path(f"{path}.new").write_bytes(data)
+            os.replace(f"{path}.new", path)
+        watch_keys(tmp_path)
+        while "worker ready" not in running.orchestrator.output() and time.monotonic() < deadline + 20:
+            time.sleep(0.1)
+        assert "a new channel to the worker, with the renewed TLS files" in running.orchestrator.output()
+        client = orchestrator_pb2_grpc.OrchestratorServiceStub(grpc.insecure_channel(running.target))
+        events = [
+            r.event
+            for r in client.RunSwarm(orchestrator_pb2.RunSwarmRequest(idea="x", num_agents=2), timeout=60)
+        ]
+        assert events[-1].HasField("swarm_completed"), events[-1]
+        assert running.orchestrator.popen.poll() is None
+
+
 # ---------------------------------------------------------------- every client, with and without credentials
 
 
