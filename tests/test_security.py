@@ -1,7 +1,7 @@
-"""Security end to end, with real processes: mTLS on every hop, tokens of tenants, what one tenant
-can see of another's swarms (nothing), quotas, the secure default, and every client (the CLI, the
-Python client, the Node.js client, buf curl and grpcurl as README writes them, `swarm up --tls`)
-served with credentials and refused without.
+"""Security end to end, with real processes: tokens of tenants, what one tenant can see of
+another's swarms (nothing), quotas, the secure default, and every client (the CLI, the Python
+client, the Node.js client, buf curl and grpcurl as README writes them, `swarm up --tls`) served
+over mTLS with credentials and refused without. The ways mTLS fails are in test_mtls.py.
 
 The certificates are made by `swarm certs`' own code; the tokens by `swarm-orchestrator add-token`.
 """
