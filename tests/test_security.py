@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+import secrets_watch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -117,6 +119,11 @@ def secure(creds: Credentials) -> Iterator[Stack]:
         orchestrator_args=[*creds.serving, *creds.calling_workers, "--auth-file", creds.path("auth.json")],
     ) as running:
         yield running
+
+
+def note_received(where: str, texts: list[str]) -> None:
+    """What a client received goes through the session's secret check too."""
+    secrets_watch.note(f"what {where} received", [line for text in texts for line in text.splitlines()])
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -426,6 +433,7 @@ def test_the_cli_runs_a_swarm_with_tls_and_a_token_and_is_refused_without(
     env = {**os.environ, "SWARM_TOKEN": creds.tokens["acme"]}
     ran = subprocess.run([*base, *tls, "run", "a CLI idea", "--agents", "2", "--json"],
                          capture_output=True, text=True, timeout=90, check=False, env=env)  # fmt: skip
+    note_received("the CLI", [ran.stdout, ran.stderr])
     assert ran.returncode == 0, ran.stderr
     events = [json.loads(line) for line in ran.stdout.splitlines()]
     assert "swarm_completed" in events[-1] and events[0]["accepted"]["tenant"] == "acme"
@@ -439,6 +447,7 @@ def test_the_cli_runs_a_swarm_with_tls_and_a_token_and_is_refused_without(
         refused = subprocess.run(
             [*base, *args], capture_output=True, text=True, timeout=60, check=False, env=env_
         )
+        note_received("the CLI", [refused.stdout, refused.stderr])
         assert refused.returncode == status, refused.stderr
         (line,) = refused.stderr.splitlines()
         assert words in line, line
@@ -450,6 +459,7 @@ async def test_the_python_client_runs_a_swarm_and_is_refused_without_credentials
 ) -> None:
     async with AsyncSwarmClient(secure.target, tls=creds.client_tls, token=creds.tokens["bolt"]) as client:
         events = [event async for event in client.run("a Python idea", 2)]
+        note_received("the Python client", [str(event) for event in events])
         assert events[-1].WhichOneof("kind") == "swarm_completed"
     async with AsyncSwarmClient(secure.target, tls=creds.client_tls, token="") as client:
         with pytest.raises(Unauthenticated, match="no token"):
@@ -458,6 +468,39 @@ async def test_the_python_client_runs_a_swarm_and_is_refused_without_credentials
     async with AsyncSwarmClient(secure.target, tls=no_cert, token=creds.tokens["bolt"]) as client:
         with pytest.raises(TlsFailed, match="requires a client certificate"):
             await client.list()
+
+
+def test_the_web_console_reaches_a_secure_orchestrator_as_its_tenant(
+    secure: Stack, creds: Credentials
+) -> None:
+    tls = [
+        "--tls-ca",
+        creds.path("ca.pem"),
+        "--tls-cert",
+        creds.path("client.pem"),
+        "--tls-key",
+        creds.path("client-key.pem"),
+    ]
+    console = start(
+        "web", "swarm-web", ["--target", secure.target, *tls], {"SWARM_TOKEN": creds.tokens["bolt"]}
+    )
+    without = start("web", "swarm-web", ["--target", secure.target, *tls])
+    try:
+        base = f"http://{console.address}"
+        info = httpx.get(f"{base}/api/info", timeout=30).json()
+        assert info["tenant"] == "bolt"
+        started = httpx.post(
+            f"{base}/api/swarms", json={"idea": "from the console", "numAgents": 1}, timeout=30
+        )
+        assert started.status_code == 201, started.text
+        swarm = httpx.get(f"{base}/api/swarms/{started.json()['swarmId']}", timeout=30).json()
+        assert swarm["tenant"] == "bolt"
+        refused = httpx.get(f"http://{without.address}/api/info", timeout=30)
+        assert refused.status_code == 401, refused.text
+        note_received("the console", [started.text, refused.text, json.dumps(info)])
+    finally:
+        console.stop()
+        without.stop()
 
 
 def test_the_node_client_runs_a_swarm_and_is_refused_without_credentials(
@@ -475,10 +518,12 @@ def test_the_node_client_runs_a_swarm_and_is_refused_without_credentials(
             os.environ.pop("SWARM_TOKEN")
         else:
             os.environ["SWARM_TOKEN"] = previous
+    note_received("the Node.js client", [result.stdout, result.stderr])
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[-1]["kind"] == "swarm_completed" and events[0]["accepted"]["tenant"] == "acme"
     refused = run([*base, "no token"], timeout=60, cwd=NODE_DIR)
+    note_received("the Node.js client", [refused.stdout, refused.stderr])
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
     no_cert = run(
         [node, RUN_SWARM, "--target", secure.target, "--tls-ca", creds.path("ca.pem"), "x"],
@@ -520,6 +565,7 @@ def test_readme_secure_lines_run_a_swarm_and_are_refused_without_credentials(
     for command in readme_secure_lines(tool):
         args = placed(command, creds, secure.target)
         result = run([binary, *args[1:]], timeout=90, cwd=tmp_path)
+        note_received(tool, [result.stdout, result.stderr])
         assert result.returncode == 0, result.describe(args)
         if command[-1].endswith("/RunSwarm"):
             events = [document["event"] for document in json_documents(result.stdout)]
@@ -529,6 +575,7 @@ def test_readme_secure_lines_run_a_swarm_and_are_refused_without_credentials(
             header = next(i for i, arg in enumerate(no_token) if arg.startswith("authorization:"))
             del no_token[header - 1 : header + 1]
             refused = run([binary, *no_token[1:]], timeout=60, cwd=tmp_path)
+            note_received(tool, [refused.stdout, refused.stderr])
             said = (refused.stdout + refused.stderr).lower()
             assert refused.returncode != 0 and "unauthenticated" in said, refused.describe(no_token)
             # Without the client certificate: refused by the TLS handshake.
