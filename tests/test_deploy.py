@@ -412,17 +412,22 @@ def test_k8s_network_policies_deny_by_default(k8s: list[dict[str, Any]]) -> None
 
 
 def test_k8s_workers_accept_traffic_only_from_the_orchestrator(k8s: list[dict[str, Any]]) -> None:
+    """Their gRPC port from the orchestrator's pods alone; nothing else but the metrics port."""
     worker = pod_labels(k8s, "worker")
     rules = [rule for p in policies(k8s) if selects(p, worker) for rule in p["spec"].get("ingress", [])]
-    assert rules
-    for rule in rules:
-        sources = rule["from"]
+    grpc_rules = [rule for rule in rules if 50052 in [port["port"] for port in rule.get("ports", [])]]
+    assert grpc_rules
+    for rule in grpc_rules:
+        sources = rule.get("from", [])
         assert sources and all(
             source.keys() == {"podSelector"}
             and source["podSelector"]["matchLabels"].items() <= pod_labels(k8s, "orchestrator").items()
             for source in sources
         ), rule
         assert [port["port"] for port in rule["ports"]] == [50052]
+    for rule in rules:
+        assert rule.get("ports"), f"a rule opens every port of the workers: {rule}"
+        assert {port["port"] for port in rule["ports"]} <= {50052, 9464}, rule
 
 
 def test_k8s_only_the_model_callers_reach_port_443_and_dns(k8s: list[dict[str, Any]]) -> None:
