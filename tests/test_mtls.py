@@ -240,3 +240,41 @@ def test_the_orchestrator_calls_workers_with_its_renewed_client_certificate_with
         ]
         assert events[-1].HasField("swarm_completed"), events[-1]
         assert running.orchestrator.popen.poll() is None
+
+
+def test_swarm_certs_writes_a_ca_and_server_and_client_certificates(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    made = subprocess.run(
+        [
+            str(BIN / "swarm"),
+            "certs",
+            str(tmp_path / "certs"),
+            "--host",
+            "orchestrator",
+            "--host",
+            "127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    directory = tmp_path / "certs"
+    watch_keys(directory)
+    names = {"ca.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem"}
+    assert {path.name for path in directory.iterdir()} == names
+    for key in ("server-key.pem", "client-key.pem"):
+        assert oct((directory / key).stat().st_mode & 0o777) == "0o600"
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((directory / "server.pem").read_bytes())
+    client = x509.load_pem_x509_certificate((directory / "client.pem").read_bytes())
+    assert server.issuer == ca.subject and client.issuer == ca.subject
+    hosts = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert hosts.get_values_for_type(x509.DNSName) == ["orchestrator"]
+    assert [str(ip) for ip in hosts.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    usages = client.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    assert "private" in made.stdout and "PRIVATE KEY" not in made.stdout
