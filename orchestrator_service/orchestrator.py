@@ -3,6 +3,9 @@ No gRPC here.
 
 Swarms that are running live here, in memory; a finished swarm lives in the store alone, which is
 where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swarms in flight.
+
+Every swarm belongs to the tenant that started it, and only that tenant finds it: to any other,
+its id is as unknown as one never given out (NOT_FOUND), and its request ids are the tenant's own.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
+from orchestrator_service.quotas import MeteredStore, QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
@@ -215,15 +220,21 @@ class Orchestrator:
         default_model: str,
         limits: Limits | None = None,
         economy: Economy | None = None,
+        quotas: QuotaKeeper | None = None,
+        tenants: Callable[[str], Tenant | None] = lambda name: None,
     ) -> None:
+        """`tenants` gives a tenant's quotas as they stand, by name (from the auth file)."""
         self.planner = planner
         self.economy = economy or Economy()
         self.scheduler = scheduler
-        self.store = store
+        # What swarms spend is counted as their events are stored, against their tenant's quotas.
+        self.store = MeteredStore(store, self._spent)
         self.default_model = default_model
         self.limits = limits or Limits()
+        self.quotas = quotas or QuotaKeeper()
+        self._tenants = tenants
         self._swarms: dict[str, Swarm] = {}
-        self._by_request_id: dict[str, Swarm] = {}
+        self._by_request_id: dict[tuple[str, str], Swarm] = {}
         self._watchers: dict[str, int] = {}
         self.accepting = True
         # The first failed store write: the orchestrator can no longer keep its promise that what
@@ -274,12 +285,13 @@ class Orchestrator:
         hedging: bool | None = None,
         hedge_max_extra: float = 0.0,
         trace_context: Mapping[str, str] | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> Started:
-        """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
-        if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline. `hedging` None and `hedge_max_extra` 0 take the
-        orchestrator's defaults. `trace_context`: the caller's W3C trace headers, whose trace the
-        swarm's joins."""
+        """Validates and starts a swarm of `tenant`'s; a request_id the tenant used before gives
+        back that swarm instead, if it was asked for with the same parameters. `deadline` (epoch
+        seconds) bounds every attempt: the attached call's own deadline. `hedging` None and
+        `hedge_max_extra` 0 take the orchestrator's defaults. `trace_context`: the caller's W3C
+        trace headers, whose trace the swarm's joins."""
         spec = self.spec_of(
             idea=idea,
             num_agents=num_agents,
@@ -291,10 +303,11 @@ class Orchestrator:
             worker_model=worker_model,
             hedging=hedging,
             hedge_max_extra=hedge_max_extra,
+            tenant=tenant.name,
         )
         validate(spec, self.limits)
         if request_id:
-            seen = await self._find_request(request_id)
+            seen = await self._find_request(request_id, tenant.name)
             if seen is not None:
                 differ = differences(spec, await self._requested(seen))
                 if differ:
@@ -304,6 +317,7 @@ class Orchestrator:
                 return Started(seen, new=False)
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
+        self.quotas.admit(tenant, num_agents=num_agents, unfinished=self._unfinished(tenant.name))
         in_flight = sum(s.record.accepted.num_agents for s in self._swarms.values() if not s.finished)
         if in_flight + num_agents > self.limits.max_agents_in_flight:
             raise OverLimit(
@@ -339,6 +353,7 @@ class Orchestrator:
         worker_model: str = "",
         hedging: bool | None = None,
         hedge_max_extra: float = 0.0,
+        tenant: str = "",
     ) -> SwarmSpec:
         """What a request asks for, the orchestrator's defaults filled in."""
         model = model or self.default_model
@@ -353,6 +368,7 @@ class Orchestrator:
             worker_model=worker_model or self.economy.worker_model,
             hedging=self.economy.hedging if hedging is None else hedging,
             hedge_max_extra=hedge_max_extra or self.economy.hedge_max_extra,
+            tenant=tenant,
         )
 
     def estimate(self, spec: SwarmSpec) -> orchestrator_pb2.EstimateSwarmResponse:
@@ -379,19 +395,41 @@ class Orchestrator:
             record.apply(event)
         return SwarmSpec.of(record)
 
-    async def _find_request(self, request_id: str) -> str | None:
-        running = self._by_request_id.get(request_id)
+    async def _find_request(self, request_id: str, tenant: str) -> str | None:
+        running = self._by_request_id.get((tenant, request_id))
         if running is not None:
             return running.id
-        stored = await self.store.find_request(request_id)
+        stored = await self.store.find_request(request_id, tenant=tenant)
         # Looked up again after the wait: a start with the same request_id may have won the race.
-        running = self._by_request_id.get(request_id)
+        running = self._by_request_id.get((tenant, request_id))
         return running.id if running is not None else stored
+
+    def _unfinished(self, tenant: str) -> int:
+        return sum(1 for s in self._swarms.values() if not s.finished and s.record.accepted.tenant == tenant)
+
+    def _spent(self, swarm_id: str, spent: Spent) -> None:
+        """A stored event of the swarm reported model spend: it is charged to the swarm's tenant,
+        and when that takes the tenant to a daily quota, its running swarms stop there."""
+        swarm = self._swarms.get(swarm_id)
+        if swarm is None:
+            return
+        name = swarm.record.accepted.tenant
+        self.quotas.charge(name, spent)
+        tenant = self._tenants(name)
+        exceeded = self.quotas.exhausted(tenant) if tenant is not None else None
+        if exceeded is None:
+            return
+        for running in list(self._swarms.values()):
+            if running.record.accepted.tenant == name and running.fail(
+                events_pb2.SwarmFailed(error=f"{exceeded}: the swarm is stopped", quota=exceeded.quota)
+            ):
+                log.warning(f"swarm stopped: {exceeded}", extra={"swarm_id": running.id})
 
     def _launch(self, swarm: Swarm) -> None:
         self._swarms[swarm.id] = swarm
-        if swarm.spec.request_id:
-            self._by_request_id.setdefault(swarm.spec.request_id, swarm)
+        spec = swarm.spec
+        if spec.request_id:
+            self._by_request_id.setdefault((spec.tenant, spec.request_id), swarm)
         swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
 
     async def _run(self, swarm: Swarm) -> None:
@@ -408,25 +446,37 @@ class Orchestrator:
             return  # the orchestrator is stopping for it (`store_failed`)
         # Durable now, so the store answers for it from here on.
         del self._swarms[swarm.id]
-        if self._by_request_id.get(swarm.spec.request_id) is swarm:
-            del self._by_request_id[swarm.spec.request_id]
+        key = (swarm.spec.tenant, swarm.spec.request_id)
+        if self._by_request_id.get(key) is swarm:
+            del self._by_request_id[key]
 
     def _store_failed(self, error: StoreError) -> None:
         if self.store_failure is None:
             self.store_failure = error
             self.store_failed.set()
 
-    async def get(self, swarm_id: str) -> orchestrator_pb2.Swarm:
+    def _running(self, swarm_id: str, tenant: str) -> Swarm | None:
         running = self._swarms.get(swarm_id)
-        if running is not None:
-            return await running.view()
-        stored = await self.store.get_swarm(swarm_id)
-        if stored is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        return running if running is not None and running.record.accepted.tenant == tenant else None
+
+    async def _stored(
+        self, swarm_id: str, tenant: str, *, with_subtasks: bool = True
+    ) -> orchestrator_pb2.Swarm:
+        """The stored swarm, if it is the tenant's: another tenant's is not found, as if it did not
+        exist, in the same words."""
+        stored = await self.store.get_swarm(swarm_id, with_subtasks=with_subtasks)
+        if stored is None or stored.tenant != tenant:
+            raise SwarmNotFound(f"no swarm with id {swarm_id[:64]!r}")
         return stored
 
+    async def get(self, swarm_id: str, tenant: str = "") -> orchestrator_pb2.Swarm:
+        running = self._running(swarm_id, tenant)
+        if running is not None:
+            return await running.view()
+        return await self._stored(swarm_id, tenant)
+
     async def watch(
-        self, swarm_id: str, after_sequence: int = 0
+        self, swarm_id: str, after_sequence: int = 0, tenant: str = ""
     ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
@@ -435,11 +485,10 @@ class Orchestrator:
             raise InvalidRequest(
                 [("after_sequence", f"must be at most {MAX_STORED_INT}, a sequence that can exist")]
             )
-        running = self._swarms.get(swarm_id)
+        running = self._running(swarm_id, tenant)
         if running is not None:
             return self._watched(swarm_id, running.log.follow(after_sequence))
-        if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        await self._stored(swarm_id, tenant, with_subtasks=False)
         return self._watched(swarm_id, replay(self.store, swarm_id, after_sequence=after_sequence))
 
     async def _watched(
@@ -466,18 +515,20 @@ class Orchestrator:
         if running is not None:
             running.cancel(reason)
 
-    async def cancel(self, swarm_id: str, reason: str = "", wait_s: float = 5.0) -> orchestrator_pb2.Swarm:
-        """Cancels the swarm and waits (a bounded time) for its swarm_cancelled; a finished swarm is
-        left as it is."""
-        running = self._swarms.get(swarm_id)
+    async def cancel(
+        self, swarm_id: str, reason: str = "", wait_s: float = 5.0, tenant: str = ""
+    ) -> orchestrator_pb2.Swarm:
+        """Cancels the tenant's swarm and waits (a bounded time) for its swarm_cancelled; a finished
+        swarm is left as it is."""
+        running = self._running(swarm_id, tenant)
         if running is None:
-            return await self.get(swarm_id)
+            return await self.get(swarm_id, tenant)
         if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
             await asyncio.wait([running.task], timeout=wait_s)
         return await running.view()
 
     async def list(
-        self, *, page_size: int = 0, page_token: str = "", state: int = 0
+        self, *, page_size: int = 0, page_token: str = "", state: int = 0, tenant: str = ""
     ) -> tuple[list[orchestrator_pb2.Swarm], str]:
         """Newest first. The token names the last swarm of the previous page, so swarms started in
         between do not shift the pages. A page ends at `page_size` swarms or `max_page_bytes`,
@@ -486,7 +537,7 @@ class Orchestrator:
         after = _decode_token(page_token) if page_token else None
         page: list[orchestrator_pb2.Swarm] = []
         room = self.limits.max_page_bytes
-        rows = self._stored_swarms(state, after, read=min(LIST_READ, size + 1))
+        rows = self._stored_swarms(state, after, tenant, read=min(LIST_READ, size + 1))
         try:
             async for row in rows:
                 view = list_view(row, self.limits.list_text_bytes)
@@ -500,12 +551,12 @@ class Orchestrator:
         return page, ""
 
     async def _stored_swarms(
-        self, state: int, after: Cursor | None, *, read: int
+        self, state: int, after: Cursor | None, tenant: str, *, read: int
     ) -> AsyncIterator[orchestrator_pb2.Swarm]:
         """Swarms past `after`, newest first, `read` at a time: memory holds one read's worth
         however large their ideas and results are."""
         while True:
-            rows = await self.store.list_swarms(limit=read, state=state, after=after)
+            rows = await self.store.list_swarms(limit=read, state=state, after=after, tenant=tenant)
             for row in rows:
                 yield row
             if len(rows) < read:
