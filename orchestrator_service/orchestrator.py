@@ -25,7 +25,7 @@ from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import replay
 from orchestrator_service.planner import Planner
-from orchestrator_service.quotas import MeteredStore, QuotaKeeper, Spent
+from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
@@ -228,7 +228,7 @@ class Orchestrator:
         self.economy = economy or Economy()
         self.scheduler = scheduler
         # What swarms spend is counted as their events are stored, against their tenant's quotas.
-        self.store = MeteredStore(store, self._spent)
+        self.store = store
         self.default_model = default_model
         self.limits = limits or Limits()
         self.quotas = quotas or QuotaKeeper()
@@ -259,7 +259,9 @@ class Orchestrator:
             except (ValueError, KeyError) as error:
                 raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
             stored_through = record.last_sequence
-            swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
+            swarm = Swarm.resume(
+                record, self.store, on_store_failure=self._store_failed, on_spent=self._spent
+            )
             swarm.default_answer_max_tokens = self.limits.answer_max_tokens
             swarm.prompt_caching = self.economy.prompt_caching
             self._launch(swarm)
@@ -331,6 +333,7 @@ class Orchestrator:
             provider_name=self.planner.provider.name,
             store=self.store,
             on_store_failure=self._store_failed,
+            on_spent=self._spent,
             trace_context=trace_context,
         )
         swarm.deadline = deadline
@@ -407,14 +410,15 @@ class Orchestrator:
     def _unfinished(self, tenant: str) -> int:
         return sum(1 for s in self._swarms.values() if not s.finished and s.record.accepted.tenant == tenant)
 
-    def _spent(self, swarm_id: str, spent: Spent) -> None:
-        """A stored event of the swarm reported model spend: it is charged to the swarm's tenant,
-        and when that takes the tenant to a daily quota, its running swarms stop there."""
+    def _spent(self, swarm_id: str, usage: events_pb2.Usage) -> None:
+        """The swarm spent `usage` on the model (its events that say so are stored): it is charged
+        to the swarm's tenant, and when that takes the tenant to a daily quota, its running swarms
+        stop there."""
         swarm = self._swarms.get(swarm_id)
         if swarm is None:
             return
         name = swarm.record.accepted.tenant
-        self.quotas.charge(name, spent)
+        self.quotas.charge(name, Spent.of(usage))
         tenant = self._tenants(name)
         exceeded = self.quotas.exhausted(tenant) if tenant is not None else None
         if exceeded is None:

@@ -1,9 +1,10 @@
 """Each tenant's quotas, kept beside the model API's rate limits: what a tenant may start (swarms at
 once, agents per swarm, RunSwarm calls per minute) and spend (model tokens and cost per UTC day).
 
-A request over a quota is refused before any model call. What a tenant has spent is counted from
-the usage its swarms' events carry, each model call's as its event is stored (`SwarmSpend`), so a
-swarm that takes its tenant over a daily quota while running is stopped there. The day's spend is
+A request over a quota is refused before any model call. What a tenant has spent is what its
+swarms' records count as spent (the accounting that budgets and GetSwarm use: every call that ended,
+failed and superseded attempts included), charged as each event that spends is stored, so a swarm
+that takes its tenant over a daily quota while running is stopped there. The day's spend is
 kept in memory: after a restart a tenant's day starts again from what its swarms spend from then on.
 """
 
@@ -12,11 +13,10 @@ from __future__ import annotations
 import datetime
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from orchestrator_service.auth import Quotas, Tenant
-from orchestrator_service.store import Cursor, Entry, Store
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 RUN_WINDOW_S = 60.0
@@ -37,32 +37,16 @@ class Spent:
     tokens: int = 0
     cost_usd: float = 0.0
 
-
-class SwarmSpend:
-    """What one swarm's model calls have cost so far, from its events in order: each plan, each
-    subtask's answer and each partial synthesis as it completes, and the final synthesis (what is
-    left of swarm_completed's total). Per-swarm budgets can count with it too."""
-
-    def __init__(self) -> None:
-        self.total = Spent()
-
-    def add(self, event: events_pb2.SwarmEvent) -> Spent:
-        """The spend this event reports, added to the total."""
-        kind = event.WhichOneof("kind")
-        if kind == "swarm_completed":
-            usage = event.swarm_completed.usage
-            added = Spent(
-                max(0, usage.input_tokens + usage.output_tokens - self.total.tokens),
-                max(0.0, usage.cost_usd - self.total.cost_usd),
-            )
-        elif kind in ("plan_created", "subtask_completed", "partial_synthesis"):
-            usage = getattr(event, kind).usage
-            added = Spent(usage.input_tokens + usage.output_tokens, usage.cost_usd)
-        else:
-            return Spent()
-        self.total.tokens += added.tokens
-        self.total.cost_usd += added.cost_usd
-        return added
+    @classmethod
+    def of(cls, usage: events_pb2.Usage) -> Spent:
+        """Every token a call used counts toward a tenant's tokens, cached or not."""
+        tokens = (
+            usage.input_tokens
+            + usage.output_tokens
+            + usage.cache_creation_input_tokens
+            + usage.cache_read_input_tokens
+        )
+        return cls(tokens, usage.cost_usd)
 
 
 class QuotaKeeper:
@@ -151,55 +135,3 @@ def quotas_proto(quotas: Quotas) -> orchestrator_pb2.TenantQuotas:
         tokens_per_day=quotas.tokens_per_day,
         cost_usd_per_day=quotas.cost_usd_per_day,
     )
-
-
-class MeteredStore:
-    """A store that tells `on_spent(swarm_id, spent)` what each stored event reports as spent on the
-    model: the spend is counted once, when its event is durable, whichever way the event came."""
-
-    def __init__(self, store: Store, on_spent: Callable[[str, Spent], None]) -> None:
-        self._store = store
-        self._on_spent = on_spent
-        self._swarms: dict[str, SwarmSpend] = {}
-
-    @property
-    def inner(self) -> Store:
-        return self._store
-
-    @property
-    def persistent(self) -> bool:
-        return self._store.persistent
-
-    async def append(self, entries: Sequence[Entry]) -> None:
-        await self._store.append(entries)
-        for entry in entries:
-            event = entry.event
-            spend = self._swarms.setdefault(event.swarm_id, SwarmSpend())
-            added = spend.add(event)
-            if added.tokens or added.cost_usd:
-                self._on_spent(event.swarm_id, added)
-            if event.WhichOneof("kind") in ("swarm_completed", "swarm_failed", "swarm_cancelled"):
-                del self._swarms[event.swarm_id]
-
-    async def events(self, swarm_id: str, *, after_sequence: int, limit: int) -> list[events_pb2.SwarmEvent]:
-        return await self._store.events(swarm_id, after_sequence=after_sequence, limit=limit)
-
-    async def get_swarm(self, swarm_id: str, *, with_subtasks: bool = True) -> orchestrator_pb2.Swarm | None:
-        return await self._store.get_swarm(swarm_id, with_subtasks=with_subtasks)
-
-    async def list_swarms(
-        self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
-    ) -> list[orchestrator_pb2.Swarm]:
-        return await self._store.list_swarms(limit=limit, state=state, after=after, tenant=tenant)
-
-    async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
-        return await self._store.find_request(request_id, tenant=tenant)
-
-    async def unfinished(self) -> list[str]:
-        return await self._store.unfinished()
-
-    async def delete_finished(self, *, ended_before_ns: int, limit: int) -> int:
-        return await self._store.delete_finished(ended_before_ns=ended_before_ns, limit=limit)
-
-    async def close(self) -> None:
-        await self._store.close()

@@ -125,11 +125,14 @@ class Swarm:
         provider_name: str,
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
         trace_context: Mapping[str, str] | None = None,
     ) -> Swarm:
         """A new swarm, its `accepted` event appended. Its span continues the caller's trace when
         `trace_context` (the W3C headers the client sent) names one."""
-        swarm = cls(EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure))
+        swarm = cls(
+            EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure, on_spent=on_spent)
+        )
         swarm.span = telemetry.start_span(
             "swarm",
             kind=telemetry.SpanKind.SERVER,
@@ -166,10 +169,11 @@ class Swarm:
         store: Store,
         *,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> Swarm:
         """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
         attempts that the restart interrupted told as failed."""
-        swarm = cls(EventLog(record, store, on_store_failure=on_store_failure))
+        swarm = cls(EventLog(record, store, on_store_failure=on_store_failure, on_spent=on_spent))
         swarm.span = telemetry.start_span(
             "swarm resumed",
             kind=telemetry.SpanKind.INTERNAL,
