@@ -63,6 +63,8 @@ BENCHMARKS = [
     Benchmark("many_streams", "bench.many_streams", "1h"),
     Benchmark("watchers", "bench.watchers", "1i"),
     Benchmark("big_swarms", "bench.big_swarms", "big"),
+    Benchmark("observability", "bench.observability", "obs"),
+    Benchmark("economics", "bench.economics", "econ"),
     # Written by the store's engineer; included when present. It exposes main() -> dict.
     Benchmark("store", "bench.bench_store", "store", optional=True),
 ]

@@ -22,15 +22,39 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
+from prometheus_client import Histogram
 
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Entry, Store, StoreError, SubtaskRow
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import telemetry
+from swarm_common.usage import add, subtract
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
 REPLAY_PAGE = 1000
 
 log = logging.getLogger("swarm.orchestrator.event_log")
+
+APPEND_SECONDS = Histogram(
+    "swarm_event_append_seconds",
+    "From an event's append to its being durable, when readers may see it (the oldest event of each write)",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+COMMIT_SECONDS = Histogram(
+    "swarm_store_commit_seconds",
+    "One write of a swarm's events to the store, from its hand-over to its commit",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+STREAM_LAG = Histogram(
+    "swarm_stream_lag_seconds",
+    "From an event's append (or a reader's arrival, if later) to its hand-over to the reader's stream: "
+    "the oldest event each time a live reader wakes",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+
+
+def _appended_at(event: events_pb2.SwarmEvent) -> float:
+    return event.time.seconds + event.time.nanos * 1e-9
 
 
 class LogClosed(RuntimeError):
@@ -62,15 +86,16 @@ class Logged:
 
     sequence: int
     frame: bytes
+    appended_at: float  # the event's time, in seconds since the epoch
 
     @classmethod
-    def serialized(cls, data: bytes, sequence: int) -> Logged:
+    def serialized(cls, data: bytes, sequence: int, appended_at: float) -> Logged:
         """`data`: the event of this sequence, serialized."""
-        return cls(sequence, _EVENT_FIELD + _varint(len(data)) + data)
+        return cls(sequence, _EVENT_FIELD + _varint(len(data)) + data, appended_at)
 
     @classmethod
     def of(cls, event: events_pb2.SwarmEvent) -> Logged:
-        return cls.serialized(event.SerializeToString(), event.sequence)
+        return cls.serialized(event.SerializeToString(), event.sequence, _appended_at(event))
 
     @property
     def event(self) -> events_pb2.SwarmEvent:
@@ -84,14 +109,20 @@ class EventLog:
         store: Store,
         *,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> None:
         """A log that goes on from `record`, whose events the store already holds (none for a new
-        swarm; all of them for a resumed one)."""
+        swarm; all of them for a resumed one). `on_spent(swarm_id, usage)` hears what the swarm's
+        record counts as newly spent, once the events that spent it are durable."""
         self.record = record
         self.swarm_id = record.swarm_id
         self.closed = record.finished
         self._store = store
         self._on_store_failure = on_store_failure
+        self._on_spent = on_spent
+        # The record's spending as last reported, and what the unstored events spent since.
+        self._spent_told = record.spent
+        self._unstored_spent = events_pb2.Usage()
         self._base = record.last_sequence  # the events through here are read from the store
         self._events: list[Logged] = []  # those appended since: base+1, base+2 ...
         self._durable = self._base
@@ -113,8 +144,13 @@ class EventLog:
         event.time.FromNanoseconds(time.time_ns())
         getattr(event, kind).CopyFrom(body)
         change = self.record.apply(event)
+        if change.summary and self._on_spent is not None:  # only such events change what is spent
+            spent = self.record.spent
+            add(self._unstored_spent, spent)
+            subtract(self._unstored_spent, self._spent_told)
+            self._spent_told = spent
         data = event.SerializeToString()
-        self._events.append(Logged.serialized(data, event.sequence))
+        self._events.append(Logged.serialized(data, event.sequence, _appended_at(event)))
         rows: tuple[SubtaskRow, ...] = ()
         if change.subtask_ids:
             subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
@@ -132,6 +168,8 @@ class EventLog:
         try:
             while self._unstored and self._failure is None:
                 batch, self._unstored = self._unstored, []
+                spent, self._unstored_spent = self._unstored_spent, events_pb2.Usage()
+                handed_over = time.monotonic()
                 try:
                     await self._store.append(batch)
                 except Exception as error:  # whatever it is, these events are not durable
@@ -141,6 +179,10 @@ class EventLog:
                         self._on_store_failure(self._failure)
                 else:
                     self._durable = batch[-1].event.sequence
+                    if self._on_spent is not None and spent.ByteSize():
+                        self._on_spent(self.swarm_id, spent)
+                    COMMIT_SECONDS.observe(time.monotonic() - handed_over)
+                    APPEND_SECONDS.observe(time.time() - _appended_at(batch[0].event))
                 self._wake()
         finally:
             self._storing = None
@@ -169,7 +211,11 @@ class EventLog:
                 yield Logged.of(event)
             if index < self._base:
                 raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
+        joined = time.time()
         while True:
+            if index < self._durable:
+                waited = time.time() - max(joined, self._events[index - self._base].appended_at)
+                STREAM_LAG.observe(waited)
             while index < self._durable:
                 index += 1
                 yield self._events[index - self._base - 1]

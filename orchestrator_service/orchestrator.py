@@ -3,6 +3,9 @@ No gRPC here.
 
 Swarms that are running live here, in memory; a finished swarm lives in the store alone, which is
 where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swarms in flight.
+
+Every swarm belongs to the tenant that started it, and only that tenant finds it: to any other,
+its id is as unknown as one never given out (NOT_FOUND), and its request ids are the tenant's own.
 """
 
 from __future__ import annotations
@@ -10,19 +13,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
+from orchestrator_service.auth import ANONYMOUS, Tenant
+from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import Logged, replay
 from orchestrator_service.planner import Planner
+from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Cursor, Store, StoreError
-from orchestrator_service.swarm import Swarm, SwarmSpec
+from orchestrator_service.swarm import Swarm, SwarmSpec, state_name
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import logs, pricing, telemetry
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
@@ -54,6 +64,18 @@ class Limits:
     # errors are cut to `list_text_bytes` each (GetSwarm has them whole).
     max_page_bytes: int = 1024 * 1024
     list_text_bytes: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Economy:
+    """The orchestrator's defaults for what a swarm spends, where its request says nothing."""
+
+    # The model subtasks run on; "" = the swarm's model.
+    worker_model: str = ""
+    hedging: bool = False
+    hedge_max_extra: float = 0.1
+    # Mark shared prompt prefixes for the model API's prompt cache.
+    prompt_caching: bool = True
 
 
 class InvalidRequest(ValueError):
@@ -109,6 +131,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
     if spec.answer_max_tokens < 0:
         violations.append(("answer_max_tokens", f"must not be negative, got {spec.answer_max_tokens}"))
+    if spec.worker_model and not MODEL_NAME.fullmatch(spec.worker_model):
+        violations.append(("worker_model", f"{spec.worker_model[:40]!r} is not a model name"))
+    if not 0 <= spec.hedge_max_extra <= 1:
+        violations.append(
+            (
+                "hedge_max_extra",
+                f"must be between 0 and 1 (a fraction of num_agents), got {spec.hedge_max_extra:g}",
+            )
+        )
+    violations += _budget_violations(spec)
     if not violations:
         # Only a request that is otherwise good is sized: the checks need a model and an idea.
         violations = misfits(
@@ -116,6 +148,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
             model=spec.model,
             answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
         )
+        if spec.workers_model != spec.model:
+            violations += [
+                ("worker_model", text)
+                for field, text in misfits(
+                    idea=spec.idea,
+                    model=spec.workers_model,
+                    answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
+                )
+                if field == "answer_max_tokens"
+            ]
     if violations:
         raise InvalidRequest(violations)
     input_bytes = len(spec.idea.encode()) * spec.num_agents
@@ -127,9 +169,44 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
 
 
+def _budget_violations(spec: SwarmSpec) -> list[tuple[str, str]]:
+    budget = spec.budget
+    if budget is None:
+        return []
+    violations: list[tuple[str, str]] = []
+    if not (math.isfinite(budget.max_cost_usd) and budget.max_cost_usd >= 0):
+        violations.append(
+            ("budget.max_cost_usd", f"must be a positive number of dollars, got {budget.max_cost_usd:g}")
+        )
+    elif budget.max_cost_usd:
+        for model in {spec.model, spec.workers_model}:
+            if not pricing.priced(model):
+                violations.append(
+                    (
+                        "budget.max_cost_usd",
+                        f"{model} has no price in swarm_common/pricing.py: a cost budget cannot be kept",
+                    )
+                )
+    if budget.max_tokens < 0:
+        violations.append(("budget.max_tokens", f"must not be negative, got {budget.max_tokens}"))
+    if not budget.max_cost_usd and not budget.max_tokens and not violations:
+        violations.append(("budget", "sets neither max_cost_usd nor max_tokens"))
+    return violations
+
+
 def differences(asked: SwarmSpec, started: SwarmSpec) -> list[str]:
     """The parameters in which a request differs from the one that started a swarm."""
-    names = ("idea", "num_agents", "model", "max_parallel", "answer_max_tokens")
+    names = (
+        "idea",
+        "num_agents",
+        "model",
+        "max_parallel",
+        "answer_max_tokens",
+        "budget",
+        "worker_model",
+        "hedging",
+        "hedge_max_extra",
+    )
     return [name for name in names if getattr(asked, name) != getattr(started, name)]
 
 
@@ -142,20 +219,33 @@ class Orchestrator:
         *,
         default_model: str,
         limits: Limits | None = None,
+        economy: Economy | None = None,
+        quotas: QuotaKeeper | None = None,
+        tenants: Callable[[str], Tenant | None] = lambda name: None,
     ) -> None:
+        """`tenants` gives a tenant's quotas as they stand, by name (from the auth file)."""
         self.planner = planner
+        self.economy = economy or Economy()
         self.scheduler = scheduler
+        # What swarms spend is counted as their events are stored, against their tenant's quotas.
         self.store = store
         self.default_model = default_model
         self.limits = limits or Limits()
+        self.quotas = quotas or QuotaKeeper()
+        self._tenants = tenants
         self._swarms: dict[str, Swarm] = {}
-        self._by_request_id: dict[str, Swarm] = {}
+        self._by_request_id: dict[tuple[str, str], Swarm] = {}
         self._watchers: dict[str, int] = {}
         self.accepting = True
         # The first failed store write: the orchestrator can no longer keep its promise that what
         # clients see is durable, so it stops (and a restart resumes from what was stored).
         self.store_failure: StoreError | None = None
         self.store_failed = asyncio.Event()
+        _ORCHESTRATORS.add(self)
+
+    def count_swarms(self, state: int) -> int:
+        """Swarms in memory in `state`; safe from the metrics thread (one copy of the list)."""
+        return sum(1 for swarm in list(self._swarms.values()) if swarm.record.state == state)
 
     async def recover(self) -> list[str]:
         """Resumes every unfinished swarm in the store: rebuilds it from its events and runs it on
@@ -169,8 +259,11 @@ class Orchestrator:
             except (ValueError, KeyError) as error:
                 raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
             stored_through = record.last_sequence
-            swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
+            swarm = Swarm.resume(
+                record, self.store, on_store_failure=self._store_failed, on_spent=self._spent
+            )
             swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+            swarm.prompt_caching = self.economy.prompt_caching
             self._launch(swarm)
             resumed.append(swarm_id)
             log.info(
@@ -189,21 +282,34 @@ class Orchestrator:
         max_parallel: int = 0,
         deadline: float | None = None,
         answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
+        trace_context: Mapping[str, str] | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> Started:
-        """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
-        if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline."""
-        spec = SwarmSpec(
+        """Validates and starts a swarm of `tenant`'s; a request_id the tenant used before gives
+        back that swarm instead, if it was asked for with the same parameters. `deadline` (epoch
+        seconds) bounds every attempt: the attached call's own deadline. `hedging` None and
+        `hedge_max_extra` 0 take the orchestrator's defaults. `trace_context`: the caller's W3C
+        trace headers, whose trace the swarm's joins."""
+        spec = self.spec_of(
             idea=idea,
             num_agents=num_agents,
-            model=model or self.default_model,
+            model=model,
             request_id=request_id,
             max_parallel=max_parallel,
             answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model,
+            hedging=hedging,
+            hedge_max_extra=hedge_max_extra,
+            tenant=tenant.name,
         )
         validate(spec, self.limits)
         if request_id:
-            seen = await self._find_request(request_id)
+            seen = await self._find_request(request_id, tenant.name)
             if seen is not None:
                 differ = differences(spec, await self._requested(seen))
                 if differ:
@@ -213,6 +319,7 @@ class Orchestrator:
                 return Started(seen, new=False)
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
+        self.quotas.admit(tenant, num_agents=num_agents, unfinished=self._unfinished(tenant.name))
         in_flight = sum(s.record.accepted.num_agents for s in self._swarms.values() if not s.finished)
         if in_flight + num_agents > self.limits.max_agents_in_flight:
             raise OverLimit(
@@ -226,12 +333,59 @@ class Orchestrator:
             provider_name=self.planner.provider.name,
             store=self.store,
             on_store_failure=self._store_failed,
+            on_spent=self._spent,
+            trace_context=trace_context,
         )
         swarm.deadline = deadline
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        swarm.prompt_caching = self.economy.prompt_caching
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return Started(swarm.id, new=True)
+
+    def spec_of(
+        self,
+        *,
+        idea: str,
+        num_agents: int,
+        model: str = "",
+        request_id: str = "",
+        max_parallel: int = 0,
+        answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
+        tenant: str = "",
+    ) -> SwarmSpec:
+        """What a request asks for, the orchestrator's defaults filled in."""
+        model = model or self.default_model
+        return SwarmSpec(
+            idea=idea,
+            num_agents=num_agents,
+            model=model,
+            request_id=request_id,
+            max_parallel=max_parallel,
+            answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model or self.economy.worker_model,
+            hedging=self.economy.hedging if hedging is None else hedging,
+            hedge_max_extra=hedge_max_extra or self.economy.hedge_max_extra,
+            tenant=tenant,
+        )
+
+    def estimate(self, spec: SwarmSpec) -> orchestrator_pb2.EstimateSwarmResponse:
+        """What the swarm would use and cost, as a range; nothing is started."""
+        validate(spec, self.limits)
+        return estimate_swarm(
+            idea=spec.idea,
+            num_agents=spec.num_agents,
+            model=spec.model,
+            worker_model=spec.workers_model,
+            answer_max_tokens=spec.answer_max_tokens or self.limits.answer_max_tokens,
+            budget=spec.budget,
+            prompt_caching=self.economy.prompt_caching,
+        )
 
     async def _requested(self, swarm_id: str) -> SwarmSpec:
         """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
@@ -240,27 +394,54 @@ class Orchestrator:
         if running is not None:
             return running.spec
         record = SwarmRecord(swarm_id)
-        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):
+        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):  # accepted, answer_budget
             record.apply(event)
         return SwarmSpec.of(record)
 
-    async def _find_request(self, request_id: str) -> str | None:
-        running = self._by_request_id.get(request_id)
+    async def _find_request(self, request_id: str, tenant: str) -> str | None:
+        running = self._by_request_id.get((tenant, request_id))
         if running is not None:
             return running.id
-        stored = await self.store.find_request(request_id)
+        stored = await self.store.find_request(request_id, tenant=tenant)
         # Looked up again after the wait: a start with the same request_id may have won the race.
-        running = self._by_request_id.get(request_id)
+        running = self._by_request_id.get((tenant, request_id))
         return running.id if running is not None else stored
+
+    def _unfinished(self, tenant: str) -> int:
+        return sum(1 for s in self._swarms.values() if not s.finished and s.record.accepted.tenant == tenant)
+
+    def _spent(self, swarm_id: str, usage: events_pb2.Usage) -> None:
+        """The swarm spent `usage` on the model (its events that say so are stored): it is charged
+        to the swarm's tenant, and when that takes the tenant to a daily quota, its running swarms
+        stop there."""
+        swarm = self._swarms.get(swarm_id)
+        if swarm is None:
+            return
+        name = swarm.record.accepted.tenant
+        self.quotas.charge(name, Spent.of(usage))
+        tenant = self._tenants(name)
+        exceeded = self.quotas.exhausted(tenant) if tenant is not None else None
+        if exceeded is None:
+            return
+        for running in list(self._swarms.values()):
+            if running.record.accepted.tenant == name and running.fail(
+                events_pb2.SwarmFailed(error=f"{exceeded}: the swarm is stopped", quota=exceeded.quota)
+            ):
+                log.warning(f"swarm stopped: {exceeded}", extra={"swarm_id": running.id})
 
     def _launch(self, swarm: Swarm) -> None:
         self._swarms[swarm.id] = swarm
-        if swarm.spec.request_id:
-            self._by_request_id.setdefault(swarm.spec.request_id, swarm)
+        spec = swarm.spec
+        if spec.request_id:
+            self._by_request_id.setdefault((spec.tenant, spec.request_id), swarm)
         swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
 
     async def _run(self, swarm: Swarm) -> None:
-        await swarm.run(self.planner, self.scheduler)
+        # The swarm's own task: what it logs, and the spans of its work, are the swarm's.
+        logs.bind(swarm_id=swarm.id, trace_id=swarm.record.accepted.trace_id)
+        with telemetry.current(swarm.span):
+            await swarm.run(self.planner, self.scheduler)
+        swarm.observe_end()
         if not swarm.finished:
             return  # suspended: it stays unfinished in the store for the next start
         try:
@@ -269,24 +450,38 @@ class Orchestrator:
             return  # the orchestrator is stopping for it (`store_failed`)
         # Durable now, so the store answers for it from here on.
         del self._swarms[swarm.id]
-        if self._by_request_id.get(swarm.spec.request_id) is swarm:
-            del self._by_request_id[swarm.spec.request_id]
+        key = (swarm.spec.tenant, swarm.spec.request_id)
+        if self._by_request_id.get(key) is swarm:
+            del self._by_request_id[key]
 
     def _store_failed(self, error: StoreError) -> None:
         if self.store_failure is None:
             self.store_failure = error
             self.store_failed.set()
 
-    async def get(self, swarm_id: str) -> orchestrator_pb2.Swarm:
+    def _running(self, swarm_id: str, tenant: str) -> Swarm | None:
         running = self._swarms.get(swarm_id)
-        if running is not None:
-            return await running.view()
-        stored = await self.store.get_swarm(swarm_id)
-        if stored is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        return running if running is not None and running.record.accepted.tenant == tenant else None
+
+    async def _stored(
+        self, swarm_id: str, tenant: str, *, with_subtasks: bool = True
+    ) -> orchestrator_pb2.Swarm:
+        """The stored swarm, if it is the tenant's: another tenant's is not found, as if it did not
+        exist, in the same words."""
+        stored = await self.store.get_swarm(swarm_id, with_subtasks=with_subtasks)
+        if stored is None or stored.tenant != tenant:
+            raise SwarmNotFound(f"no swarm with id {swarm_id[:64]!r}")
         return stored
 
-    async def watch(self, swarm_id: str, after_sequence: int = 0) -> AsyncGenerator[Logged, None]:
+    async def get(self, swarm_id: str, tenant: str = "") -> orchestrator_pb2.Swarm:
+        running = self._running(swarm_id, tenant)
+        if running is not None:
+            return await running.view()
+        return await self._stored(swarm_id, tenant)
+
+    async def watch(
+        self, swarm_id: str, after_sequence: int = 0, tenant: str = ""
+    ) -> AsyncGenerator[Logged, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
         the swarm's watchers: beyond the limit, the first read raises OverLimit."""
@@ -294,11 +489,10 @@ class Orchestrator:
             raise InvalidRequest(
                 [("after_sequence", f"must be at most {MAX_STORED_INT}, a sequence that can exist")]
             )
-        running = self._swarms.get(swarm_id)
+        running = self._running(swarm_id, tenant)
         if running is not None:
             return self._watched(swarm_id, running.log.follow(after_sequence))
-        if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        await self._stored(swarm_id, tenant, with_subtasks=False)
         return self._watched(swarm_id, _logged(replay(self.store, swarm_id, after_sequence=after_sequence)))
 
     async def _watched(self, swarm_id: str, events: AsyncIterator[Logged]) -> AsyncGenerator[Logged, None]:
@@ -323,18 +517,20 @@ class Orchestrator:
         if running is not None:
             running.cancel(reason)
 
-    async def cancel(self, swarm_id: str, reason: str = "", wait_s: float = 5.0) -> orchestrator_pb2.Swarm:
-        """Cancels the swarm and waits (a bounded time) for its swarm_cancelled; a finished swarm is
-        left as it is."""
-        running = self._swarms.get(swarm_id)
+    async def cancel(
+        self, swarm_id: str, reason: str = "", wait_s: float = 5.0, tenant: str = ""
+    ) -> orchestrator_pb2.Swarm:
+        """Cancels the tenant's swarm and waits (a bounded time) for its swarm_cancelled; a finished
+        swarm is left as it is."""
+        running = self._running(swarm_id, tenant)
         if running is None:
-            return await self.get(swarm_id)
+            return await self.get(swarm_id, tenant)
         if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
             await asyncio.wait([running.task], timeout=wait_s)
         return await running.view()
 
     async def list(
-        self, *, page_size: int = 0, page_token: str = "", state: int = 0
+        self, *, page_size: int = 0, page_token: str = "", state: int = 0, tenant: str = ""
     ) -> tuple[list[orchestrator_pb2.Swarm], str]:
         """Newest first. The token names the last swarm of the previous page, so swarms started in
         between do not shift the pages. A page ends at `page_size` swarms or `max_page_bytes`,
@@ -343,7 +539,7 @@ class Orchestrator:
         after = _decode_token(page_token) if page_token else None
         page: list[orchestrator_pb2.Swarm] = []
         room = self.limits.max_page_bytes
-        rows = self._stored_swarms(state, after, read=min(LIST_READ, size + 1))
+        rows = self._stored_swarms(state, after, tenant, read=min(LIST_READ, size + 1))
         try:
             async for row in rows:
                 view = list_view(row, self.limits.list_text_bytes)
@@ -357,12 +553,12 @@ class Orchestrator:
         return page, ""
 
     async def _stored_swarms(
-        self, state: int, after: Cursor | None, *, read: int
+        self, state: int, after: Cursor | None, tenant: str, *, read: int
     ) -> AsyncIterator[orchestrator_pb2.Swarm]:
         """Swarms past `after`, newest first, `read` at a time: memory holds one read's worth
         however large their ideas and results are."""
         while True:
-            rows = await self.store.list_swarms(limit=read, state=state, after=after)
+            rows = await self.store.list_swarms(limit=read, state=state, after=after, tenant=tenant)
             for row in rows:
                 yield row
             if len(rows) < read:
@@ -429,3 +625,18 @@ def _decode_token(token: str) -> Cursor:
     if cursor is None or not 0 <= cursor.create_ns <= MAX_STORED_INT:
         raise InvalidRequest([("page_token", "is not a token this server gave out")])
     return cursor
+
+
+# The swarms held in memory (the running ones, and ended ones until they are stored), by state,
+# read when Prometheus scrapes.
+_ORCHESTRATORS: telemetry.Census[Orchestrator] = telemetry.Census()
+SWARMS = Gauge("swarm_swarms", "Swarms this orchestrator runs, by state", ["state"])
+
+
+def _swarms_in(state: int) -> Callable[[], float]:
+    return lambda: _ORCHESTRATORS.total(lambda orchestrator: orchestrator.count_swarms(state))
+
+
+for _state in orchestrator_pb2.SwarmState.values():
+    if _state != orchestrator_pb2.SWARM_STATE_UNSPECIFIED:
+        SWARMS.labels(state_name(_state)).set_function(_swarms_in(_state))

@@ -1,4 +1,5 @@
 """Translates OrchestratorService calls to and from the Orchestrator; domain errors become status codes.
+Each call is its tenant's (`current_tenant()`, set by the authentication in front of it).
 
 RunSwarm and WatchSwarm send each event as the bytes the event log made of it, once, for every
 reader (`event_log.Logged`): grpc is given no serializer for them (`add_to_server`), so it sends
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import message_factory
 
+from orchestrator_service.auth import current_tenant
 from orchestrator_service.event_log import LogSuspended
 from orchestrator_service.orchestrator import (
     InvalidRequest,
@@ -23,9 +25,11 @@ from orchestrator_service.orchestrator import (
     ShuttingDown,
     SwarmNotFound,
 )
+from orchestrator_service.quotas import QuotaExceeded, quotas_proto
 from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2
 from swarm_common.rpc_errors import bad_request, over_limit
+from swarm_common.telemetry import TRACE_HEADERS
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -37,15 +41,39 @@ async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
     raise AssertionError("abort_with_status returns only by raising")
 
 
-async def abort_over_limit(context: Context, error: OverLimit) -> NoReturn:
-    """RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure naming the limit's flag."""
-    await context.abort_with_status(over_limit(error.flag, str(error)))
+async def abort_over_limit(context: Context, error: OverLimit | QuotaExceeded) -> NoReturn:
+    """RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure naming the limit's flag, or the tenant
+    whose quota it is."""
+    subject = error.flag if isinstance(error, OverLimit) else error.subject
+    await context.abort_with_status(over_limit(subject, str(error)))
     raise AssertionError("abort_with_status returns only by raising")
 
 
 # A stream that cannot go on here (the orchestrator is stopping, or its store failed) ends
 # UNAVAILABLE, and its client WatchSwarms on from its last sequence, after a restart too.
 CUT_OFF = (LogSuspended, StoreError)
+
+
+def _trace_context(context: Context) -> dict[str, str]:
+    """The W3C trace headers the caller sent as metadata: its span is the swarm's parent."""
+    return {key: str(value) for key, value in context.invocation_metadata() or () if key in TRACE_HEADERS}
+
+
+def _hedging(request: orchestrator_pb2.RunSwarmRequest) -> bool | None:
+    """The request's hedging switch; None = the orchestrator's default."""
+    if request.hedging == orchestrator_pb2.HEDGING_UNSPECIFIED:
+        return None
+    return request.hedging == orchestrator_pb2.HEDGING_ON
+
+
+def _economics(request: orchestrator_pb2.RunSwarmRequest) -> dict[str, Any]:
+    """What the request asks of the swarm's spending, as Orchestrator.start and spec_of take it."""
+    return {
+        "budget": request.budget if request.HasField("budget") else None,
+        "worker_model": request.worker_model,
+        "hedging": _hedging(request),
+        "hedge_max_extra": request.hedge_max_extra,
+    }
 
 
 def _deadline(context: Context) -> float | None:
@@ -88,6 +116,7 @@ class OrchestratorServicer:
     async def RunSwarm(
         self, request: orchestrator_pb2.RunSwarmRequest, context: Context
     ) -> AsyncIterator[bytes]:
+        tenant = current_tenant()
         try:
             started = await self._orchestrator.start(
                 idea=request.idea,
@@ -97,11 +126,14 @@ class OrchestratorServicer:
                 max_parallel=request.max_parallel,
                 deadline=_deadline(context) if not request.detach else None,
                 answer_max_tokens=request.answer_max_tokens,
+                trace_context=_trace_context(context),
+                **_economics(request),
+                tenant=tenant,
             )
-            events = await self._orchestrator.watch(started.swarm_id)
+            events = await self._orchestrator.watch(started.swarm_id, tenant=tenant.name)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        except OverLimit as error:
+        except (OverLimit, QuotaExceeded) as error:
             await abort_over_limit(context, error)
         except RequestIdReused as error:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
@@ -127,7 +159,9 @@ class OrchestratorServicer:
         self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
     ) -> AsyncIterator[bytes]:
         try:
-            events = await self._orchestrator.watch(request.swarm_id, request.after_sequence)
+            events = await self._orchestrator.watch(
+                request.swarm_id, request.after_sequence, tenant=current_tenant().name
+            )
         except InvalidRequest as error:
             await abort_invalid(context, error)
         except SwarmNotFound as error:
@@ -147,7 +181,7 @@ class OrchestratorServicer:
         self, request: orchestrator_pb2.GetSwarmRequest, context: Context
     ) -> orchestrator_pb2.GetSwarmResponse:
         try:
-            swarm = await self._orchestrator.get(request.swarm_id)
+            swarm = await self._orchestrator.get(request.swarm_id, tenant=current_tenant().name)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreError as error:
@@ -161,7 +195,10 @@ class OrchestratorServicer:
             await abort_invalid(context, InvalidRequest([("page_size", "must not be negative")]))
         try:
             swarms, token = await self._orchestrator.list(
-                page_size=request.page_size, page_token=request.page_token, state=request.state
+                page_size=request.page_size,
+                page_token=request.page_token,
+                state=request.state,
+                tenant=current_tenant().name,
             )
         except InvalidRequest as error:
             await abort_invalid(context, error)
@@ -173,7 +210,9 @@ class OrchestratorServicer:
         self, request: orchestrator_pb2.CancelSwarmRequest, context: Context
     ) -> orchestrator_pb2.CancelSwarmResponse:
         try:
-            swarm = await self._orchestrator.cancel(request.swarm_id, request.reason)
+            swarm = await self._orchestrator.cancel(
+                request.swarm_id, request.reason, tenant=current_tenant().name
+            )
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreError as error:
@@ -184,9 +223,31 @@ class OrchestratorServicer:
         self, request: orchestrator_pb2.GetOrchestratorInfoRequest, context: Context
     ) -> orchestrator_pb2.GetOrchestratorInfoResponse:
         orchestrator = self._orchestrator
+        tenant = current_tenant()
         return orchestrator_pb2.GetOrchestratorInfoResponse(
             max_agents=orchestrator.limits.max_agents,
             max_idea_bytes=orchestrator.limits.max_idea_bytes,
             default_model=orchestrator.default_model,
             provider=orchestrator.planner.provider.name,
+            tenant=tenant.name,
+            quotas=quotas_proto(tenant.quotas),
         )
+
+    async def EstimateSwarm(
+        self, request: orchestrator_pb2.EstimateSwarmRequest, context: Context
+    ) -> orchestrator_pb2.EstimateSwarmResponse:
+        run = request.request
+        spec = self._orchestrator.spec_of(
+            idea=run.idea,
+            num_agents=run.num_agents,
+            model=run.model,
+            max_parallel=run.max_parallel,
+            answer_max_tokens=run.answer_max_tokens,
+            **_economics(run),
+        )
+        try:
+            return self._orchestrator.estimate(spec)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        except OverLimit as error:
+            await abort_over_limit(context, error)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 from orchestrator_service.store import MEMORY
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
@@ -14,6 +16,9 @@ from swarm_common.settings import (
     ServiceSettings,
     setting,
 )
+
+# A share of something, from none to all of it.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -103,4 +108,45 @@ class OrchestratorSettings(ServiceSettings):
         "`subtask_delta` events a second one swarm sends at most: while more of its subtasks stream "
         "than this rate x the window (100 by default), each one's window widens by whole windows "
         "(0 = never widened)",
+    )
+    worker_model: str = setting(
+        "",
+        "the model subtasks run on when the request names none (`--model` plans and synthesizes); "
+        "empty = the swarm's model",
+    )
+    hedging: bool = setting(
+        False,
+        "hedge straggling subtasks when the request does not say: once half have completed, one "
+        "running over twice their median time gets a second attempt on another worker, and the first "
+        "to finish wins",
+    )
+    hedge_max_extra: Fraction = setting(
+        0.1, "the most extra attempts hedges may add to a swarm, as a fraction of its subtasks"
+    )
+    no_prompt_caching: bool = setting(
+        False,
+        "leave prompts unmarked for the model API's prompt cache; by default the prefix a swarm's calls "
+        "share (system prompt, idea, plan) is marked where it is long enough and read again",
+    )
+    worker_tls_ca: str = setting(
+        "",
+        "PEM CA that workers' certificates are checked against; set = call workers over TLS. A worker's "
+        "certificate must name the host of `--workers` (`dns:///worker:50052`: worker)",
+    )
+    worker_tls_cert: str = setting(
+        "", "PEM client certificate presented to workers (mTLS: a worker with `--tls-client-ca` requires one)"
+    )
+    worker_tls_key: str = setting("", "PEM private key of `--worker-tls-cert`")
+    auth_file: str = setting(
+        "",
+        "tenants, their token hashes and quotas (JSON; `swarm-orchestrator add-token` writes it); set = every "
+        "swarm RPC needs `authorization: Bearer TOKEN`. Read again when it changes",
+    )
+    allow_unauthenticated: bool = setting(
+        False,
+        "serve a non-loopback `--listen` without `--auth-file`: anyone who reaches the port may start swarms "
+        "and read them all",
+    )
+    reflection_needs_token: bool = setting(
+        False, "server reflection needs a token too (by default it is open, like health)"
     )

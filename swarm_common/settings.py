@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import types
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, Union, get_args, get_origin
@@ -37,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from swarm_common.config import split_host_port
 from swarm_common.providers import DEFAULT_MODEL, ProviderChoice, SimulatedSettings
 from swarm_common.serving import CallLimits
+from swarm_common.tls import ServerTls, TlsConfigError
 
 __all__ = [
     "LISTEN",
@@ -60,6 +62,14 @@ def _host_port(text: str) -> str:
 
 HostPort = Annotated[str, AfterValidator(_host_port)]
 """`host:port` or `[v6]:port`; an empty host means every interface."""
+
+
+def _optional_host_port(text: str) -> str:
+    return _host_port(text) if text else text
+
+
+OptionalHostPort = Annotated[str, AfterValidator(_optional_host_port)]
+"""A HostPort, or empty for "off"."""
 
 LISTEN = "address to serve on; port 0 picks a free one. A service prints `listening on HOST:PORT` when bound"
 
@@ -108,6 +118,12 @@ class SimulatedProviderSettings(BaseSettings):
     sim_stall_after_chunks: int = setting(
         0, "simulated provider: chunks a stalling call streams before it hangs (0 = none)"
     )
+    sim_answer_words: int = setting(0, "simulated provider: words an answer is padded to (0 = a short one)")
+    sim_seed: int = setting(
+        0,
+        "simulated provider: seeds its draws (0 = unseeded); each subtask's attempt then takes the same "
+        "time in every run (benchmarks compare runs)",
+    )
 
     def simulated(self) -> SimulatedSettings:
         return SimulatedSettings(
@@ -119,6 +135,8 @@ class SimulatedProviderSettings(BaseSettings):
             bad_plans=self.sim_bad_plans,
             stall_rate=self.sim_stall_rate,
             stall_after_chunks=self.sim_stall_after_chunks,
+            answer_words=self.sim_answer_words,
+            seed=self.sim_seed or None,
         )
 
 
@@ -141,6 +159,11 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--shutdown-grace",
     )
     log_level: str = setting("INFO", "logs are JSON lines on standard error")
+    metrics_listen: OptionalHostPort = setting(
+        "",
+        "HOST:PORT serving Prometheus `/metrics` over HTTP; empty = off. Port 0 picks a free one, and "
+        "the service logs `metrics served on http://HOST:PORT/metrics`",
+    )
     max_streams_per_connection: PositiveInt = setting(
         1000,
         "calls one client connection may have open at once; beyond, a call is refused (a gRPC client "
@@ -160,12 +183,39 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--keepalive-timeout",
     )
 
+    max_message_bytes: PositiveInt = setting(
+        4 * 1024 * 1024, "largest request message a call may bring (4 MiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
+    max_metadata_bytes: PositiveInt = setting(
+        16 * 1024, "most request metadata (headers) a call may bring (16 KiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
+    tls_cert: str = setting(
+        "",
+        "PEM certificate (chain) to serve TLS with; set = TLS only. A renewed file is served from the next "
+        "connection on, without a restart",
+    )
+    tls_key: str = setting("", "PEM private key of `--tls-cert`")
+    tls_client_ca: str = setting(
+        "", "PEM CA that client certificates must be signed by: set = clients without one are refused (mTLS)"
+    )
+
+    def server_tls(self, log: logging.Logger) -> ServerTls | None:
+        """The TLS to serve with, or None for plaintext; files that cannot be used raise
+        TlsConfigError (a ValueError: exit status 2)."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise TlsConfigError("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca, log=log)
+
     def call_limits(self) -> CallLimits:
         return CallLimits(
             max_streams_per_connection=self.max_streams_per_connection,
             stream_write_timeout_s=self.stream_write_timeout_s,
             keepalive_time_s=self.keepalive_time_s,
             keepalive_timeout_s=self.keepalive_timeout_s,
+            max_message_bytes=self.max_message_bytes,
+            max_metadata_bytes=self.max_metadata_bytes,
         )
 
     @classmethod

@@ -8,7 +8,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from stack import Stack, stack
+import secrets_watch
+
+from stack import OUTPUT_WATCHERS, Stack, stack
+
+# Every service's output is read for secrets once it has ended.
+OUTPUT_WATCHERS.append(
+    lambda process: secrets_watch.note(f"{process.name} (pid {process.pid})", process.lines)
+)
 
 # Modules whose tests hold a system to a time bound (fault detection, fairness, rate, a watchdog's
 # pace). `make test` runs them after the rest and one at a time, so no other test's load skews them.
@@ -32,3 +39,17 @@ def swarm_stack() -> Iterator[Stack]:
     """One orchestrator and two simulated workers, shared by a module's tests."""
     with stack(workers=2) as running:
         yield running
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """What a test's in-process code said (clients, servers, fakes): read for secrets too."""
+    for title, text in report.sections:
+        secrets_watch.note(f"{report.nodeid} ({title})", text.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_is_ever_shown() -> Iterator[None]:
+    """Fails the session when any process or test output showed a secret (see secrets_watch)."""
+    yield
+    found = secrets_watch.found()
+    assert not found, "secrets were shown:\n" + "\n".join(found[:20])

@@ -364,6 +364,29 @@ def test_html_in_ideas_and_model_output_renders_as_text(page: Page, browser: Bro
     expect(markup).to_have_count(0)
 
 
+def test_an_answer_cut_off_at_its_budget_is_marked_on_its_card(page: Page) -> None:
+    def answer(body: dict[str, Any]) -> str:
+        plan = default_answer(body)
+        return plan if plan.startswith('{"subtasks"') else "a long answer " * 200
+
+    with FakeMessagesAPI(api_key="sk-ant-test", chunks=3, answer=answer) as fake:
+        args = ["--provider", "anthropic"]
+        env = {"ANTHROPIC_API_KEY": "sk-ant-test", "ANTHROPIC_BASE_URL": fake.base_url}
+        with stack(workers=1, worker_args=args, orchestrator_args=args, env=env) as running:
+            with SwarmClient(running.target) as client:
+                events = list(client.run("Cut me short", 2, answer_max_tokens=40))
+            assert events[-1].HasField("swarm_completed"), events[-1]
+            console = start_console(running.target)
+            try:
+                page.goto(f"http://{console.address}/swarms/{events[-1].swarm_id}")
+                wait_for_outcome(page, "Completed")
+                badges = page.locator("#cards .card .badge")
+                expect(badges).to_have_text(["cut off", "cut off"])
+                expect(page.locator("#cards .card[data-state='done']")).to_have_count(2)
+            finally:
+                console.stop()
+
+
 @pytest.mark.serial  # a bound on the page's long tasks: other tests' load must not skew it
 def test_a_hundred_agent_swarm_streams_without_freezing_the_page(
     page: Page, console: str, web_stack: Stack

@@ -21,8 +21,10 @@ from swarm_common.logs import Throttle
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
+from swarm_common.telemetry import TRACE_HEADERS
+from swarm_common.usage import usage_proto
 from worker_service.outbox import Outbox
-from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy
+from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy, executing
 
 log = logging.getLogger("swarm.worker")
 
@@ -45,7 +47,12 @@ def _window_s(request: worker_pb2.ExecuteSubtaskRequest) -> float:
     return request.delta_window.ToNanoseconds() / 1e9 if request.HasField("delta_window") else 0.0
 
 
-def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
+def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | None = None) -> Assignment:
+    """The request as an assignment; a direct caller's trace headers may come as call metadata."""
+    trace_context = dict(request.trace_context)
+    if not trace_context and context is not None:
+        metadata = context.invocation_metadata() or ()
+        trace_context = {key: str(value) for key, value in metadata if key in TRACE_HEADERS}
     deadline = None
     if request.HasField("deadline"):
         deadline = request.deadline.seconds + request.deadline.nanos / 1e9
@@ -59,6 +66,9 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
         attempt=request.attempt,
         deadline=deadline,
         max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
+        trace_context=trace_context,
+        plan_context=request.plan_context,
+        cache_shared_prefix=request.cache_shared_prefix,
     )
 
 
@@ -70,11 +80,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._stream_queue = stream_queue
         self._unexpected = Throttle()
 
-    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> tuple[Assignment, Slot]:
+    def _admit(
+        self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool, context: Context | None = None
+    ) -> tuple[Assignment, Slot]:
         """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
-        assignment = _assignment(request)
+        assignment = _assignment(request, context)
         try:
             return assignment, self._worker.claim(assignment, direct=direct)
         except RefusedAssignment as refused:
@@ -96,11 +108,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if isinstance(item, str):
                     yield item
                 else:
-                    usage = events_pb2.Usage(
-                        input_tokens=item.input_tokens,
-                        output_tokens=item.output_tokens,
-                        cost_usd=item.cost_usd,
-                    )
+                    usage = usage_proto(item)
                     stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
@@ -113,13 +121,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield worker_pb2.ExecuteSubtaskResponse(worker_id=self._worker.worker_id, result=result)
 
     async def _run(self, outbox: Outbox, call_id: int, assignment: Assignment, slot: Slot) -> None:
-        """One call from its start to its last reply, a result or an error, sent through `outbox`."""
+        """One call from its start to its last reply, a result or an error, sent through `outbox`;
+        in a task of its own, which is the assignment's span."""
         try:
-            async for item in self._outputs(assignment, slot):
-                if isinstance(item, str):
-                    await outbox.text(call_id, item)
-                else:
-                    await outbox.reply(worker_pb2.SubtaskReply(call_id=call_id, output=item))
+            with executing(assignment):
+                async for item in self._outputs(assignment, slot):
+                    if isinstance(item, str):
+                        await outbox.text(call_id, item)
+                    else:
+                        await outbox.reply(worker_pb2.SubtaskReply(call_id=call_id, output=item))
         except CallFailed as failed:
             await outbox.reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
 
@@ -143,7 +153,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
-            assignment, slot = self._admit(request, direct=True)
+            assignment, slot = self._admit(request, direct=True, context=context)
         except CallFailed as refused:
             await self._abort(refused.failure, context)
         outbox = Outbox(self._worker.worker_id, self._stream_queue)

@@ -12,7 +12,10 @@ import DOMPurify from "./vendor/purify.es.js";
 const KINDS = [
   "accepted", "planCreated", "subtaskStarted", "subtaskDelta", "subtaskCompleted", "subtaskFailed",
   "synthesisDelta", "swarmCompleted", "swarmFailed", "swarmCancelled", "swarmResumed",
+  "partialSynthesis", "answerBudget",
 ];
+// Stop reasons of an answer that was cut off rather than finished.
+const CUT_OFF = new Set(["max_tokens", "model_context_window_exceeded"]);
 const OUTCOMES = { swarmCompleted: "completed", swarmFailed: "failed", swarmCancelled: "cancelled" };
 // When the browser gives up on a stream (the console itself was unreachable), we try again.
 const RECONNECT_MS = 2000;
@@ -56,6 +59,7 @@ class Agent {
     this.attempt = 0;
     this.chars = 0;
     this.usage = null;
+    this.cutOff = false; // the answer stopped at its answer budget
     this.failures = [];
     this.pending = ""; // text not yet in the DOM
     this.restart = false; // a new attempt: the card's text starts afresh
@@ -70,6 +74,7 @@ class SwarmModel {
     this.agents = new Map();
     this.synthesis = "";
     this.synthesisAttempt = 0;
+    this.partials = new Map(); // level -> { count, done: Set of partial ids }: a synthesis in parts
     this.outcome = "";
     this.outcomeText = "";
     this.total = null;
@@ -142,7 +147,16 @@ class SwarmModel {
       case "subtaskCompleted": {
         const agent = this.agent(body.subtaskId);
         Object.assign(agent, { state: "done", worker: body.workerId ?? agent.worker, usage: body.usage ?? {} });
+        agent.cutOff = CUT_OFF.has(body.stopReason ?? "");
         this.spend(body.usage);
+        break;
+      }
+      case "partialSynthesis": {
+        const level = this.partials.get(int(body.level)) ?? { count: int(body.count), done: new Set() };
+        level.done.add(body.id ?? "");
+        this.partials.set(int(body.level), level);
+        this.spend(body.usage);
+        this.synthesisChanged = true;
         break;
       }
       case "subtaskFailed": {
@@ -256,8 +270,9 @@ function drawCard(agent) {
   const parts = view.cards.get(agent);
   if (!parts) return;
   parts.card.dataset.state = agent.state;
-  parts.badge.textContent = agent.state;
-  parts.badge.className = `badge state-${agent.state}`;
+  parts.badge.textContent = agent.cutOff ? "cut off" : agent.state;
+  parts.badge.className = `badge state-${agent.cutOff ? "cut-off" : agent.state}`;
+  if (agent.cutOff) parts.badge.title = "The answer stopped at its answer budget (stop reason max_tokens).";
   const meta = [];
   if (agent.worker) meta.push(agent.worker);
   if (agent.attempt) meta.push(`attempt ${agent.attempt}`);
@@ -337,6 +352,11 @@ function drawSynthesis(model) {
   const target = $("synthesis");
   if (model.synthesis) {
     renderMarkdown(target, model.synthesis);
+  } else if (model.partials.size && !model.outcome) {
+    // Too many outputs for one prompt: they are combined in parts first, level by level.
+    const levels = [...model.partials.entries()].sort(([a], [b]) => a - b);
+    const progress = levels.map(([level, { count, done }]) => `level ${level}: ${done.size} of ${count}`).join(" · ");
+    target.replaceChildren(element("p", "placeholder", `Synthesizing in parts (${progress}).`));
   } else {
     target.replaceChildren(element("p", "placeholder", model.outcome ? "No synthesis." : "The synthesis streams in here once the agents are done."));
   }
