@@ -86,6 +86,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
+        if request.max_tokens < 0:
+            raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must not be negative"))
         assignment = _assignment(request, context)
         try:
             return assignment, self._worker.claim(assignment, direct=direct)
