@@ -1,10 +1,10 @@
 """Streaming workloads (1d, 1h, 1i): answers of a chosen number of chunks, and each chunk's lag.
 
 The simulated answer is normally ~250 characters, too short for hundreds of chunks (the provider
-splits the text into at most one chunk per character). So the idea carries `### ` lines, which the
-simulated provider lists in every answer: their length is chosen here (with the provider itself,
-before the run) so that every answer splits into (nearly) the chunks asked for, of ~20 characters
-each, like a model's deltas. The chunk counts actually streamed are measured and reported.
+splits the text into at most one chunk per character). So the workers pad every answer to a number
+of words (`--sim-answer-words`), chosen here with the provider itself, before the run, so that every
+answer splits into (nearly) the chunks asked for, of ~20 characters each, like a model's deltas.
+The chunk counts actually streamed are measured and reported.
 
 Lag. The worker stamps nothing, so each chunk's lag is taken from its known schedule: the
 simulated provider emits chunk j of an answer at start + j * pause (pause = latency / chunks), and
@@ -49,13 +49,14 @@ async def plan(idea: str, agents: int) -> list[events_pb2.Subtask]:
     ]
 
 
-async def _answer_lengths(idea: str, agents: int) -> list[int]:
-    """The length of each answer the workers will give for `idea` (the simulated provider is
-    deterministic; one chunk, so it is quick)."""
-    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=1))
+async def _answer_lengths(words: int, agents: int) -> list[int]:
+    """The length of each answer the workers give for the benchmark's idea, padded to `words`
+    (the simulated provider is deterministic; one chunk, so it is quick). The worker's prompt is
+    the subtask's alone: the idea and the plan go before it, as the prefix its swarm shares."""
+    provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=1, answer_words=words))
     lengths = []
-    for subtask in await plan(idea, agents):
-        prompt = prompts.idea_block(idea) + prompts.worker_prompt(subtask.title, subtask.instructions)
+    for subtask in await plan(IDEA, agents):
+        prompt = prompts.worker_prompt(subtask.title, subtask.instructions)
         text = ""
         async for piece in provider.stream(StreamRequest(model="bench", system="", prompt=prompt)):
             if not isinstance(piece, Usage):
@@ -70,27 +71,19 @@ def pieces(length: int, chunks: int) -> int:
     return math.ceil(length / size)
 
 
-def padded_idea(agents: int, chunks: int) -> tuple[str, list[int]]:
-    """An idea whose answers split into as close to `chunks` chunks of ~20 characters as the
-    provider allows: `### ` lines bring each answer to just under chunks x 20 characters. A
-    bounded search over the last line's length. Also the answers' lengths."""
+def answer_words(agents: int, chunks: int) -> tuple[int, list[int]]:
+    """The words (`--sim-answer-words`) that bring the longest answer to just under `chunks` x 20
+    characters, so every answer splits into as close to `chunks` chunks as the provider allows: a
+    bisection, bounded by the words' range. Also the answers' lengths."""
     target = CHUNK_CHARS * chunks
-    line = "### Streaming benchmark context: keep every chunk in order and on time, " + "x" * 20
-    base = asyncio.run(_answer_lengths(IDEA, agents))
-    per_line = len(line) - 4 + 3  # the answer lists each heading as "- heading\n"
-    count = max(0, (target - 60 - max(base)) // per_line)
-    best: tuple[int, str, list[int]] | None = None
-    for extra in range(0, per_line + 60, 3):
-        idea = IDEA + "\n\n" + "\n".join([line] * count + ["### " + "y" * extra])
-        lengths = asyncio.run(_answer_lengths(idea, agents))
-        if max(lengths) > target:
-            break
-        score = min(pieces(n, chunks) for n in lengths)
-        if best is None or score > best[0]:
-            best = (score, idea, lengths)
-    if best is None:
-        raise RuntimeError(f"no idea length gives answers of at most {target:,} characters")
-    return best[1], best[2]
+    low, high = 1, target  # a word and its space take at least two characters
+    while low < high:
+        middle = (low + high + 1) // 2
+        if max(asyncio.run(_answer_lengths(middle, agents))) <= target:
+            low = middle
+        else:
+            high = middle - 1
+    return low, asyncio.run(_answer_lengths(low, agents))
 
 
 @dataclass

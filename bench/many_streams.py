@@ -28,7 +28,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.chunks import Streams, event_rates, hop_lags, medians, ms, padded_idea
+from bench.chunks import Streams, answer_words, event_rates, hop_lags, medians, ms
 from bench.common import (
     Context,
     SwarmTrace,
@@ -100,7 +100,7 @@ def _at_once(traces: list[SwarmTrace]) -> int:
     return peak
 
 
-async def _stream_once(target: str, idea: str, pids: list[int], idle: int) -> dict[str, Any]:
+async def _stream_once(target: str, pids: list[int], idle: int) -> dict[str, Any]:
     channels = [client_channel(target) for _ in range(SWARMS)]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 20)
@@ -110,9 +110,7 @@ async def _stream_once(target: str, idea: str, pids: list[int], idle: int) -> di
         cpu_before = [cpu_seconds(pid) for pid in pids]
         client_before = time.process_time()
         started = time.monotonic()
-        traces = await asyncio.gather(
-            *(run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 120, idea=idea) for stub in stubs)
-        )
+        traces = await asyncio.gather(*(run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 120) for stub in stubs))
         wall = time.monotonic() - started
         cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         client = time.process_time() - client_before
@@ -158,21 +156,22 @@ async def _idle_rss(pid: int) -> int:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    idea, lengths = padded_idea(AGENTS, CHUNKS)
+    words, lengths = answer_words(AGENTS, CHUNKS)
     runs: list[dict[str, Any]] = []
     with stack(
         workers=WORKERS,
         max_concurrency=SUBTASKS // WORKERS,
         worker_latency_ms=LATENCY_S * 1000,
         worker_chunks=CHUNKS,
+        worker_args=["--sim-answer-words", str(words)],
     ) as services:
         pids = [services.orchestrator.pid, *(w.pid for w in services.workers)]
         idle = asyncio.run(_idle_rss(pids[0]))
         for _ in range(1 if ctx.quick else 2):
-            runs.append(asyncio.run(_stream_once(services.target, idea, pids, idle)))
+            runs.append(asyncio.run(_stream_once(services.target, pids, idle)))
         if ctx.profile_dir is not None:
             with maybe_profile(ctx, "many_streams", services.orchestrator.pid):
-                asyncio.run(_stream_once(services.target, idea, pids, idle))
+                asyncio.run(_stream_once(services.target, pids, idle))
     figures = medians(runs)
     figures["idle_mb"] = rounded(idle / MB, 1)
     figures["answer_chars"] = f"{min(lengths)}-{max(lengths)}"

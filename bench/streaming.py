@@ -27,8 +27,9 @@ import asyncio
 import time
 from typing import Any
 
-from bench.chunks import Streams, event_rates, hop_lags, medians, ms, padded_idea, plan
+from bench.chunks import Streams, answer_words, event_rates, hop_lags, medians, ms, plan
 from bench.common import (
+    IDEA,
     Context,
     SwarmTrace,
     Target,
@@ -64,7 +65,7 @@ UNITS = {
 }
 
 
-async def _stream_once(target: str, idea: str, pids: list[int]) -> tuple[SwarmTrace, dict[str, float]]:
+async def _stream_once(target: str, pids: list[int]) -> tuple[SwarmTrace, dict[str, float]]:
     """One swarm of 100 agents (no warm-up swarm: one would cost 8 s; the pool's channels are
     connected before the orchestrator listens). CPU seconds of each pid and of this process over it."""
     async with client_channel(target) as channel:
@@ -73,7 +74,7 @@ async def _stream_once(target: str, idea: str, pids: list[int]) -> tuple[SwarmTr
         cpu_before = [cpu_seconds(pid) for pid in pids]
         client_before = time.process_time()
         started = time.monotonic()
-        trace = await run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 60, idea=idea)
+        trace = await run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 60)
         wall = time.monotonic() - started
         cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         return trace, {
@@ -84,18 +85,18 @@ async def _stream_once(target: str, idea: str, pids: list[int]) -> tuple[SwarmTr
         }
 
 
-async def _direct(workers: list[str], idea: str) -> Streams:
+async def _direct(workers: list[str]) -> Streams:
     """The reference: the same 100 subtasks called on the workers by this process, with no
     orchestrator. The expected schedule starts when each call is made."""
     streams = Streams(CHUNKS, LATENCY_S)
-    subtasks = await plan(idea, AGENTS)
+    subtasks = await plan(IDEA, AGENTS)
     channels = [client_channel(address) for address in workers]
     try:
         stubs = [worker_pb2_grpc.WorkerServiceStub(channel) for channel in channels]
 
         async def one(index: int, subtask: events_pb2.Subtask) -> None:
             request = worker_pb2.ExecuteSubtaskRequest(
-                swarm_id="bench-direct", subtask=subtask, attempt=1, idea=idea
+                swarm_id="bench-direct", subtask=subtask, attempt=1, idea=IDEA
             )
             parts: list[str] = []
             streams.started[subtask.id] = time.time()
@@ -147,7 +148,7 @@ def _figures(trace: SwarmTrace, direct: Streams, cpu: dict[str, float]) -> dict[
 def run(ctx: Context) -> dict[str, Any]:
     """3 runs (1 with --quick), each a swarm and then its direct reference, on one stack; every
     number figure is the median over the runs, each run's own figures are kept too."""
-    idea, lengths = padded_idea(AGENTS, CHUNKS)
+    words, lengths = answer_words(AGENTS, CHUNKS)
     runs: list[dict[str, Any]] = []
     with stack(
         workers=2,
@@ -155,16 +156,16 @@ def run(ctx: Context) -> dict[str, Any]:
         worker_latency_ms=LATENCY_S * 1000,
         worker_chunks=CHUNKS,
         # The reference calls the workers directly, past the orchestrator: it needs their direct slots.
-        worker_args=["--direct-slots", str(AGENTS)],
+        worker_args=["--direct-slots", str(AGENTS), "--sim-answer-words", str(words)],
     ) as services:
         pids = [services.orchestrator.pid, *(w.pid for w in services.workers)]
         for _ in range(1 if ctx.quick else 3):
-            trace, cpu = asyncio.run(_stream_once(services.target, idea, pids))
-            direct = asyncio.run(_direct([w.address for w in services.workers], idea))
+            trace, cpu = asyncio.run(_stream_once(services.target, pids))
+            direct = asyncio.run(_direct([w.address for w in services.workers]))
             runs.append(_figures(trace, direct, cpu))
         if ctx.profile_dir is not None:
             with maybe_profile(ctx, "streaming", services.orchestrator.pid):
-                asyncio.run(_stream_once(services.target, idea, pids))
+                asyncio.run(_stream_once(services.target, pids))
     figures = medians(runs)
     figures["answer_chars"] = f"{min(lengths)}-{max(lengths)}"
     figures["runs"] = runs

@@ -30,7 +30,7 @@ import asyncio
 import time
 from typing import Any
 
-from bench.chunks import padded_idea
+from bench.chunks import answer_words
 from bench.common import (
     Context,
     SwarmTrace,
@@ -79,14 +79,14 @@ async def _watch_bytes(target: str, swarm_id: str) -> int:
         )
 
 
-async def _swarm(target: str, idea: str, pid: int, watchers: int) -> tuple[float, int]:
+async def _swarm(target: str, pid: int, watchers: int) -> tuple[float, int]:
     """One swarm followed by `watchers` clients: the orchestrator's CPU seconds, and its events."""
     async with client_channel(target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         trace = SwarmTrace(started=time.time())
         before = cpu_seconds(pid)
-        run = asyncio.create_task(run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 60, idea=idea, trace=trace))
+        run = asyncio.create_task(run_swarm(stub, AGENTS, timeout_s=LATENCY_S + 60, trace=trace))
         others: list[asyncio.Task[int]] = []
         if watchers > 1:
             if not await wait_until(
@@ -106,22 +106,26 @@ async def _swarm(target: str, idea: str, pid: int, watchers: int) -> tuple[float
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    idea, _ = padded_idea(AGENTS, CHUNKS)
+    words, _ = answer_words(AGENTS, CHUNKS)
     one: list[float] = []
     ten: list[float] = []
     events: list[int] = []
     with stack(
-        workers=2, max_concurrency=AGENTS, worker_latency_ms=LATENCY_S * 1000, worker_chunks=CHUNKS
+        workers=2,
+        max_concurrency=AGENTS,
+        worker_latency_ms=LATENCY_S * 1000,
+        worker_chunks=CHUNKS,
+        worker_args=["--sim-answer-words", str(words)],
     ) as services:
         pid = services.orchestrator.pid
         for _ in range(1 if ctx.quick else 3):
             for watchers, cpus in ((1, one), (WATCHERS, ten)):
-                cpu, count = asyncio.run(_swarm(services.target, idea, pid, watchers))
+                cpu, count = asyncio.run(_swarm(services.target, pid, watchers))
                 cpus.append(cpu)
                 events.append(count)
         if ctx.profile_dir is not None:
             with maybe_profile(ctx, "watchers", pid):
-                asyncio.run(_swarm(services.target, idea, pid, WATCHERS))
+                asyncio.run(_swarm(services.target, pid, WATCHERS))
     raw = start_server()
     try:
         per_message = {
