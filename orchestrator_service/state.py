@@ -88,6 +88,9 @@ class SwarmRecord:
         self.workers_held = events_pb2.Usage()
         self.calls_held = events_pb2.Usage()
         self.attempts_running = 0
+        # Subtasks with no output and no attempt running: a new attempt's budget is shared among
+        # them, and counting them afresh for each attempt cost the square of the subtasks.
+        self.unstarted: set[str] = set()
         self.hedges = 0
 
     @property
@@ -131,6 +134,16 @@ class SwarmRecord:
             if not self.attempts_running:  # exactly nothing, not what the floats' rounding leaves
                 self.workers_held = events_pb2.Usage()
         add(self.worker_spent, usage)
+        self._recount(subtask_id)
+
+    def _recount(self, subtask_id: str) -> None:
+        record = self.subtasks.get(subtask_id)
+        if record is None:
+            return
+        if record.usage.output_tokens == 0 and not record.output and not self.running.get(subtask_id):
+            self.unstarted.add(subtask_id)
+        else:
+            self.unstarted.discard(subtask_id)
 
     def apply(self, event: events_pb2.SwarmEvent) -> Change:
         kind = event.WhichOneof("kind")
@@ -159,6 +172,7 @@ class SwarmRecord:
         self.subtasks = {
             subtask.id: SubtaskRecord(subtask, position) for position, subtask in enumerate(body.subtasks)
         }
+        self.unstarted = set(self.subtasks)
         self.state = S.SWARM_STATE_RUNNING
         return Change(summary=True, subtask_ids=tuple(self.subtasks))
 
@@ -175,6 +189,7 @@ class SwarmRecord:
             subtract(self.workers_held, replaced.reserved)
         self.running[body.subtask_id][body.attempt] = body
         add(self.workers_held, body.reserved)
+        self.unstarted.discard(body.subtask_id)
         self.hedges += body.hedge
         return Change(summary=True, subtask_ids=(body.subtask_id,))  # what is held changed
 
