@@ -3,24 +3,30 @@ No gRPC here.
 
 Swarms that are running live here, in memory; a finished swarm lives in the store alone, which is
 where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swarms in flight.
+
+On a store that several orchestrators share, a swarm runs where its lease is held, and any
+orchestrator answers for any swarm: one running elsewhere is read and followed from the store, and
+cancelled by a request that its owner picks up. A swarm whose lease another orchestrator took is
+handed over: it stops here, and its watchers here go on reading it from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
-from orchestrator_service.event_log import replay
+from orchestrator_service.event_log import LogHandedOver, replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
-from orchestrator_service.store import Cursor, Store, StoreError
+from orchestrator_service.store import Claim, Cursor, Renewal, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
@@ -158,26 +164,82 @@ class Orchestrator:
         self.store_failed = asyncio.Event()
 
     async def recover(self) -> list[str]:
-        """Resumes every unfinished swarm in the store: rebuilds it from its events and runs it on
-        from there. Resumed swarms are detached: the RunSwarm calls that started them are gone."""
+        """Resumes every unfinished swarm it can claim in the store (on a store of its own, all of
+        them; on a shared one, those whose lease ran out): rebuilds each from its events and runs
+        it on from there. Resumed swarms are detached: the RunSwarm calls that started them are
+        gone."""
         resumed: list[str] = []
-        for swarm_id in await self.store.unfinished():
-            record = SwarmRecord(swarm_id)
+        for claim in await self.store.claim():
+            record = SwarmRecord(claim.swarm_id)
             try:
-                async for event in replay(self.store, swarm_id):
+                async for event in replay(self.store, claim.swarm_id):
                     record.apply(event)
             except (ValueError, KeyError) as error:
-                raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
-            stored_through = record.last_sequence
-            swarm = Swarm.resume(record, self.store, on_store_failure=self._store_failed)
-            swarm.default_answer_max_tokens = self.limits.answer_max_tokens
-            self._launch(swarm)
-            resumed.append(swarm_id)
-            log.info(
-                f"swarm resumed after its stored event {stored_through}",
-                extra={"swarm_id": swarm_id, "model": swarm.spec.model},
-            )
+                raise StoreError(
+                    f"cannot resume swarm {claim.swarm_id} from its stored events: {error}"
+                ) from None
+            stale = self._swarms.get(claim.swarm_id)
+            if stale is not None:  # its lease ran out while this orchestrator stalled
+                self._hand_over(stale)
+            self._resume(claim, record)
+            resumed.append(claim.swarm_id)
         return resumed
+
+    def _resume(self, claim: Claim, record: SwarmRecord) -> None:
+        stored_through = record.last_sequence
+        swarm = Swarm.resume(
+            record,
+            self.store,
+            epoch=claim.epoch,
+            on_store_failure=self._store_failed,
+            on_lease_lost=self._lease_lost,
+        )
+        swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        log.info(
+            f"swarm resumed after its stored event {stored_through} (epoch {claim.epoch})",
+            extra={"swarm_id": swarm.id, "model": swarm.spec.model},
+        )
+        if claim.cancel_reason:
+            # A CancelSwarm reached no owner: the swarm ends here, as its owner would have ended it.
+            swarm.log.append("swarm_cancelled", events_pb2.SwarmCancelled(reason=claim.cancel_reason))
+            return
+        self._launch(swarm)
+
+    def leases(self) -> dict[str, int]:
+        """The swarms running here, with the epoch each is written under."""
+        return {swarm_id: swarm.log.epoch for swarm_id, swarm in self._swarms.items() if not swarm.suspended}
+
+    def renewed(self, renewal: Renewal) -> None:
+        """Acts on a lease renewal: hands over the swarms another orchestrator took, and cancels
+        those that a CancelSwarm elsewhere asked to end."""
+        for swarm_id in renewal.lost:
+            swarm = self._swarms.get(swarm_id)
+            if swarm is not None:
+                self._hand_over(swarm)
+        for swarm_id, reason in renewal.cancels.items():
+            swarm = self._swarms.get(swarm_id)
+            if swarm is not None:
+                swarm.cancel(reason)
+
+    def hand_over_all(self) -> None:
+        """Stops every swarm here without writing: their leases may be another orchestrator's now."""
+        for swarm in list(self._swarms.values()):
+            self._hand_over(swarm)
+
+    def _lease_lost(self, swarm_id: str, epoch: int) -> None:
+        swarm = self._swarms.get(swarm_id)
+        if swarm is not None and swarm.log.epoch == epoch:
+            self._hand_over(swarm)
+
+    def _hand_over(self, swarm: Swarm) -> None:
+        """The swarm stops here and writes nothing more; another orchestrator runs it on."""
+        if self._swarms.get(swarm.id) is swarm:
+            del self._swarms[swarm.id]
+        if self._by_request_id.get(swarm.spec.request_id) is swarm:
+            del self._by_request_id[swarm.spec.request_id]
+        swarm.log.hand_over()
+        swarm.suspend()
+        log.warning("swarm handed over: another orchestrator holds its lease", extra={"swarm_id": swarm.id})
 
     async def start(
         self,
@@ -202,7 +264,11 @@ class Orchestrator:
             answer_max_tokens=answer_max_tokens,
         )
         validate(spec, self.limits)
-        if request_id:
+        if not request_id:
+            return Started(self._accept(spec, deadline).id, new=True)
+        # Held until the swarm's first events are stored, so that another start of the same
+        # request, here or at another orchestrator on the same store, finds this swarm.
+        async with self.store.request_lock(request_id):
             seen = await self._find_request(request_id)
             if seen is not None:
                 differ = differences(spec, await self._requested(seen))
@@ -211,6 +277,12 @@ class Orchestrator:
                         f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
                     )
                 return Started(seen, new=False)
+            swarm = self._accept(spec, deadline)
+            await swarm.log.stored()
+        return Started(swarm.id, new=True)
+
+    def _accept(self, spec: SwarmSpec, deadline: float | None) -> Swarm:
+        num_agents = spec.num_agents
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
         in_flight = sum(s.record.accepted.num_agents for s in self._swarms.values() if not s.finished)
@@ -226,12 +298,13 @@ class Orchestrator:
             provider_name=self.planner.provider.name,
             store=self.store,
             on_store_failure=self._store_failed,
+            on_lease_lost=self._lease_lost,
         )
         swarm.deadline = deadline
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
-        return Started(swarm.id, new=True)
+        return swarm
 
     async def _requested(self, swarm_id: str) -> SwarmSpec:
         """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
@@ -268,7 +341,8 @@ class Orchestrator:
         except StoreError:
             return  # the orchestrator is stopping for it (`store_failed`)
         # Durable now, so the store answers for it from here on.
-        del self._swarms[swarm.id]
+        if self._swarms.get(swarm.id) is swarm:
+            del self._swarms[swarm.id]
         if self._by_request_id.get(swarm.spec.request_id) is swarm:
             del self._by_request_id[swarm.spec.request_id]
 
@@ -298,10 +372,23 @@ class Orchestrator:
             )
         running = self._swarms.get(swarm_id)
         if running is not None:
-            return self._watched(swarm_id, running.log.follow(after_sequence))
+            return self._watched(swarm_id, self._follow(running, after_sequence))
         if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
             raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
-        return self._watched(swarm_id, replay(self.store, swarm_id, after_sequence=after_sequence))
+        return self._watched(swarm_id, self.store.follow(swarm_id, after_sequence=after_sequence))
+
+    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[events_pb2.SwarmEvent]:
+        """The running swarm's events; should it be handed over meanwhile, on from the store."""
+        index = after_sequence
+        try:
+            async for event in running.log.follow(after_sequence):
+                index = event.sequence
+                yield event
+            return
+        except LogHandedOver:
+            pass
+        async for event in self.store.follow(running.id, after_sequence=index):
+            yield event
 
     async def _watched(
         self, swarm_id: str, events: AsyncIterator[events_pb2.SwarmEvent]
@@ -332,10 +419,23 @@ class Orchestrator:
         left as it is."""
         running = self._swarms.get(swarm_id)
         if running is None:
-            return await self.get(swarm_id)
+            return await self._cancel_elsewhere(swarm_id, reason or "cancelled by CancelSwarm", wait_s)
         if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
             await asyncio.wait([running.task], timeout=wait_s)
         return await running.view()
+
+    async def _cancel_elsewhere(self, swarm_id: str, reason: str, wait_s: float) -> orchestrator_pb2.Swarm:
+        """A swarm not running here: finished, or running at another orchestrator, which is asked
+        to cancel it (or, should it die first, the one that takes it over)."""
+        view = await self.get(swarm_id)
+        if view.HasField("end_time"):
+            return view
+        await self.store.request_cancel(swarm_id, reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                async for _ in self.store.follow(swarm_id, after_sequence=view.last_sequence):
+                    pass
+        return await self.get(swarm_id)
 
     async def list(
         self, *, page_size: int = 0, page_token: str = "", state: int = 0
@@ -401,6 +501,11 @@ class Orchestrator:
                     f"the swarm's last events were not stored: {outcome!r}", extra={"swarm_id": swarm.id}
                 )
         if resumable:
+            # Another orchestrator on a shared store takes them over now, not when the leases end.
+            try:
+                await self.store.release(self.leases())
+            except StoreError as error:
+                log.warning(f"the leases of the unfinished swarms were not released: {error}")
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
 
 

@@ -17,7 +17,7 @@ from orchestrator_service.event_log import EventLog
 from orchestrator_service.planner import Planner, PlanningFailed
 from orchestrator_service.scheduler import Scheduler, SubtaskFailed
 from orchestrator_service.state import SwarmRecord, T
-from orchestrator_service.store import Store, StoreError
+from orchestrator_service.store import FIRST_EPOCH, Store, StoreError
 from orchestrator_service.synthesis import CannotFit, SynthesisTree
 from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -88,9 +88,14 @@ class Swarm:
         provider_name: str,
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_lease_lost: Callable[[str, int], None] | None = None,
     ) -> Swarm:
         """A new swarm, its `accepted` event appended."""
-        swarm = cls(EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure))
+        swarm = cls(
+            EventLog(
+                SwarmRecord(swarm_id), store, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
+            )
+        )
         swarm.log.append(
             "accepted",
             events_pb2.SwarmAccepted(
@@ -112,11 +117,18 @@ class Swarm:
         record: SwarmRecord,
         store: Store,
         *,
+        epoch: int = FIRST_EPOCH,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_lease_lost: Callable[[str, int], None] | None = None,
     ) -> Swarm:
         """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
-        attempts that the restart interrupted told as failed."""
-        swarm = cls(EventLog(record, store, on_store_failure=on_store_failure))
+        attempts that the restart (or the takeover, under the new `epoch`) interrupted told as
+        failed."""
+        swarm = cls(
+            EventLog(
+                record, store, epoch=epoch, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
+            )
+        )
         subtasks = list(record.subtasks.values())
         swarm.log.append(
             "swarm_resumed",
@@ -150,6 +162,11 @@ class Swarm:
     @property
     def finished(self) -> bool:
         return self.log.closed
+
+    @property
+    def suspended(self) -> bool:
+        """Stopped without an end, for a restart or another orchestrator to resume."""
+        return self._suspending
 
     async def view(self) -> orchestrator_pb2.Swarm:
         """The GetSwarm view, as of an event that is durable: never ahead of what a restart keeps."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from fakes.postgres import PostgresServer
 from stack import Stack, stack
 
 # Modules whose tests hold a system to a time bound (fault detection, fairness, rate, a watchdog's
@@ -32,3 +34,16 @@ def swarm_stack() -> Iterator[Stack]:
     """One orchestrator and two simulated workers, shared by a module's tests."""
     with stack(workers=2) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (per xdist worker); each test that needs one gets
+    a database of its own from `postgres_url`."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")

@@ -1,4 +1,4 @@
-"""The stores (in memory and SQLite) against one contract, SQLite's own promises, and the event log's
+"""The stores (in memory, SQLite and PostgreSQL) against one contract, SQLite's own promises, and the event log's
 rule that a reader sees an event only once it is durable."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import pytest
 from orchestrator_service.event_log import REPLAY_PAGE, EventLog, replay
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import (
+    FIRST_EPOCH,
     Cursor,
     Entry,
     MemoryStore,
+    PostgresStore,
     SqliteStore,
     Store,
     StoreError,
@@ -27,11 +29,15 @@ from swarm.v1 import events_pb2, orchestrator_pb2
 S = orchestrator_pb2.SwarmState
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened: Store = (
-        MemoryStore() if request.param == "memory" else await SqliteStore.open(str(tmp_path / "s.db"))
-    )
+    opened: Store
+    if request.param == "memory":
+        opened = MemoryStore()
+    elif request.param == "sqlite":
+        opened = await SqliteStore.open(str(tmp_path / "s.db"))
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
     yield opened
     await opened.close()
 
@@ -260,9 +266,9 @@ class GatedStore(MemoryStore):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         await self.gate.wait()
-        await super().append(entries)
+        await super().append(entries, epoch=epoch)
 
 
 async def test_readers_see_an_event_only_once_the_store_has_it() -> None:
@@ -287,7 +293,7 @@ async def test_readers_see_an_event_only_once_the_store_has_it() -> None:
 
 
 class FailingStore(MemoryStore):
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         raise StoreError("cannot write to the database x.db: disk I/O error")
 
 
