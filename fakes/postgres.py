@@ -33,6 +33,7 @@ import psycopg
 INSTALL_HINT = "install Debian's postgresql package (apt-get install -y postgresql; `make test` does it)"
 USER = "swarm"
 START_TIMEOUT_S = 30.0
+START_ATTEMPTS = 3
 
 
 class PostgresUnavailable(RuntimeError):
@@ -96,9 +97,22 @@ class PostgresServer:
         shutil.rmtree(self._root, ignore_errors=True)
 
     def start(self) -> None:
+        """Starts the server (made by initdb the first time) and waits until it takes connections.
+        A start that fails at once is tried again: a restart can find the old server's last
+        resources not yet given back."""
         if not self._data.exists():
             self._initdb()
         self.port = self.port or _free_port()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            said_before = len(self.log_tail(lines=100_000).splitlines())
+            if self._started():
+                return
+            if attempt == START_ATTEMPTS:
+                said = "\n".join(self.log_tail(lines=100_000).splitlines()[said_before:][-20:])
+                raise PostgresUnavailable(f"PostgreSQL would not start; it said:\n{said}")
+            time.sleep(0.5 * attempt)
+
+    def _started(self) -> bool:
         log = (self._root / "server.log").open("a")
         self._process = subprocess.Popen(
             [
@@ -115,10 +129,10 @@ class PostgresServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise PostgresUnavailable(f"PostgreSQL exited at start; it said:\n{self.log_tail()}")
+                return False
             try:
                 psycopg.connect(self.url(), connect_timeout=2).close()
-                return
+                return True
             except psycopg.OperationalError:
                 time.sleep(0.05)
         self.stop()

@@ -118,6 +118,8 @@ class EventLog:
                     if self._on_lease_lost is not None:
                         self._on_lease_lost(self.swarm_id, self.epoch)
                 except Exception as error:  # whatever it is, these events are not durable
+                    if self._lost:
+                        break  # handed over meanwhile: another orchestrator writes the swarm now
                     log.error("cannot store events", exc_info=error, extra={"swarm_id": self.swarm_id})
                     self._failure = error if isinstance(error, StoreError) else StoreError(repr(error))
                     if self._on_store_failure is not None:

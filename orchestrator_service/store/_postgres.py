@@ -185,9 +185,10 @@ class PostgresStore:
         self.name = redacted(url)
         self.replica = replica_name()
         self.lease_ttl_s = lease_ttl_s
-        # Appends are tried again through an outage this long: a database restart costs nothing.
-        # After a whole lease, others may have taken the swarm: the failure is then the writer's.
-        self._append_retry_s = lease_ttl_s
+        # Appends are tried again through an outage this long, so a database restart costs
+        # nothing. Past a whole lease the lease keeper has handed the swarm over, and the failure
+        # is moot; past two, the store is broken for this orchestrator, which then stops.
+        self._append_retry_s = 2 * lease_ttl_s
         password = urlsplit(url).password
         self._secrets = [s for s in {password, unquote(password)} if s] if password else []
         self._conninfo = make_conninfo(
