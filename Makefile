@@ -37,6 +37,12 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	-apt-get update -qq && apt-get install -y -qq chromium
 
+# The PostgreSQL store's tests and benchmark run Debian's server (fakes/postgres.py). It is installed
+# here where it is missing and apt-get may; elsewhere those tests fail and say what to install.
+POSTGRES := /usr/lib/postgresql
+$(POSTGRES):
+	-apt-get update -qq && apt-get install -y -qq postgresql
+
 run: install
 	$(BIN)/swarm up --workers 3 --demo --stay
 
@@ -44,14 +50,14 @@ run: install
 # waiting on services, not computing); then the `serial` ones, which hold a system to a time bound,
 # run alone. Both parts always run, and either failing fails the target.
 TEST_WORKERS ?= 4
-test: install $(NODE_STAMP) $(CHROMIUM)
+test: install $(NODE_STAMP) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
 	$(BIN)/pytest -q -m serial; serial=$$?; \
 	test $$parallel -eq 0 -a $$serial -eq 0
 
 # Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer
 # in 1g) and py-spy; without it (say, no registry) that benchmark reports itself unavailable.
-bench: install
+bench: install $(POSTGRES)
 	-$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 
