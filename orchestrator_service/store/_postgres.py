@@ -230,20 +230,21 @@ class PostgresStore:
 
     @classmethod
     async def open(cls, url: str, *, lease_ttl_s: float = 15.0) -> PostgresStore:
+        """Connects (one connection first, so that a refusal says why at once), migrates the
+        schema, and opens the pools and the listener."""
         store = cls(url, lease_ttl_s)
+        try:
+            connection = await psycopg.AsyncConnection.connect(store._conninfo, autocommit=True)
+        except psycopg.Error as error:
+            raise StoreError(f"cannot connect to the database {store.name}: {store._said(error)}") from None
+        async with connection:
+            await store._migrate(connection)
         try:
             await store._pool.open(wait=True, timeout=15)
             await store._locks.open()
         except psycopg.Error as error:
-            await store._pool.close()
-            await store._locks.close()
-            raise StoreError(f"cannot connect to the database {store.name}: {store._said(error)}") from None
-        try:
-            async with store._pool.connection() as connection:
-                await store._migrate(connection)
-        except BaseException:
             await store.close()
-            raise
+            raise StoreError(f"cannot connect to the database {store.name}: {store._said(error)}") from None
         store._listener = asyncio.get_running_loop().create_task(store._listen(), name="postgres-listener")
         return store
 
