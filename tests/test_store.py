@@ -23,6 +23,7 @@ from orchestrator_service.store import (
     LeaseLost,
     MemoryStore,
     PostgresStore,
+    Renewal,
     SqliteStore,
     Store,
     StoreError,
@@ -389,6 +390,8 @@ async def test_postgres_leases_are_renewed_released_and_claimed_once(
     owner, other = two_replicas
     await write_swarm(owner, "a", end="")
     await write_swarm(owner, "b", end="")
+    # A swarm whose first append is still on its way is not lost: that append makes its lease.
+    assert await owner.renew({"not-stored-yet": FIRST_EPOCH}) == Renewal()
     for _ in range(3):
         await asyncio.sleep(0.15)
         assert (await owner.renew({"a": FIRST_EPOCH, "b": FIRST_EPOCH})).lost == []

@@ -305,10 +305,9 @@ class PostgresStore:
             {"ids": list(held), "epochs": list(held.values()), "lease_s": self.lease_ttl_s},
             retry_s=0,
         )
-        kept = {str(swarm_id) for swarm_id, _, _ in rows}
         return Renewal(
-            lost=[swarm_id for swarm_id in held if swarm_id not in kept],
-            cancels={str(swarm_id): reason for swarm_id, ended, reason in rows if reason and not ended},
+            lost=[str(swarm_id) for swarm_id, lost, _, _ in rows if lost],
+            cancels={str(swarm_id): reason for swarm_id, lost, ended, reason in rows if reason and not ended},
         )
 
     async def release(self, held: Mapping[str, int]) -> None:
@@ -577,11 +576,19 @@ SET epoch = s.epoch + 1, owner = %(owner)s, lease_until = now() + make_interval(
 FROM expired WHERE s.swarm_id = expired.swarm_id
 RETURNING s.swarm_id, s.epoch, s.cancel_reason, s.create_ns
 """
+# Lost: a swarm stored under another epoch. One not stored yet (its first append is on its way) is
+# neither renewed nor lost: its first append makes its lease.
 _RENEW = """
-UPDATE swarms AS s SET lease_until = now() + make_interval(secs => %(lease_s)s)
-FROM unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS held(swarm_id, epoch)
-WHERE s.swarm_id = held.swarm_id AND s.epoch = held.epoch
-RETURNING s.swarm_id, s.end_ns IS NOT NULL, s.cancel_reason
+WITH held AS (SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS held(swarm_id, epoch)),
+renewed AS (
+    UPDATE swarms AS s SET lease_until = now() + make_interval(secs => %(lease_s)s)
+    FROM held WHERE s.swarm_id = held.swarm_id AND s.epoch = held.epoch
+    RETURNING s.swarm_id, s.end_ns IS NOT NULL AS ended, s.cancel_reason
+)
+SELECT swarm_id, false, ended, cancel_reason FROM renewed
+UNION ALL
+SELECT s.swarm_id, true, false, NULL FROM swarms AS s JOIN held ON s.swarm_id = held.swarm_id
+WHERE s.epoch <> held.epoch
 """
 _RELEASE = """
 UPDATE swarms AS s SET lease_until = now()
