@@ -4,7 +4,8 @@ own swarms and takes over those whose lease ran out.
 Every tick (a second, or a quarter of the lease's TTL if that is shorter) the keeper renews the
 leases it holds, hands over any swarm whose lease another orchestrator took, cancels the swarms
 that a CancelSwarm elsewhere asked to end, and claims the swarms left without a live lease, which
-the orchestrator resumes as after a restart. A request from another orchestrator (a cancellation)
+the orchestrator resumes as after a restart. The renewal also counts the orchestrators alive on the
+store, among which every worker's capacity is shared. A request from another orchestrator (a cancellation)
 wakes it before the tick ends.
 
 So a dead orchestrator's swarms are taken over within the TTL and a tick of its last renewal. One
@@ -22,14 +23,16 @@ import time
 
 from orchestrator_service.orchestrator import Orchestrator
 from orchestrator_service.store import StoreError
+from orchestrator_service.worker_pool import WorkerPool
 
 log = logging.getLogger("swarm.orchestrator.leases")
 LONGEST_TICK_S = 1.0
 
 
 class LeaseKeeper:
-    def __init__(self, orchestrator: Orchestrator, ttl_s: float) -> None:
+    def __init__(self, orchestrator: Orchestrator, pool: WorkerPool, ttl_s: float) -> None:
         self.orchestrator = orchestrator
+        self.pool = pool
         self.ttl_s = ttl_s
         self.tick_s = min(LONGEST_TICK_S, ttl_s / 4)
         self._renewed = time.monotonic()
@@ -48,6 +51,7 @@ class LeaseKeeper:
             async with asyncio.timeout(self.ttl_s / 2):
                 renewal = await orchestrator.store.renew(orchestrator.leases())
             self._renewed = time.monotonic()
+            self.pool.share_with(renewal.orchestrators)
             orchestrator.renewed(renewal)
             if orchestrator.accepting:
                 resumed = await orchestrator.recover()

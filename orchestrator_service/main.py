@@ -104,7 +104,9 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
         if resumed:
             log.info(f"resumed {len(resumed)} unfinished swarm(s) from {redacted(settings.db)}")
         if store.shared:
-            background.append(asyncio.create_task(LeaseKeeper(orchestrator, settings.lease_ttl_s).run()))
+            background.append(
+                asyncio.create_task(LeaseKeeper(orchestrator, pool, settings.lease_ttl_s).run())
+            )
         if settings.retention_s > 0:
             background.append(asyncio.create_task(expire_forever(store, settings.retention_s)))
         background.append(asyncio.create_task(_stop_on_store_failure(orchestrator, service, log)))

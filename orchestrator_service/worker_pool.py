@@ -11,7 +11,8 @@ pool keeps one channel per worker address and decides itself:
   broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
   until a probe (`GetWorkerInfo`) answers again.
 - **Capacity.** A worker's capacity is its own `--max-concurrency`, learned from `GetWorkerInfo`.
-  No worker is given more than that; the pick is the eligible worker with the most free slots. A
+  Orchestrator replicas that share the workers (and a database) each take an even share of it, at
+  least one slot (`share_with`). No worker is given more than that; the pick is the eligible worker with the most free slots. A
   cancelled subtask's slot is free once the worker says so, not when the cancel is sent.
 - **Fairness.** Waiting subtasks queue per swarm, and each free slot goes to the next swarm in
   round-robin order, so a small swarm is not stuck behind a big one. A swarm may cap how many of
@@ -126,6 +127,8 @@ class PoolWorker:
     session: WorkerSession
     worker_id: str = ""
     capacity: int = 0
+    # Orchestrators sending work to this worker, this one included: each uses its share of capacity.
+    orchestrators: int = 1
     in_flight: int = 0
     # From the health watch: False while the worker drains.
     serving: bool = False
@@ -143,7 +146,8 @@ class PoolWorker:
     @property
     def free(self) -> int:
         """Slots neither held by an attempt nor still held on the worker by a cancelled subtask."""
-        return self.capacity - self.in_flight - self.session.stopping if self.eligible else 0
+        share = max(1, self.capacity // self.orchestrators)
+        return share - self.in_flight - self.session.stopping if self.eligible else 0
 
 
 @dataclass(eq=False)
@@ -180,6 +184,7 @@ class WorkerPool:
         # Longest a cancelled subtask's slot is held for the worker to say the subtask is over.
         self.cancel_timeout_s = cancel_timeout_s
         self._workers: dict[str, PoolWorker] = {}
+        self._orchestrators = 1
         # Insertion order is the round-robin order: a swarm that was just served moves to the end.
         self._shares: dict[str, _SwarmShare] = {}
         self._picks = itertools.count(1)
@@ -256,7 +261,7 @@ class WorkerPool:
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
         session = WorkerSession(stub, on_slot_freed=self._dispatch, cancel_timeout_s=self.cancel_timeout_s)
-        worker = PoolWorker(address, channel, stub, session)
+        worker = PoolWorker(address, channel, stub, session, orchestrators=self._orchestrators)
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})
@@ -313,6 +318,17 @@ class WorkerPool:
             self._changed()
             await asyncio.sleep(backoff)
             backoff = min(MAX_WATCH_BACKOFF_S, backoff * 2)
+
+    def share_with(self, orchestrators: int) -> None:
+        """`orchestrators` (this one included) send work to these workers: each takes an even share
+        of every worker's capacity, so that together they do not pass it. A worker refuses what
+        would (`worker_busy`), which is then retried, but that costs an attempt."""
+        if orchestrators != self._orchestrators:
+            log.info(f"each worker's capacity is shared by {orchestrators} orchestrator(s)")
+        self._orchestrators = max(1, orchestrators)
+        for worker in self._workers.values():
+            worker.orchestrators = self._orchestrators
+        self._changed()
 
     def _learn(self, worker: PoolWorker, info: worker_pb2.GetWorkerInfoResponse) -> None:
         first = not worker.capacity

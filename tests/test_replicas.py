@@ -264,6 +264,19 @@ async def test_any_replica_serves_a_swarm_running_at_another(postgres_url: str) 
         assert not taken_over_by(running.b, swarm_id), "the owner cancelled it, not a takeover"
 
 
+async def test_replicas_sharing_workers_keep_together_within_each_workers_capacity(postgres_url: str) -> None:
+    with replicas(postgres_url) as running:
+        for process in (running.a, running.b):
+            await said(process, "shared by 2 orchestrator(s)")
+        swarms = [await start_detached(target) for target in [running.a.address, running.b.address] * 2]
+        watchers = [Watcher(running.b.address, swarm_id) for swarm_id in swarms]
+        for watcher in watchers:
+            events = await watcher.finished()
+            assert_completed(events, AGENTS)
+            # No worker was asked for more than it has, so none refused (worker_busy) an attempt.
+            assert "subtask_failed" not in kinds(events)
+
+
 async def test_two_replicas_given_one_request_at_once_start_one_swarm(postgres_url: str) -> None:
     with replicas(postgres_url) as running:
         for attempt in range(3):

@@ -391,12 +391,14 @@ async def test_postgres_leases_are_renewed_released_and_claimed_once(
     await write_swarm(owner, "a", end="")
     await write_swarm(owner, "b", end="")
     # A swarm whose first append is still on its way is not lost: that append makes its lease.
-    assert await owner.renew({"not-stored-yet": FIRST_EPOCH}) == Renewal()
+    assert await owner.renew({"not-stored-yet": FIRST_EPOCH}) == Renewal(orchestrators=1)
+    assert (await other.renew({})).orchestrators == 2, "each renewal is a sign of life"
     for _ in range(3):
         await asyncio.sleep(0.15)
         assert (await owner.renew({"a": FIRST_EPOCH, "b": FIRST_EPOCH})).lost == []
         assert await other.claim() == []
     await owner.release({"a": FIRST_EPOCH})
+    assert (await other.renew({})).orchestrators == 1, "a replica that lets go is no longer counted"
     claims = await asyncio.gather(other.claim(), owner.claim())
     assert sorted(claims, key=len) == [[], [Claim("a", FIRST_EPOCH + 1)]], "one replica takes it"
 

@@ -59,6 +59,8 @@ class Renewal:
 
     lost: list[str] = field(default_factory=list)
     cancels: dict[str, str] = field(default_factory=dict)
+    # Orchestrators alive on the store, this one included.
+    orchestrators: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +137,8 @@ class Store(Protocol):
         ...
 
     async def renew(self, held: Mapping[str, int]) -> Renewal:
-        """Extends the leases on the swarms held (swarm_id -> epoch)."""
+        """Extends the leases on the swarms held (swarm_id -> epoch), and this orchestrator's own
+        sign of life, which tells the others how many share the store."""
         ...
 
     async def release(self, held: Mapping[str, int]) -> None:

@@ -91,6 +91,11 @@ CREATE INDEX swarms_by_state ON swarms (state, create_ns DESC, swarm_id DESC);
 CREATE INDEX swarms_by_request ON swarms (request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX swarms_by_end ON swarms (end_ns);
 CREATE INDEX swarms_by_lease ON swarms (lease_until) WHERE end_ns IS NULL;
+-- Orchestrators alive on this database: each renews its row with its leases.
+CREATE TABLE replicas (
+    name text PRIMARY KEY,
+    seen_until timestamptz NOT NULL
+);
 CREATE TABLE subtasks (
     swarm_id text NOT NULL,
     position integer NOT NULL,
@@ -257,6 +262,10 @@ class PostgresStore:
         return True
 
     async def close(self) -> None:
+        """Signs off (so the others count one orchestrator less at once), then closes."""
+        with contextlib.suppress(StoreError, TimeoutError):
+            async with asyncio.timeout(2):
+                await self._fetch("DELETE FROM replicas WHERE name = %s", [self.replica], retry_s=0)
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -298,19 +307,26 @@ class PostgresStore:
         ]
 
     async def renew(self, held: Mapping[str, int]) -> Renewal:
-        if not held:
-            return Renewal()
-        rows = await self._fetch(
-            _RENEW,
-            {"ids": list(held), "epochs": list(held.values()), "lease_s": self.lease_ttl_s},
-            retry_s=0,
+        ((orchestrators,),) = await self._fetch(
+            _HEARTBEAT, {"owner": self.replica, "lease_s": self.lease_ttl_s}, retry_s=0
+        )
+        rows = (
+            await self._fetch(
+                _RENEW,
+                {"ids": list(held), "epochs": list(held.values()), "lease_s": self.lease_ttl_s},
+                retry_s=0,
+            )
+            if held
+            else []
         )
         return Renewal(
             lost=[str(swarm_id) for swarm_id, lost, _, _ in rows if lost],
             cancels={str(swarm_id): reason for swarm_id, lost, ended, reason in rows if reason and not ended},
+            orchestrators=int(orchestrators),
         )
 
     async def release(self, held: Mapping[str, int]) -> None:
+        await self._fetch("DELETE FROM replicas WHERE name = %s", [self.replica], retry_s=0)
         if held:
             await self._fetch(_RELEASE, {"ids": list(held), "epochs": list(held.values())}, retry_s=0)
 
@@ -575,6 +591,15 @@ UPDATE swarms AS s
 SET epoch = s.epoch + 1, owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease_s)s)
 FROM expired WHERE s.swarm_id = expired.swarm_id
 RETURNING s.swarm_id, s.epoch, s.cancel_reason, s.create_ns
+"""
+_HEARTBEAT = """
+WITH beat AS (
+    INSERT INTO replicas (name, seen_until) VALUES (%(owner)s, now() + make_interval(secs => %(lease_s)s))
+    ON CONFLICT (name) DO UPDATE SET seen_until = excluded.seen_until
+), gone AS (
+    DELETE FROM replicas WHERE seen_until < now() - interval '1 day'
+)
+SELECT 1 + count(*) FROM replicas WHERE seen_until > now() AND name <> %(owner)s
 """
 # Lost: a swarm stored under another epoch. One not stored yet (its first append is on its way) is
 # neither renewed nor lost: its first append makes its lease.
