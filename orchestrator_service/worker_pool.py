@@ -323,11 +323,13 @@ class WorkerPool:
         """`orchestrators` (this one included) send work to these workers: each takes an even share
         of every worker's capacity, so that together they do not pass it. A worker refuses what
         would (`worker_busy`), which is then retried, but that costs an attempt."""
-        if orchestrators != self._orchestrators:
-            log.info(f"each worker's capacity is shared by {orchestrators} orchestrator(s)")
-        self._orchestrators = max(1, orchestrators)
+        orchestrators = max(1, orchestrators)
+        if orchestrators == self._orchestrators:
+            return
+        log.info(f"each worker's capacity is shared by {orchestrators} orchestrator(s)")
+        self._orchestrators = orchestrators
         for worker in self._workers.values():
-            worker.orchestrators = self._orchestrators
+            worker.orchestrators = orchestrators
         self._changed()
 
     def _learn(self, worker: PoolWorker, info: worker_pb2.GetWorkerInfoResponse) -> None:

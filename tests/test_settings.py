@@ -70,6 +70,7 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--no-worker-timeout", "SWARM_NO_WORKER_TIMEOUT_S", 30.0),
         ("--db", "SWARM_DB", "swarms.db"),
         ("--retention", "SWARM_RETENTION_S", 604800.0),
+        ("--lease-ttl", "SWARM_LEASE_TTL_S", 15.0),
         *BOTH,
     ],
     "worker": [
