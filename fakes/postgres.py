@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -34,6 +35,7 @@ INSTALL_HINT = "install Debian's postgresql package (apt-get install -y postgres
 USER = "swarm"
 START_TIMEOUT_S = 30.0
 START_ATTEMPTS = 3
+PORTS = (20000, 32000)
 
 
 class PostgresUnavailable(RuntimeError):
@@ -55,9 +57,17 @@ def server_bin() -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A free port below Linux's ephemeral range (32768 up), which port 0 binds and outgoing
+    connections draw from: while the server restarts, no other process takes its port by chance."""
+    for _ in range(1000):
+        port = random.randrange(*PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise PostgresUnavailable(f"no free port in {PORTS[0]}..{PORTS[1]}")
 
 
 class PostgresServer:
@@ -109,7 +119,10 @@ class PostgresServer:
                 return
             if attempt == START_ATTEMPTS:
                 said = "\n".join(self.log_tail(lines=100_000).splitlines()[said_before:][-20:])
-                raise PostgresUnavailable(f"PostgreSQL would not start; it said:\n{said}")
+                status = self._process.returncode if self._process is not None else None
+                raise PostgresUnavailable(
+                    f"PostgreSQL would not start on port {self.port} (exit status {status}); it said:\n{said}"
+                )
             time.sleep(0.5 * attempt)
 
     def _started(self) -> bool:
