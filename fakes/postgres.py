@@ -36,6 +36,7 @@ USER = "swarm"
 START_TIMEOUT_S = 30.0
 START_ATTEMPTS = 3
 PORTS = (20000, 32000)
+SETPRIV = "setpriv"  # util-linux, in every Debian
 
 
 class PostgresUnavailable(RuntimeError):
@@ -128,15 +129,15 @@ class PostgresServer:
     def _started(self) -> bool:
         log = (self._root / "server.log").open("a")
         self._process = subprocess.Popen(
-            [
-                str(self._bin / "postgres"),
+            self._command(
+                "postgres",
                 *("-D", str(self._data), "-p", str(self.port), "-h", "127.0.0.1", "-k", str(self._root)),
                 *("-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200"),
-            ],
+            ),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            **self._as_user(),
+            cwd=self._root,
         )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -183,27 +184,28 @@ class PostgresServer:
         if self._user is not None:
             os.chown(password_file, self._user.pw_uid, self._user.pw_gid)
         result = subprocess.run(
-            [
-                str(self._bin / "initdb"),
+            self._command(
+                "initdb",
                 *("-D", str(self._data), "-U", USER, f"--pwfile={password_file}"),
                 *("--auth-host=scram-sha-256", "--auth-local=trust", "--encoding=UTF8", "--no-sync"),
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=120,
             check=False,
-            **self._as_user(),
+            cwd=self._root,
         )
         password_file.unlink()
         if result.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {(result.stderr or result.stdout).strip()[-2000:]}")
 
-    def _as_user(self) -> dict[str, object]:
+    def _command(self, program: str, *args: str) -> list[str]:
+        """The server's program, as the unprivileged user when this process is root. setpriv
+        switches user and then execs, rather than Popen(user=...): that would fork this process,
+        whose gRPC threads make a forked child crash now and then, where setpriv is started the
+        way Popen starts any program (vfork, then exec)."""
+        command = [str(self._bin / program), *args]
         if self._user is None:
-            return {}
-        return {
-            "user": self._user.pw_uid,
-            "group": self._user.pw_gid,
-            "extra_groups": [],
-            "cwd": str(self._root),
-        }
+            return command
+        switch = ["--reuid", str(self._user.pw_uid), "--regid", str(self._user.pw_gid), "--clear-groups"]
+        return [SETPRIV, *switch, "--", *command]
