@@ -503,7 +503,9 @@ class Orchestrator:
         if resumable:
             # Another orchestrator on a shared store takes them over now, not when the leases end.
             try:
-                await self.store.release(self.leases())
+                await self.store.release(
+                    {swarm_id: swarm.log.epoch for swarm_id, swarm in self._swarms.items()}
+                )
             except StoreError as error:
                 log.warning(f"the leases of the unfinished swarms were not released: {error}")
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")

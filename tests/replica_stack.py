@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
@@ -38,10 +38,12 @@ class Replicas:
 
 
 @contextmanager
-def replicas(url: str, *, a_url: str | None = None) -> Iterator[Replicas]:
-    """Two orchestrators on the database at `url` (A on `a_url`, when given: a proxy to it) and two
-    simulated workers that they share."""
-    args = ["--db", url, "--lease-ttl", f"{LEASE_TTL_S:g}"]
+def replicas(
+    url: str, *, a_url: str | None = None, lease_ttl_s: float = LEASE_TTL_S, args: Sequence[str] = ()
+) -> Iterator[Replicas]:
+    """Two orchestrators on the database at `url` (A on `a_url`, when given: a proxy to it), both
+    also given `args`, and two simulated workers that they share."""
+    args = ["--db", url, "--lease-ttl", f"{lease_ttl_s:g}", *args]
     with stack(
         workers=2,
         worker_args=WORKER_ARGS,

@@ -109,3 +109,21 @@ async def test_a_database_restart_mid_swarm_loses_and_repeats_nothing(
             await watcher.finished()
         assert running.a.popen.poll() is None and running.b.popen.poll() is None
         assert_invariants(watchers, await stored_events(running.b.address, swarm_id))
+
+
+async def test_an_owner_stopped_with_sigterm_hands_its_swarm_over_at_once(postgres_url: str) -> None:
+    # A lease this long would hold the swarm for half a minute: only its release lets B go on sooner.
+    lease_ttl_s = 30.0
+    # No grace: A stops its running swarm at once, unfinished, for another replica to resume.
+    with replicas(postgres_url, lease_ttl_s=lease_ttl_s, args=["--shutdown-grace", "0"]) as running:
+        swarm_id = await start_detached(running.a.address)
+        watcher = Watcher(running.b.address, swarm_id)
+        await watcher.wait_for("subtask_started")
+        stopped = time.monotonic()
+        running.a.signal(signal.SIGTERM)
+        await watcher.wait_for("swarm_resumed")
+        assert time.monotonic() - stopped < lease_ttl_s / 2
+        assert running.a.popen.wait(10) == 0
+        await watcher.finished()
+        assert taken_over_by(running.b, swarm_id)
+        assert_invariants([watcher], await stored_events(running.b.address, swarm_id))
