@@ -43,6 +43,12 @@ POSTGRES := /usr/lib/postgresql
 $(POSTGRES):
 	-apt-get update -qq && apt-get install -y -qq postgresql
 
+# tests/test_metrics.py scrapes the services with Debian's Prometheus server, installed here the same
+# way where it is missing; elsewhere those tests fail and say what to install.
+PROMETHEUS := /usr/bin/prometheus
+$(PROMETHEUS):
+	-apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus
+
 run: install
 	$(BIN)/swarm up --workers 3 --demo --stay
 
@@ -50,7 +56,7 @@ run: install
 # waiting on services, not computing); then the `serial` ones, which hold a system to a time bound,
 # run alone. Both parts always run, and either failing fails the target.
 TEST_WORKERS ?= 4
-test: install $(NODE_STAMP) $(CHROMIUM) $(POSTGRES)
+test: install $(NODE_STAMP) $(CHROMIUM) $(PROMETHEUS) $(POSTGRES)
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
 	$(BIN)/pytest -q -m serial; serial=$$?; \
 	test $$parallel -eq 0 -a $$serial -eq 0

@@ -106,8 +106,8 @@ class AnsweringScheduler:
     ) -> SubtaskOutcome:
         request = StreamRequest(
             model=model,
-            system=prompts.WORKER_SYSTEM,
-            prompt=prompts.worker_prompt(idea, subtask.title, subtask.instructions),
+            system=prompts.SWARM_SYSTEM,
+            prompt=prompts.idea_block(idea) + prompts.worker_prompt(subtask.title, subtask.instructions),
             max_tokens=max_tokens,
         )
         parts: list[str] = []

@@ -11,7 +11,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +75,7 @@ def stack(
     orchestrator_latency_ms: float = 0,
     orchestrator_args: Sequence[str] = (),
     worker_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Stack]:
     """One orchestrator and `workers` workers, all simulated, on 127.0.0.1 with port 0; all stopped
     on exit. The orchestrator's own latency is its planning and synthesis time."""
@@ -96,6 +97,7 @@ def stack(
             *orchestrator_args,
         ],
         sim_latency_ms=worker_latency_ms,
+        env=env,
     ) as running:
         yield running
 

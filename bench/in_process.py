@@ -45,8 +45,8 @@ async def _gather_rate(runs: int) -> list[float]:
     requests = [
         StreamRequest(
             model="bench",
-            system=prompts.WORKER_SYSTEM,
-            prompt=prompts.worker_prompt(IDEA, item["title"], item["instructions"]),
+            system=prompts.SWARM_SYSTEM,
+            prompt=prompts.idea_block(IDEA) + prompts.worker_prompt(item["title"], item["instructions"]),
         )
         for item in json.loads(draft.text)["subtasks"]
     ]

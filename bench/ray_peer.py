@@ -50,7 +50,7 @@ def _child(rounds: int) -> dict[str, Any]:
         provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=1))
         parts: list[str] = []
         async for item in provider.stream(
-            StreamRequest(model="bench", system=prompts.WORKER_SYSTEM, prompt=prompt)
+            StreamRequest(model="bench", system=prompts.SWARM_SYSTEM, prompt=prompt)
         ):
             if not isinstance(item, Usage):
                 parts.append(item)
@@ -62,7 +62,7 @@ def _child(rounds: int) -> dict[str, Any]:
     planner = SimulatedProvider(SimulatedSettings(latency_ms=0))
     draft = asyncio.run(planner.plan(PlanRequest(model="bench", idea=IDEA, num_agents=AGENTS)))
     prompt_list = [
-        prompts.worker_prompt(IDEA, item["title"], item["instructions"])
+        prompts.idea_block(IDEA) + prompts.worker_prompt(item["title"], item["instructions"])
         for item in json.loads(draft.text)["subtasks"]
     ]
     # Ray's session files (sockets, logs) go to a directory of this run's own, removed afterwards.

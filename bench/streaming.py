@@ -111,7 +111,7 @@ async def _answer_lengths(idea: str) -> list[int]:
     provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=1))
     lengths = []
     for subtask in await _plan(idea):
-        prompt = prompts.worker_prompt(idea, subtask.title, subtask.instructions)
+        prompt = prompts.idea_block(idea) + prompts.worker_prompt(subtask.title, subtask.instructions)
         text = ""
         async for piece in provider.stream(StreamRequest(model="bench", system="", prompt=prompt)):
             if not isinstance(piece, Usage):

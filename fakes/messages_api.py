@@ -36,6 +36,17 @@ as the real API does, scripted replies included.
 
 Token counts are estimates, `estimate_tokens(text)` = ceil(len / 4) (at least 1): input over the
 system prompt and all messages, output over the answer text. A `Reply` can set them exactly.
+
+Prompt caching works as the real API's does. A content block (system or message) may carry
+`cache_control: {"type": "ephemeral"}`: a breakpoint. The prefix up to a breakpoint (the model,
+the system prompt and the messages' blocks up to it) is cached when it holds at least
+`min_cache_tokens`, for `cache_ttl_s` from its last use (5 minutes). A request reads the longest
+prefix already cached that ends at one of its breakpoints, or at a block boundary up to 20 blocks
+before one, and writes the rest up to its last breakpoint; usage then counts the three apart:
+`cache_read_input_tokens`, `cache_creation_input_tokens`, and `input_tokens` for what follows the
+last breakpoint. An entry can be read once its response has begun (the real API's rule: parallel
+requests sent before the first answer starts all miss). A request without breakpoints neither
+reads nor writes. `cache_writes` and `cache_reads` count requests that wrote or read.
 """
 
 from __future__ import annotations
@@ -259,6 +270,23 @@ class RecordedRequest:
     def last_user_text(self) -> str:
         return _last_user_text(self.body)
 
+    @property
+    def prompt_tail(self) -> str:
+        """The last text block of the last user message: what this call alone is asked, after
+        the blocks it shares with other calls."""
+        return _last_block_text(self.body)
+
+    @property
+    def cache_marks(self) -> int:
+        """How many blocks of the request carry cache_control."""
+        if not isinstance(self.body, dict):
+            return 0
+        marks = sum(marked for _, marked in _blocks(self.body.get("system")))
+        for message in self.body.get("messages") or []:
+            if isinstance(message, dict):
+                marks += sum(marked for _, marked in _blocks(message.get("content")))
+        return marks
+
 
 @dataclass(frozen=True, slots=True)
 class AcceptedCall:
@@ -330,6 +358,30 @@ def _is_outline(body: Any) -> bool:
     return isinstance(properties, dict) and "areas" in properties
 
 
+def _blocks(content: Any) -> list[tuple[str, bool]]:
+    """A system prompt or a message's content as (text, marked for the cache) blocks."""
+    if isinstance(content, str):
+        return [(content, False)]
+    if isinstance(content, list):
+        return [
+            (str(block.get("text", "")), isinstance(block.get("cache_control"), dict))
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text"
+        ]
+    return []
+
+
+def _last_block_text(body: Any) -> str:
+    """The last text block of the last user message: the prompt's own part, after what it shares."""
+    if not isinstance(body, dict):
+        return ""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            blocks = _blocks(message.get("content"))
+            return blocks[-1][0] if blocks else ""
+    return ""
+
+
 def _input_text(body: dict[str, Any]) -> str:
     parts = [_text_of(body.get("system"))]
     for message in body.get("messages") or []:
@@ -378,12 +430,13 @@ def outline_answer(prompt: str) -> str:
 
 
 def default_answer(body: dict[str, Any]) -> str:
+    """A plan or outline as asked, else a line naming the prompt's own part."""
     prompt = _last_user_text(body)
     if _is_outline(body):
         return outline_answer(prompt)
     if _is_plan(body):
         return plan_answer(prompt)
-    return f"fake answer to: {prompt[:60]}"
+    return f"fake answer to: {_last_block_text(body)[:60]}"
 
 
 def realistic_answer(body: dict[str, Any]) -> str:
@@ -394,7 +447,7 @@ def realistic_answer(body: dict[str, Any]) -> str:
         return outline_answer(prompt)
     if _is_plan(body):
         return plan_answer(prompt, instruction_words=80)
-    return f"fake answer to: {prompt[:60]}\n\n{filler(prompt, 690)}."
+    return f"fake answer to: {_last_block_text(body)[:60]}\n\n{filler(prompt, 690)}."
 
 
 def _within(reply: Reply, max_tokens: int) -> Reply:
@@ -407,6 +460,13 @@ def _within(reply: Reply, max_tokens: int) -> Reply:
         stop_reason="max_tokens",
         output_tokens=max_tokens if reply.output_tokens is None else min(reply.output_tokens, max_tokens),
     )
+
+
+def _cache_usage(decision: _Decision) -> dict[str, int]:
+    return {
+        "cache_creation_input_tokens": decision.cache_creation_input_tokens,
+        "cache_read_input_tokens": decision.cache_read_input_tokens,
+    }
 
 
 def _format_number(value: float) -> str:
@@ -474,6 +534,34 @@ class _Decision:
 
     item: Scripted
     input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    # Cache entries (keys) the request writes: readable once its response has begun.
+    cache_entries: tuple[str, ...] = ()
+
+
+# The real API looks for a cached prefix at block boundaries this far before a breakpoint.
+CACHE_LOOKBACK_BLOCKS = 20
+
+
+def _cache_plan(body: dict[str, Any], min_tokens: int) -> tuple[list[tuple[str, int]], list[int]]:
+    """The request's block boundaries as (cache key, prefix tokens), in order, and which of them are
+    breakpoints (indexes into the first list). The key names the model and the prefix's text."""
+    blocks = _blocks(body.get("system"))
+    for message in body.get("messages") or []:
+        if isinstance(message, dict):
+            blocks += _blocks(message.get("content"))
+    digest = hashlib.sha256(str(body.get("model")).encode())
+    boundaries: list[tuple[str, int]] = []
+    breakpoints: list[int] = []
+    chars = 0
+    for index, (text, marked) in enumerate(blocks):
+        digest.update(b"\x00" + text.encode())
+        chars += len(text)
+        boundaries.append((digest.copy().hexdigest(), max(1, math.ceil(chars / 4))))
+        if marked and boundaries[-1][1] >= min_tokens:
+            breakpoints.append(index)
+    return boundaries, breakpoints
 
 
 class FakeMessagesAPI:
@@ -492,6 +580,7 @@ class FakeMessagesAPI:
         `seed` makes the draws repeatable.
       context_window: the tokens a prompt and its max_tokens may take together (None = no limit).
       max_output_tokens: the largest max_tokens a request may ask for (None = no limit).
+      min_cache_tokens, cache_ttl_s: the prompt cache's shortest prefix and its lifetime (see above).
 
     Counters (read them directly; `wait_for`/`async_wait_for` to wait on them): `streams_opened`,
     `streams_completed`, `streams_disconnected` (the client left before message_stop, or the server
@@ -511,8 +600,16 @@ class FakeMessagesAPI:
         seed: int | None = None,
         context_window: int | None = CONTEXT_WINDOW,
         max_output_tokens: int | None = None,
+        min_cache_tokens: int = 1024,
+        cache_ttl_s: float = 300.0,
     ) -> None:
         self.context_window = context_window
+        self.min_cache_tokens = min_cache_tokens
+        self.cache_ttl_s = cache_ttl_s
+        # Cached prefixes by key: when each expires (monotonic time).
+        self._cache: dict[str, float] = {}
+        self.cache_writes = 0
+        self.cache_reads = 0
         self.max_output_tokens = max_output_tokens
         self.api_key = api_key
         self.fault_rate = fault_rate
@@ -789,7 +886,42 @@ class FakeMessagesAPI:
                 text = item.text
                 output = item.output_tokens if isinstance(item, Reply) else None
                 self._accepted.append(AcceptedCall(now, output or estimate_tokens(text)))
-            return _Decision(item, input_tokens)
+            if isinstance(item, Fault):
+                return _Decision(item, input_tokens)
+            return self._cached(_Decision(item, input_tokens), body, now)
+
+    def _cached(self, decision: _Decision, body: dict[str, Any], now: float) -> _Decision:
+        """The decision with its prompt cache reads and writes. Call under the lock."""
+        boundaries, breakpoints = _cache_plan(body, self.min_cache_tokens)
+        if not breakpoints:
+            return decision
+        live = {key for key, expires in self._cache.items() if expires > now}
+        hit = -1
+        for breakpoint in breakpoints:
+            for index in range(breakpoint, max(-1, breakpoint - CACHE_LOOKBACK_BLOCKS), -1):
+                if boundaries[index][0] in live:
+                    hit = max(hit, index)
+                    break
+        read = boundaries[hit][1] if hit >= 0 else 0
+        last = breakpoints[-1]
+        written = boundaries[last][1] - read if last > hit else 0
+        if hit >= 0:
+            self._cache[boundaries[hit][0]] = now + self.cache_ttl_s  # a read refreshes the entry
+        self.cache_reads += read > 0
+        self.cache_writes += written > 0
+        decision.cache_read_input_tokens = read
+        decision.cache_creation_input_tokens = written
+        decision.input_tokens = max(0, decision.input_tokens - read - written)
+        decision.cache_entries = tuple(boundaries[index][0] for index in breakpoints if index > hit)
+        return decision
+
+    def _cache_begun(self, decision: _Decision) -> None:
+        """The response has begun: the prefixes it wrote can be read from now on."""
+        if decision.cache_entries:
+            with self._lock:
+                expires = time.monotonic() + self.cache_ttl_s
+                for key in decision.cache_entries:
+                    self._cache[key] = expires
 
     def _rate_limit_wait(self, limits: RateLimits, now: float) -> float | None:
         """Seconds until the window has room, or None when the request fits. Call under the lock."""
@@ -879,8 +1011,10 @@ class FakeMessagesAPI:
             "output_tokens": reply.output_tokens
             if reply.output_tokens is not None
             else estimate_tokens(reply.text),
+            **_cache_usage(decision),
         }
         data = json.dumps(self._message(record.body, reply.text, usage, reply.stop_reason)).encode()
+        self._cache_begun(decision)
         self._send_head(handler, 200, {"content-type": "application/json", "content-length": str(len(data))})
         handler.wfile.write(data)
 
@@ -916,7 +1050,8 @@ class FakeMessagesAPI:
             record.stream_outcome = "open"
             self._lock.notify_all()
         try:
-            self._write_events(handler, record, item, chunks, delay, input_tokens)
+            self._cache_begun(decision)
+            self._write_events(handler, record, item, chunks, delay, input_tokens, _cache_usage(decision))
         except BaseException:
             if record.stream_outcome == "open":
                 self._end_stream(record, "stopped" if self._stopping.is_set() else "disconnected")
@@ -948,6 +1083,7 @@ class FakeMessagesAPI:
         chunks: int,
         delay: float,
         input_tokens: int,
+        cache_usage: dict[str, int],
     ) -> None:
         def event(name: str, data: dict[str, Any]) -> None:
             payload = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
@@ -959,7 +1095,7 @@ class FakeMessagesAPI:
         """Writes the SSE events. The outcome is recorded just before the last event that the
         client can see, so a test that has seen the stream end also sees it recorded."""
         body = record.body
-        usage = {"input_tokens": input_tokens, "output_tokens": 1}
+        usage = {"input_tokens": input_tokens, "output_tokens": 1, **cache_usage}
         event("message_start", {"type": "message_start", "message": self._message(body, None, usage, None)})
         event(
             "content_block_start",

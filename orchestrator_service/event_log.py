@@ -20,15 +20,38 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import Message
+from prometheus_client import Histogram
 
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import FIRST_EPOCH, Entry, LeaseLost, Store, StoreError, SubtaskRow
 from swarm.v1 import events_pb2
+from swarm_common import telemetry
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
 REPLAY_PAGE = 1000
 
 log = logging.getLogger("swarm.orchestrator.event_log")
+
+APPEND_SECONDS = Histogram(
+    "swarm_event_append_seconds",
+    "From an event's append to its being durable, when readers may see it (the oldest event of each write)",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+COMMIT_SECONDS = Histogram(
+    "swarm_store_commit_seconds",
+    "One write of a swarm's events to the store, from its hand-over to its commit",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+STREAM_LAG = Histogram(
+    "swarm_stream_lag_seconds",
+    "From an event's append (or a reader's arrival, if later) to its hand-over to the reader's stream: "
+    "the oldest event each time a live reader wakes",
+    buckets=telemetry.LATENCY_BUCKETS,
+)
+
+
+def _appended_at(event: events_pb2.SwarmEvent) -> float:
+    return event.time.seconds + event.time.nanos * 1e-9
 
 
 class LogClosed(RuntimeError):
@@ -107,6 +130,7 @@ class EventLog:
         try:
             while self._unstored and self._failure is None:
                 batch, self._unstored = self._unstored, []
+                handed_over = time.monotonic()
                 try:
                     await self._store.append(batch, epoch=self.epoch)
                 except LeaseLost as error:
@@ -126,6 +150,8 @@ class EventLog:
                         self._on_store_failure(self._failure)
                 else:
                     self._durable = batch[-1].event.sequence
+                    COMMIT_SECONDS.observe(time.monotonic() - handed_over)
+                    APPEND_SECONDS.observe(time.time() - _appended_at(batch[0].event))
                 self._wake()
         finally:
             self._storing = None
@@ -161,7 +187,11 @@ class EventLog:
                 yield event
             if index < self._base:
                 raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
+        joined = time.time()
         while True:
+            if index < self._durable:
+                waited = time.time() - max(joined, _appended_at(self._events[index - self._base]))
+                STREAM_LAG.observe(waited)
             while index < self._durable:
                 index += 1
                 yield self._events[index - self._base - 1]

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from orchestrator_service.leases import LeaseKeeper
-from orchestrator_service.orchestrator import Limits, Orchestrator
+from orchestrator_service.orchestrator import Economy, Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
@@ -17,7 +17,7 @@ from orchestrator_service.store import Store, StoreError, expire_forever, open_s
 from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from swarm_common import logs
+from swarm_common import logs, telemetry
 from swarm_common.providers import ProviderConfigError, make_provider
 from swarm_common.serving import Service
 
@@ -27,7 +27,8 @@ async def serve(settings: OrchestratorSettings) -> None:
     # First: a database that cannot be used stops the start before anything else is set up.
     store = await open_store(settings.db, lease_ttl_s=settings.lease_ttl_s)
     try:
-        await _serve_on(store, settings, log)
+        with telemetry.exported("swarm-orchestrator", settings.metrics_listen):
+            await _serve_on(store, settings, log)
     finally:
         await store.close()
 
@@ -85,6 +86,12 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
             max_page_bytes=settings.max_page_bytes,
             list_text_bytes=settings.list_text_bytes,
         ),
+        economy=Economy(
+            worker_model=settings.worker_model,
+            hedging=settings.hedging,
+            hedge_max_extra=settings.hedge_max_extra,
+            prompt_caching=not settings.no_prompt_caching,
+        ),
     )
     service = Service(
         name="orchestrator",
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = OrchestratorSettings.from_command_line(argv)
     try:
         asyncio.run(serve(settings))
-    except StoreError as error:
+    except (StoreError, telemetry.MetricsUnavailable) as error:
         print(f"swarm-orchestrator: {error}", file=sys.stderr)
         sys.exit(1)
     except (ProviderConfigError, ValueError) as error:

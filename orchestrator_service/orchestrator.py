@@ -16,19 +16,24 @@ import asyncio
 import base64
 import contextlib
 import logging
+import math
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
+from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import LogHandedOver, replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import Claim, Cursor, Renewal, Store, StoreError
-from orchestrator_service.swarm import Swarm, SwarmSpec
+from orchestrator_service.swarm import Swarm, SwarmSpec, state_name
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import logs, pricing, telemetry
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 
 log = logging.getLogger("swarm.orchestrator")
@@ -60,6 +65,18 @@ class Limits:
     # errors are cut to `list_text_bytes` each (GetSwarm has them whole).
     max_page_bytes: int = 1024 * 1024
     list_text_bytes: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Economy:
+    """The orchestrator's defaults for what a swarm spends, where its request says nothing."""
+
+    # The model subtasks run on; "" = the swarm's model.
+    worker_model: str = ""
+    hedging: bool = False
+    hedge_max_extra: float = 0.1
+    # Mark shared prompt prefixes for the model API's prompt cache.
+    prompt_caching: bool = True
 
 
 class InvalidRequest(ValueError):
@@ -115,6 +132,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         violations.append(("max_parallel", f"must not be negative, got {spec.max_parallel}"))
     if spec.answer_max_tokens < 0:
         violations.append(("answer_max_tokens", f"must not be negative, got {spec.answer_max_tokens}"))
+    if spec.worker_model and not MODEL_NAME.fullmatch(spec.worker_model):
+        violations.append(("worker_model", f"{spec.worker_model[:40]!r} is not a model name"))
+    if not 0 <= spec.hedge_max_extra <= 1:
+        violations.append(
+            (
+                "hedge_max_extra",
+                f"must be between 0 and 1 (a fraction of num_agents), got {spec.hedge_max_extra:g}",
+            )
+        )
+    violations += _budget_violations(spec)
     if not violations:
         # Only a request that is otherwise good is sized: the checks need a model and an idea.
         violations = misfits(
@@ -122,6 +149,16 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
             model=spec.model,
             answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
         )
+        if spec.workers_model != spec.model:
+            violations += [
+                ("worker_model", text)
+                for field, text in misfits(
+                    idea=spec.idea,
+                    model=spec.workers_model,
+                    answer_max_tokens=spec.answer_max_tokens or limits.answer_max_tokens,
+                )
+                if field == "answer_max_tokens"
+            ]
     if violations:
         raise InvalidRequest(violations)
     input_bytes = len(spec.idea.encode()) * spec.num_agents
@@ -133,9 +170,44 @@ def validate(spec: SwarmSpec, limits: Limits) -> None:
         )
 
 
+def _budget_violations(spec: SwarmSpec) -> list[tuple[str, str]]:
+    budget = spec.budget
+    if budget is None:
+        return []
+    violations: list[tuple[str, str]] = []
+    if not (math.isfinite(budget.max_cost_usd) and budget.max_cost_usd >= 0):
+        violations.append(
+            ("budget.max_cost_usd", f"must be a positive number of dollars, got {budget.max_cost_usd:g}")
+        )
+    elif budget.max_cost_usd:
+        for model in {spec.model, spec.workers_model}:
+            if not pricing.priced(model):
+                violations.append(
+                    (
+                        "budget.max_cost_usd",
+                        f"{model} has no price in swarm_common/pricing.py: a cost budget cannot be kept",
+                    )
+                )
+    if budget.max_tokens < 0:
+        violations.append(("budget.max_tokens", f"must not be negative, got {budget.max_tokens}"))
+    if not budget.max_cost_usd and not budget.max_tokens and not violations:
+        violations.append(("budget", "sets neither max_cost_usd nor max_tokens"))
+    return violations
+
+
 def differences(asked: SwarmSpec, started: SwarmSpec) -> list[str]:
     """The parameters in which a request differs from the one that started a swarm."""
-    names = ("idea", "num_agents", "model", "max_parallel", "answer_max_tokens")
+    names = (
+        "idea",
+        "num_agents",
+        "model",
+        "max_parallel",
+        "answer_max_tokens",
+        "budget",
+        "worker_model",
+        "hedging",
+        "hedge_max_extra",
+    )
     return [name for name in names if getattr(asked, name) != getattr(started, name)]
 
 
@@ -148,8 +220,10 @@ class Orchestrator:
         *,
         default_model: str,
         limits: Limits | None = None,
+        economy: Economy | None = None,
     ) -> None:
         self.planner = planner
+        self.economy = economy or Economy()
         self.scheduler = scheduler
         self.store = store
         self.default_model = default_model
@@ -162,6 +236,11 @@ class Orchestrator:
         # clients see is durable, so it stops (and a restart resumes from what was stored).
         self.store_failure: StoreError | None = None
         self.store_failed = asyncio.Event()
+        _ORCHESTRATORS.add(self)
+
+    def count_swarms(self, state: int) -> int:
+        """Swarms in memory in `state`; safe from the metrics thread (one copy of the list)."""
+        return sum(1 for swarm in list(self._swarms.values()) if swarm.record.state == state)
 
     async def recover(self) -> list[str]:
         """Resumes every unfinished swarm it can claim in the store (on a store of its own, all of
@@ -195,6 +274,7 @@ class Orchestrator:
             on_lease_lost=self._lease_lost,
         )
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        swarm.prompt_caching = self.economy.prompt_caching
         log.info(
             f"swarm resumed after its stored event {stored_through} (epoch {claim.epoch})",
             extra={"swarm_id": swarm.id, "model": swarm.spec.model},
@@ -202,6 +282,7 @@ class Orchestrator:
         if claim.cancel_reason:
             # A CancelSwarm reached no owner: the swarm ends here, as its owner would have ended it.
             swarm.log.append("swarm_cancelled", events_pb2.SwarmCancelled(reason=claim.cancel_reason))
+            swarm.observe_end()
             return
         self._launch(swarm)
 
@@ -251,21 +332,32 @@ class Orchestrator:
         max_parallel: int = 0,
         deadline: float | None = None,
         answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Started:
         """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
         if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline."""
-        spec = SwarmSpec(
+        attempt: the attached call's own deadline. `hedging` None and `hedge_max_extra` 0 take the
+        orchestrator's defaults. `trace_context`: the caller's W3C trace headers, whose trace the
+        swarm's joins."""
+        spec = self.spec_of(
             idea=idea,
             num_agents=num_agents,
-            model=model or self.default_model,
+            model=model,
             request_id=request_id,
             max_parallel=max_parallel,
             answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model,
+            hedging=hedging,
+            hedge_max_extra=hedge_max_extra,
         )
         validate(spec, self.limits)
         if not request_id:
-            return Started(self._accept(spec, deadline).id, new=True)
+            return Started(self._accept(spec, deadline, trace_context).id, new=True)
         # Held until the swarm's first events are stored, so that another start of the same
         # request, here or at another orchestrator on the same store, finds this swarm.
         async with self.store.request_lock(request_id):
@@ -277,11 +369,13 @@ class Orchestrator:
                         f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
                     )
                 return Started(seen, new=False)
-            swarm = self._accept(spec, deadline)
+            swarm = self._accept(spec, deadline, trace_context)
             await swarm.log.stored()
         return Started(swarm.id, new=True)
 
-    def _accept(self, spec: SwarmSpec, deadline: float | None) -> Swarm:
+    def _accept(
+        self, spec: SwarmSpec, deadline: float | None, trace_context: Mapping[str, str] | None
+    ) -> Swarm:
         num_agents = spec.num_agents
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
@@ -299,12 +393,56 @@ class Orchestrator:
             store=self.store,
             on_store_failure=self._store_failed,
             on_lease_lost=self._lease_lost,
+            trace_context=trace_context,
         )
         swarm.deadline = deadline
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        swarm.prompt_caching = self.economy.prompt_caching
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
         return swarm
+
+    def spec_of(
+        self,
+        *,
+        idea: str,
+        num_agents: int,
+        model: str = "",
+        request_id: str = "",
+        max_parallel: int = 0,
+        answer_max_tokens: int = 0,
+        budget: events_pb2.Budget | None = None,
+        worker_model: str = "",
+        hedging: bool | None = None,
+        hedge_max_extra: float = 0.0,
+    ) -> SwarmSpec:
+        """What a request asks for, the orchestrator's defaults filled in."""
+        model = model or self.default_model
+        return SwarmSpec(
+            idea=idea,
+            num_agents=num_agents,
+            model=model,
+            request_id=request_id,
+            max_parallel=max_parallel,
+            answer_max_tokens=answer_max_tokens,
+            budget=budget,
+            worker_model=worker_model or self.economy.worker_model,
+            hedging=self.economy.hedging if hedging is None else hedging,
+            hedge_max_extra=hedge_max_extra or self.economy.hedge_max_extra,
+        )
+
+    def estimate(self, spec: SwarmSpec) -> orchestrator_pb2.EstimateSwarmResponse:
+        """What the swarm would use and cost, as a range; nothing is started."""
+        validate(spec, self.limits)
+        return estimate_swarm(
+            idea=spec.idea,
+            num_agents=spec.num_agents,
+            model=spec.model,
+            worker_model=spec.workers_model,
+            answer_max_tokens=spec.answer_max_tokens or self.limits.answer_max_tokens,
+            budget=spec.budget,
+            prompt_caching=self.economy.prompt_caching,
+        )
 
     async def _requested(self, swarm_id: str) -> SwarmSpec:
         """What the swarm was asked for: its first events (`accepted`, and `answer_budget` when the
@@ -313,7 +451,7 @@ class Orchestrator:
         if running is not None:
             return running.spec
         record = SwarmRecord(swarm_id)
-        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):
+        for event in await self.store.events(swarm_id, after_sequence=0, limit=2):  # accepted, answer_budget
             record.apply(event)
         return SwarmSpec.of(record)
 
@@ -333,7 +471,11 @@ class Orchestrator:
         swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
 
     async def _run(self, swarm: Swarm) -> None:
-        await swarm.run(self.planner, self.scheduler)
+        # The swarm's own task: what it logs, and the spans of its work, are the swarm's.
+        logs.bind(swarm_id=swarm.id, trace_id=swarm.record.accepted.trace_id)
+        with telemetry.current(swarm.span):
+            await swarm.run(self.planner, self.scheduler)
+        swarm.observe_end()
         if not swarm.finished:
             return  # suspended: it stays unfinished in the store for the next start
         try:
@@ -535,3 +677,18 @@ def _decode_token(token: str) -> Cursor:
     if cursor is None or not 0 <= cursor.create_ns <= MAX_STORED_INT:
         raise InvalidRequest([("page_token", "is not a token this server gave out")])
     return cursor
+
+
+# The swarms held in memory (the running ones, and ended ones until they are stored), by state,
+# read when Prometheus scrapes.
+_ORCHESTRATORS: telemetry.Census[Orchestrator] = telemetry.Census()
+SWARMS = Gauge("swarm_swarms", "Swarms this orchestrator runs, by state", ["state"])
+
+
+def _swarms_in(state: int) -> Callable[[], float]:
+    return lambda: _ORCHESTRATORS.total(lambda orchestrator: orchestrator.count_swarms(state))
+
+
+for _state in orchestrator_pb2.SwarmState.values():
+    if _state != orchestrator_pb2.SWARM_STATE_UNSPECIFIED:
+        SWARMS.labels(state_name(_state)).set_function(_swarms_in(_state))

@@ -31,6 +31,7 @@ from swarm_common.providers import (
     PlanArea,
     PlanDraft,
     PlanRequest,
+    PromptBlock,
     Provider,
     StreamRequest,
     Usage,
@@ -203,6 +204,16 @@ class Planner:
         self.retry_backoff_s = retry_backoff_s
         self.bounds = bounds
 
+    def using(self, provider: Provider) -> Planner:
+        """The same planner, calling the model through `provider` (a swarm's budget)."""
+        return Planner(
+            provider,
+            attempts=self.attempts,
+            synthesis_attempts=self.synthesis_attempts,
+            retry_backoff_s=self.retry_backoff_s,
+            bounds=self.bounds,
+        )
+
     async def _bounded(self, call: Awaitable[T]) -> T:
         """A whole answer within the subtask timeout, as a subtask's attempt is bounded."""
         try:
@@ -331,19 +342,23 @@ class Planner:
         model: str,
         max_tokens: int = SYNTHESIS_MAX_TOKENS,
         covers: str = "",
+        cache_idea: bool = False,
     ) -> AsyncIterator[str | Usage]:
         """Streams a synthesis of `results`: text chunks, then one Usage. With `covers` (which of the
-        swarm's results they are) it is a partial synthesis, for a later one to combine. A hang ends
-        it as a retryable ProviderError."""
+        swarm's results they are) it is a partial synthesis, for a later one to combine. Its prompt
+        starts as the workers' do, with the idea (marked for the prompt cache with `cache_idea`).
+        A hang ends it as a retryable ProviderError."""
         if covers:
-            system, prompt = (
-                prompts.PARTIAL_SYNTHESIS_SYSTEM,
-                prompts.partial_synthesis_prompt(idea, results, covers),
-            )
+            prompt = prompts.partial_synthesis_prompt(results, covers)
         else:
-            system, prompt = prompts.SYNTHESIS_SYSTEM, prompts.synthesis_prompt(idea, results)
+            prompt = prompts.synthesis_prompt(results)
         request = StreamRequest(
-            model=model, system=system, prompt=prompt, max_tokens=max_tokens, timeout_s=self.bounds.timeout_s
+            model=model,
+            system=prompts.SWARM_SYSTEM,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            timeout_s=self.bounds.timeout_s,
+            shared=(PromptBlock(prompts.idea_block(idea), cache=cache_idea),),
         )
         try:
             async for item in watched(self.provider.stream(request), self.bounds):

@@ -18,10 +18,26 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from prometheus_client import Counter, Histogram
+
+from swarm_common import telemetry
 from swarm_common.errors import Overloaded, RateLimited
 from swarm_common.providers import OutlineRequest, PlanDraft, PlanRequest, Provider, StreamRequest, Usage
 
 log = logging.getLogger("swarm.orchestrator.limits")
+
+THROTTLED = Counter(
+    "swarm_model_throttled_total",
+    "The model API's 429 (rate limited) and 529 (overloaded) answers that reached the orchestrator, "
+    "from its own calls and its workers', after the SDK's own retries; each pauses every call",
+    ["status"],
+)
+LIMITER_WAIT = Histogram(
+    "swarm_model_limiter_wait_seconds",
+    "How long a model call waited for the shared budget (per-minute limits, concurrency, a pause after "
+    "a 429 or 529); calls made with no limit set and no pause are not counted",
+    buckets=telemetry.WAIT_BUCKETS,
+)
 
 DEFAULT_OUTPUT_ESTIMATE = 1024
 # A 529 says "overloaded" without saying for how long.
@@ -122,8 +138,10 @@ class ModelRateLimiter:
 
     def note_error(self, error: Exception) -> None:
         if isinstance(error, RateLimited):
+            THROTTLED.labels("429").inc()
             self.pause(error.retry_after_s if error.retry_after_s is not None else 1.0, "rate limited (429)")
         elif isinstance(error, Overloaded):
+            THROTTLED.labels("529").inc()
             self.pause(OVERLOADED_PAUSE_S, "overloaded (529)")
 
     def _expire(self, now: float) -> None:
@@ -161,6 +179,7 @@ class ModelRateLimiter:
             # Nothing to keep count of: no budget, no cap, no pause.
             self._in_flight += 1
             return Permit(self, _Spend(self._clock(), input_tokens, output), counted=False)
+        began = self._clock()
         async with self._turn:
             while self.limits.concurrent_requests and self._in_flight >= self.limits.concurrent_requests:
                 self._freed.clear()
@@ -172,6 +191,7 @@ class ModelRateLimiter:
             spend = _Spend(self._clock(), input_tokens, output)
             self._spent.append(spend)
             self._in_flight += 1
+        LIMITER_WAIT.observe(spend.at - began)
         return Permit(self, spend, counted=True)
 
     def _answered(self, spend: _Spend, *, counted: bool) -> None:

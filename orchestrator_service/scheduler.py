@@ -12,19 +12,77 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+from prometheus_client import Counter, Histogram
 
+from orchestrator_service.budget import Grant, SwarmBudget
 from orchestrator_service.event_log import EventLog, LogClosed
+from orchestrator_service.hedging import Hedger
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
 from orchestrator_service.watchdog import Bounds, Overtime, Silent, watched
 from orchestrator_service.worker_pool import PoolWorker, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed
 from swarm.v1 import events_pb2, worker_pb2
-from swarm_common import prompts
-from swarm_common.errors import Overloaded, RateLimited
-from swarm_common.status import CallFailure
+from swarm_common import logs, prompts, telemetry
+from swarm_common.errors import (
+    AuthenticationFailed,
+    InvalidModelRequest,
+    Overloaded,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from swarm_common.providers import Usage
+from swarm_common.status import WORKER_BUSY, CallFailure
+from swarm_common.usage import usage_of, usage_proto
+
+SCHEDULE_TO_START = Histogram(
+    "swarm_subtask_schedule_to_start_seconds",
+    "From an attempt's entry in the queue to the worker slot it is given",
+    buckets=telemetry.WAIT_BUCKETS,
+)
+FIRST_TOKEN = Histogram(
+    "swarm_subtask_first_token_seconds",
+    "From an attempt's start to its first output reaching the orchestrator",
+    buckets=telemetry.DURATION_BUCKETS,
+)
+DURATION = Histogram(
+    "swarm_subtask_duration_seconds",
+    "A completed subtask's time, from its first queueing to its completion, every attempt included",
+    buckets=telemetry.DURATION_BUCKETS,
+)
+ATTEMPTS = Counter("swarm_subtask_attempts_total", "Subtask attempts given a worker slot")
+RETRIES = Counter(
+    "swarm_subtask_retries_total",
+    "Failed attempts that will be tried again (elsewhere), by reason",
+    ["reason"],
+)
+FAILOVERS = Counter(
+    "swarm_subtask_failovers_total",
+    "Failed attempts lost to their worker (it went away or hung, and is taken out), by reason",
+    ["reason"],
+)
+FAILED = Counter(
+    "swarm_subtasks_failed_total",
+    "Subtasks that failed for good, by the reason of their last attempt",
+    ["reason"],
+)
+# A worker's error kinds that name a reason of their own; any other is "other", so a misbehaving
+# worker cannot add series.
+KNOWN_KINDS = frozenset(
+    error.code
+    for error in (
+        ProviderError,
+        RateLimited,
+        Overloaded,
+        ProviderUnavailable,
+        AuthenticationFailed,
+        InvalidModelRequest,
+    )
+) | {WORKER_BUSY}
 
 # Codes a retry on another worker cannot fix: the request itself, or the credentials, are wrong.
 FINAL_CODES = frozenset(
@@ -37,6 +95,10 @@ FINAL_CODES = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
+
+
+# Error kinds a model call ends in before the API has written anything.
+UNBILLED_KINDS = frozenset({RateLimited.code, Overloaded.code, WORKER_BUSY})
 
 
 class SubtaskFailed(Exception):
@@ -67,6 +129,11 @@ class AttemptError:
     retryable: bool
     # Take the worker out until it answers a probe: it died, or hung.
     worker_suspect: bool = False
+    # The worker answered with an error the model API gave before any token (a refusal, a rate
+    # limit), or never called it: the attempt cost nothing. Otherwise what it cost is unknown.
+    unbilled: bool = False
+    # The failure's kind, for metrics: one of a bounded set.
+    reason: str = "other"
 
 
 class IncompleteAttempt(Exception):
@@ -81,14 +148,25 @@ def classify(failure: CallFailure, limiter: ModelRateLimiter) -> AttemptError:
         limiter.note_error(RateLimited(details, failure.retry_after_s))
     elif kind == Overloaded.code:
         limiter.note_error(Overloaded(details))
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind:
+    gone = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not kind
+    if gone:
         details = f"the worker went away: {details}"
     return AttemptError(
         message=f"{code.name}: {details}",
         retryable=code not in FINAL_CODES,
         # A worker that answered with an error kind is alive; its model API is what failed.
         worker_suspect=code == grpc.StatusCode.UNAVAILABLE and not kind,
+        unbilled=kind in UNBILLED_KINDS or code in FINAL_CODES,
+        reason=_reason(failure, gone),
     )
+
+
+def _reason(failure: CallFailure, gone: bool) -> str:
+    if gone:
+        return "worker_gone"
+    if failure.kind:
+        return failure.kind if failure.kind in KNOWN_KINDS else "other"
+    return failure.code.name.lower()
 
 
 class DeltaCoalescer:
@@ -138,6 +216,41 @@ class SubtaskOutcome:
     usage: events_pb2.Usage
 
 
+@dataclass(slots=True)
+class SharedContext:
+    """What the attempts of a swarm's subtasks share besides the idea."""
+
+    # What the plan says about the whole, which every prompt carries after the idea.
+    plan_context: str = ""
+    # Mark the shared prefix for the prompt cache.
+    cache: bool = False
+    budget: SwarmBudget | None = None
+    hedger: Hedger | None = None
+    # Set when the swarm's first attempt has output (the cache entry it wrote is readable).
+    warmed: asyncio.Event | None = None
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One attempt of a subtask: its number, where it runs and what the budget granted it."""
+
+    number: int
+    worker: PoolWorker
+    grant: Grant | None
+    hedge: bool = False
+    started: float = field(default_factory=time.monotonic)
+    # Its subtask_started is in the log (a hedge cancelled before that never ran).
+    began: bool = False
+    # The worker sent output: the model API was writing.
+    answered: bool = False
+
+
+@dataclass(slots=True)
+class Failed:
+    attempt: Attempt
+    error: AttemptError
+
+
 class Scheduler:
     def __init__(
         self,
@@ -164,50 +277,207 @@ class Scheduler:
         deadline: float | None = None,
         first_attempt: int = 1,
         max_tokens: int = 0,
+        shared: SharedContext | None = None,
     ) -> SubtaskOutcome:
         """Attempts the subtask until one attempt succeeds; every step goes to `log`.
 
         `max_parallel` caps the swarm's subtasks holding worker slots at once (0 = no cap);
         `deadline` (epoch seconds) bounds every attempt; `first_attempt` continues a count;
-        `max_tokens` is the answer's budget (0 = the worker's default)."""
+        `max_tokens` is the answer's budget (0 = the worker's default); `shared` is what the
+        swarm's subtasks share (its budget, hedging, the plan and the prompt cache)."""
+        shared = shared or SharedContext()
+        job = _Job(log, subtask, idea, model, max_parallel, deadline, max_tokens, shared)
         tried: set[str] = set()
-        last_attempt = first_attempt + self.policy.max_attempts - 1
-        for attempt in range(first_attempt, last_attempt + 1):
-            worker = await self.pool.acquire(log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel)
-            tried.add(worker.address)
-            error: AttemptError | None = None
+        number = first_attempt
+        began = time.monotonic()
+        logs.bind(subtask_id=subtask.id)  # this runs as a task of its own (the swarm's TaskGroup)
+        for failures in range(1, self.policy.max_attempts + 1):
+            grant = await shared.budget.grant_attempt(subtask, shared.plan_context) if shared.budget else None
+            queued_at = time.monotonic()
             try:
-                return await self._attempt(log, worker, subtask, idea, model, attempt, deadline, max_tokens)
-            except SubtaskCallFailed as failed:
-                error = classify(failed.failure, self.limiter)
-            except Overtime as overtime:
-                # The subtask timeout, or the swarm's deadline.
-                error = AttemptError(f"the attempt {overtime}", retryable=True)
-            except Silent as silent:
-                error = AttemptError(f"{silent}: the worker seems hung", retryable=True, worker_suspect=True)
-            except IncompleteAttempt as incomplete:
-                error = AttemptError(str(incomplete), retryable=True)
-            finally:
-                # A suspect worker is out before its slot is given back, or the slot would go
-                # straight to a waiting subtask.
-                if error is not None and error.worker_suspect:
-                    self.pool.mark_unreachable(worker)
-                self.pool.release(worker, log.swarm_id)
-            will_retry = error.retryable and attempt < last_attempt
-            log.append(
-                "subtask_failed",
-                events_pb2.SubtaskFailed(
-                    subtask_id=subtask.id,
-                    worker_id=worker.worker_id,
-                    error=error.message,
-                    attempt=attempt,
-                    will_retry=will_retry,
+                worker = await self.pool.acquire(
+                    log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel
+                )
+            except BaseException:
+                if grant is not None:
+                    self._settle(shared, grant, Usage())
+                raise
+            SCHEDULE_TO_START.observe(time.monotonic() - queued_at)
+            ATTEMPTS.inc()
+            logs.bind(attempt=number)
+            tried.add(worker.address)
+            outcome = await self._race(job, Attempt(number, worker, grant), tried)
+            if isinstance(outcome, SubtaskOutcome):
+                DURATION.observe(time.monotonic() - began)
+                return outcome
+            number = max(number, outcome.attempt.number) + 1
+            error = outcome.error
+            will_retry = error.retryable and failures < self.policy.max_attempts
+            self._failed(job, outcome, will_retry)
+            if not will_retry:
+                raise SubtaskFailed(subtask.id, outcome.attempt.number, error.message)
+            await asyncio.sleep(self.policy.backoff(failures))
+        raise AssertionError("unreachable: the last attempt either returns or raises")
+
+    def _failed(self, job: _Job, failed: Failed, will_retry: bool) -> None:
+        attempt = failed.attempt
+        (RETRIES if will_retry else FAILED).labels(failed.error.reason).inc()
+        if failed.error.worker_suspect:
+            FAILOVERS.labels(failed.error.reason).inc()
+        job.log.append(
+            "subtask_failed",
+            events_pb2.SubtaskFailed(
+                subtask_id=job.subtask.id,
+                worker_id=attempt.worker.worker_id,
+                error=failed.error.message,
+                attempt=attempt.number,
+                will_retry=will_retry,
+                usage=_charged(attempt, Usage() if failed.error.unbilled and not attempt.answered else None),
+            ),
+        )
+
+    async def _race(self, job: _Job, primary: Attempt, tried: set[str]) -> SubtaskOutcome | Failed:
+        """The attempt, and a hedge of it if the swarm's hedger asks for one while it runs: the
+        first to complete wins and the other is cancelled (attempt_superseded). A failure of one
+        while the other runs is told at once (will_retry: the subtask goes on)."""
+        hedger = job.shared.hedger
+        tasks: dict[asyncio.Task[SubtaskOutcome | Failed], Attempt] = {
+            asyncio.create_task(self._try(job, primary)): primary
+        }
+        signal = hedger.started(job.subtask.id) if hedger is not None else None
+        hedging: asyncio.Task[Attempt | None] | None = None
+        waiting: asyncio.Task[bool] | None = (
+            asyncio.create_task(signal.wait()) if signal is not None else None
+        )
+        try:
+            while True:
+                pending: set[asyncio.Task[Any]] = {*tasks, *(t for t in (waiting, hedging) if t is not None)}
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if waiting in done:
+                    waiting = None
+                    hedging = asyncio.create_task(self._hedge(job, primary, tried))
+                if hedging in done:
+                    hedge = hedging.result()
+                    hedging = None
+                    if hedge is not None:
+                        tasks[asyncio.create_task(self._try(job, hedge))] = hedge
+                for task in [t for t in tasks if t in done]:
+                    attempt = tasks.pop(task)
+                    outcome = task.result()
+                    if isinstance(outcome, SubtaskOutcome):
+                        if hedger is not None:
+                            hedger.completed(job.subtask.id, time.monotonic() - attempt.started)
+                        await self._supersede(job, tasks, winner=attempt)
+                        return outcome
+                    if not tasks:
+                        return outcome  # the retry rules decide; a hedge still on its way is dropped
+                    self._failed(job, outcome, will_retry=True)  # the other attempt runs on
+        finally:
+            for leftover in (waiting, hedging):
+                if leftover is not None:
+                    leftover.cancel()
+            if hedging is not None and hedger is not None:
+                hedger.declined()
+            for task in tasks:
+                task.cancel()
+            if hedger is not None:
+                hedger.ended(job.subtask.id)
+
+    async def _hedge(self, job: _Job, primary: Attempt, tried: set[str]) -> Attempt | None:
+        """A hedge of `primary` on another worker, if the budget gives it as much room."""
+        shared = job.shared
+        hedger = shared.hedger
+        grant = None
+        if shared.budget is not None and primary.grant is not None:
+            grant = shared.budget.grant_hedge(job.subtask, shared.plan_context, primary.grant.max_tokens)
+            if grant is None:
+                if hedger is not None:
+                    hedger.declined()
+                return None
+        try:
+            worker = await self.pool.acquire(
+                job.log.swarm_id, avoid=frozenset(tried), max_parallel=job.max_parallel
+            )
+        except BaseException:
+            if grant is not None:
+                self._settle(shared, grant, Usage())
+            raise
+        tried.add(worker.address)
+        ATTEMPTS.inc()
+        number = job.log.record.subtasks[job.subtask.id].attempts + 1
+        return Attempt(number, worker, grant, hedge=True)
+
+    async def _supersede(
+        self, job: _Job, losers: dict[asyncio.Task[SubtaskOutcome | Failed], Attempt], *, winner: Attempt
+    ) -> None:
+        """Cancels the attempts that lost the race, and tells what each is charged."""
+        for task, attempt in losers.items():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if not attempt.began:
+                continue
+            job.log.append(
+                "attempt_superseded",
+                events_pb2.AttemptSuperseded(
+                    subtask_id=job.subtask.id,
+                    worker_id=attempt.worker.worker_id,
+                    attempt=attempt.number,
+                    winner_attempt=winner.number,
+                    usage=_charged(attempt, None),
                 ),
             )
-            if not will_retry:
-                raise SubtaskFailed(subtask.id, attempt, error.message)
-            await asyncio.sleep(self.policy.backoff(attempt - first_attempt + 1))
-        raise AssertionError("unreachable: the last attempt either returns or raises")
+        losers.clear()
+
+    async def _try(self, job: _Job, attempt: Attempt) -> SubtaskOutcome | Failed:
+        """One attempt on its worker, whose slot it gives back at the end, as its grant: the outcome,
+        or why it failed (which the caller tells)."""
+        error: AttemptError | None = None
+        usage: Usage | None = None
+        worker = attempt.worker
+        try:
+            outcome = await telemetry.traced(
+                self._attempt(job, attempt),
+                "subtask attempt",
+                kind=telemetry.SpanKind.CLIENT,
+                attributes={
+                    "swarm.subtask.id": job.subtask.id,
+                    "swarm.attempt": attempt.number,
+                    "swarm.worker.id": worker.worker_id,
+                    "swarm.hedge": attempt.hedge,
+                },
+            )
+            usage = usage_of(outcome.usage)
+            return outcome
+        except SubtaskCallFailed as failed:
+            error = classify(failed.failure, self.limiter)
+        except Overtime as overtime:
+            # The subtask timeout, or the swarm's deadline.
+            error = AttemptError(f"the attempt {overtime}", retryable=True, reason="timeout")
+        except Silent as silent:
+            error = AttemptError(
+                f"{silent}: the worker seems hung", retryable=True, worker_suspect=True, reason="hung"
+            )
+        except IncompleteAttempt as incomplete:
+            error = AttemptError(str(incomplete), retryable=True, reason="incomplete")
+        finally:
+            # A suspect worker is out before its slot is given back, or the slot would go
+            # straight to a waiting subtask.
+            if error is not None and error.worker_suspect:
+                self.pool.mark_unreachable(worker)
+            self.pool.release(worker, job.log.swarm_id)
+            if attempt.grant is not None:
+                unbilled = not attempt.began or (
+                    error is not None and error.unbilled and not attempt.answered
+                )
+                self._settle(job.shared, attempt.grant, Usage() if unbilled else usage)
+        return Failed(attempt, error)
+
+    @staticmethod
+    def _settle(shared: SharedContext, grant: Grant, usage: Usage | None) -> None:
+        grant.settle(usage)
+        if shared.budget is not None:
+            shared.budget.settled()
 
     def _timeout(self, deadline: float | None) -> float:
         timeout = self.policy.subtask_timeout_s
@@ -215,37 +485,42 @@ class Scheduler:
             timeout = min(timeout, deadline - time.time())
         return max(0.001, timeout)
 
-    async def _attempt(
-        self,
-        log: EventLog,
-        worker: PoolWorker,
-        subtask: events_pb2.Subtask,
-        idea: str,
-        model: str,
-        attempt: int,
-        deadline: float | None,
-        max_tokens: int,
-    ) -> SubtaskOutcome:
+    async def _attempt(self, job: _Job, attempt: Attempt) -> SubtaskOutcome:
+        log, subtask, worker = job.log, job.subtask, attempt.worker
         permit = await self.limiter.acquire(
-            estimate_tokens(prompts.WORKER_SYSTEM, idea, subtask.title, subtask.instructions)
+            estimate_tokens(
+                prompts.SWARM_SYSTEM, job.idea, job.shared.plan_context, subtask.title, subtask.instructions
+            )
         )
+        max_tokens = attempt.grant.max_tokens if attempt.grant is not None else job.max_tokens
         try:
             log.append(
                 "subtask_started",
-                events_pb2.SubtaskStarted(subtask_id=subtask.id, worker_id=worker.worker_id, attempt=attempt),
+                events_pb2.SubtaskStarted(
+                    subtask_id=subtask.id,
+                    worker_id=worker.worker_id,
+                    attempt=attempt.number,
+                    hedge=attempt.hedge,
+                    max_tokens=max_tokens,
+                    reserved=attempt.grant.reserved_proto if attempt.grant is not None else None,
+                ),
             )
-            timeout = self._timeout(deadline)
+            attempt.began = True
+            timeout = self._timeout(job.deadline)
             request = worker_pb2.ExecuteSubtaskRequest(
                 swarm_id=log.swarm_id,
                 subtask=subtask,
-                model=model,
-                attempt=attempt,
-                idea=idea,
+                model=job.model,
+                attempt=attempt.number,
+                idea=job.idea,
                 max_tokens=max_tokens,
+                plan_context=job.shared.plan_context,
+                cache_shared_prefix=job.shared.cache,
+                trace_context=telemetry.carrier(),  # the worker's span continues this attempt's
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
-            deltas = DeltaCoalescer(log, subtask.id, attempt, self.delta_window_s)
+            deltas = DeltaCoalescer(log, subtask.id, attempt.number, self.delta_window_s)
             outputs = watched(
                 worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
             )
@@ -253,6 +528,11 @@ class Scheduler:
             try:
                 async for response in outputs:
                     permit.answered()
+                    if not attempt.answered:
+                        FIRST_TOKEN.observe(time.monotonic() - attempt.started)
+                    attempt.answered = True
+                    if job.shared.warmed is not None:
+                        job.shared.warmed.set()
                     if response.HasField("result"):
                         break
                     chunks.append(response.text)
@@ -263,7 +543,10 @@ class Scheduler:
             if response is None or not response.HasField("result"):
                 raise IncompleteAttempt("the worker ended the subtask without a result")
             usage = response.result.usage
-            permit.settle(usage.input_tokens, usage.output_tokens)
+            permit.settle(
+                usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens,
+                usage.output_tokens,
+            )
             output = "".join(chunks)
             log.append(
                 "subtask_completed",
@@ -272,10 +555,32 @@ class Scheduler:
                     worker_id=response.worker_id or worker.worker_id,
                     output=output,
                     usage=usage,
-                    attempt=attempt,
+                    attempt=attempt.number,
                     stop_reason=response.result.stop_reason,
+                    hedged=attempt.hedge or len(log.record.running.get(subtask.id, {})) > 1,
                 ),
             )
             return SubtaskOutcome(output, usage)
         finally:
             permit.release()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One subtask's run: what every attempt of it is made of."""
+
+    log: EventLog
+    subtask: events_pb2.Subtask
+    idea: str
+    model: str
+    max_parallel: int
+    deadline: float | None
+    max_tokens: int
+    shared: SharedContext
+
+
+def _charged(attempt: Attempt, usage: Usage | None) -> events_pb2.Usage | None:
+    """What an attempt ended without a result is charged: `usage`, or None = what it held."""
+    if attempt.grant is None:
+        return None
+    return attempt.grant.reserved_proto if usage is None else usage_proto(usage)

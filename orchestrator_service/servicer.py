@@ -21,6 +21,7 @@ from orchestrator_service.orchestrator import (
 from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common.rpc_errors import bad_request, over_limit
+from swarm_common.telemetry import TRACE_HEADERS
 
 # The request and response types are the method's own; the context is only passed through.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -41,6 +42,28 @@ async def abort_over_limit(context: Context, error: OverLimit) -> NoReturn:
 # A stream that cannot go on here (the orchestrator is stopping, or its store failed) ends
 # UNAVAILABLE, and its client WatchSwarms on from its last sequence, after a restart too.
 CUT_OFF = (LogSuspended, StoreError)
+
+
+def _trace_context(context: Context) -> dict[str, str]:
+    """The W3C trace headers the caller sent as metadata: its span is the swarm's parent."""
+    return {key: str(value) for key, value in context.invocation_metadata() or () if key in TRACE_HEADERS}
+
+
+def _hedging(request: orchestrator_pb2.RunSwarmRequest) -> bool | None:
+    """The request's hedging switch; None = the orchestrator's default."""
+    if request.hedging == orchestrator_pb2.HEDGING_UNSPECIFIED:
+        return None
+    return request.hedging == orchestrator_pb2.HEDGING_ON
+
+
+def _economics(request: orchestrator_pb2.RunSwarmRequest) -> dict[str, Any]:
+    """What the request asks of the swarm's spending, as Orchestrator.start and spec_of take it."""
+    return {
+        "budget": request.budget if request.HasField("budget") else None,
+        "worker_model": request.worker_model,
+        "hedging": _hedging(request),
+        "hedge_max_extra": request.hedge_max_extra,
+    }
 
 
 def _deadline(context: Context) -> float | None:
@@ -65,6 +88,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 max_parallel=request.max_parallel,
                 deadline=_deadline(context) if not request.detach else None,
                 answer_max_tokens=request.answer_max_tokens,
+                trace_context=_trace_context(context),
+                **_economics(request),
             )
             events = await self._orchestrator.watch(started.swarm_id)
         except InvalidRequest as error:
@@ -158,3 +183,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             default_model=orchestrator.default_model,
             provider=orchestrator.planner.provider.name,
         )
+
+    async def EstimateSwarm(
+        self, request: orchestrator_pb2.EstimateSwarmRequest, context: Context
+    ) -> orchestrator_pb2.EstimateSwarmResponse:
+        run = request.request
+        spec = self._orchestrator.spec_of(
+            idea=run.idea,
+            num_agents=run.num_agents,
+            model=run.model,
+            max_parallel=run.max_parallel,
+            answer_max_tokens=run.answer_max_tokens,
+            **_economics(run),
+        )
+        try:
+            return self._orchestrator.estimate(spec)
+        except InvalidRequest as error:
+            await abort_invalid(context, error)
+        except OverLimit as error:
+            await abort_over_limit(context, error)

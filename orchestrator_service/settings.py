@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
-from pydantic import PositiveFloat
+from pydantic import Field, PositiveFloat
 
 from orchestrator_service.store import MEMORY
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
@@ -16,6 +16,9 @@ from swarm_common.settings import (
     ServiceSettings,
     setting,
 )
+
+# A share of something, from none to all of it.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -107,4 +110,23 @@ class OrchestratorSettings(ServiceSettings):
         50.0,
         "a subtask's output chunks go to clients as one `subtask_delta` per window (0 = one per chunk); "
         "no text is lost",
+    )
+    worker_model: str = setting(
+        "",
+        "the model subtasks run on when the request names none (`--model` plans and synthesizes); "
+        "empty = the swarm's model",
+    )
+    hedging: bool = setting(
+        False,
+        "hedge straggling subtasks when the request does not say: once half have completed, one "
+        "running over twice their median time gets a second attempt on another worker, and the first "
+        "to finish wins",
+    )
+    hedge_max_extra: Fraction = setting(
+        0.1, "the most extra attempts hedges may add to a swarm, as a fraction of its subtasks"
+    )
+    no_prompt_caching: bool = setting(
+        False,
+        "leave prompts unmarked for the model API's prompt cache; by default the prefix a swarm's calls "
+        "share (system prompt, idea, plan) is marked where it is long enough and read again",
     )

@@ -82,7 +82,7 @@ def misfits(*, idea: str, model: str, answer_max_tokens: int) -> list[tuple[str,
     estimate = TokenEstimate()
     synthesis = synthesis_max_tokens(limits)
     idea_tokens = estimate.of(idea)
-    fixed = estimate.of(prompts.PARTIAL_SYNTHESIS_SYSTEM) + PROMPT_ALLOWANCE
+    fixed = estimate.of(prompts.SWARM_SYSTEM) + PROMPT_ALLOWANCE
     two_outputs = math.ceil(2 * max(answer_max_tokens, synthesis) * (1 + estimate.margin))
     if idea_tokens + fixed + two_outputs + synthesis > limits.context_window:
         violations.append(

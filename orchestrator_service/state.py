@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common.usage import add, subtract
 
 S = orchestrator_pb2.SwarmState
 T = orchestrator_pb2.SubtaskState
@@ -74,10 +75,55 @@ class SwarmRecord:
         self.update_time = Timestamp()
         self.end_time: Timestamp | None = None
         self.last_sequence = 0
+        # What the swarm has spent, settled, on each side: plans and syntheses (the orchestrator's
+        # own calls), and the subtasks' attempts (every one: completed, failed or superseded).
+        self.plan_spent = events_pb2.Usage()
+        self.worker_spent = events_pb2.Usage()
+        # Attempts running now, by subtask and attempt, and the orchestrator's calls in flight:
+        # what each holds at most.
+        self.running: dict[str, dict[int, events_pb2.SubtaskStarted]] = {}
+        self.calls: dict[str, events_pb2.CallReserved] = {}
+        self.hedges = 0
 
     @property
     def finished(self) -> bool:
         return self.end_time is not None
+
+    @property
+    def tracked(self) -> bool:
+        """The orchestrator's own calls are told as call_reserved and call_settled: the swarm has a
+        budget. Without one, their cost is in plan_created, partial_synthesis and the end."""
+        return self.accepted.HasField("budget")
+
+    @property
+    def worker_model(self) -> str:
+        return self.accepted.worker_model or self.accepted.model
+
+    @property
+    def spent(self) -> events_pb2.Usage:
+        """Settled spending: every call that has ended."""
+        total = events_pb2.Usage()
+        add(total, self.plan_spent)
+        add(total, self.worker_spent)
+        return total
+
+    @property
+    def held(self) -> events_pb2.Usage:
+        """What the calls in flight hold at most."""
+        total = events_pb2.Usage()
+        for attempts in self.running.values():
+            for started in attempts.values():
+                add(total, started.reserved)
+        for call in self.calls.values():
+            add(total, call.reserved)
+        return total
+
+    def running_max_tokens(self, subtask_id: str) -> list[int]:
+        return [started.max_tokens for started in self.running.get(subtask_id, {}).values()]
+
+    def _ended(self, subtask_id: str, attempt: int, usage: events_pb2.Usage) -> None:
+        self.running.get(subtask_id, {}).pop(attempt, None)
+        add(self.worker_spent, usage)
 
     def apply(self, event: events_pb2.SwarmEvent) -> Change:
         kind = event.WhichOneof("kind")
@@ -101,6 +147,8 @@ class SwarmRecord:
     def _apply_plan_created(self, body: events_pb2.PlanCreated) -> Change:
         self.planned = True
         self.plan_usage = body.usage
+        if not self.tracked:
+            add(self.plan_spent, body.usage)
         self.subtasks = {
             subtask.id: SubtaskRecord(subtask, position) for position, subtask in enumerate(body.subtasks)
         }
@@ -110,10 +158,12 @@ class SwarmRecord:
     def _apply_subtask_started(self, body: events_pb2.SubtaskStarted) -> Change:
         record = self.subtasks[body.subtask_id]
         record.state = T.SUBTASK_STATE_RUNNING
-        record.attempts = body.attempt
+        record.attempts = max(record.attempts, body.attempt)
         record.worker_id = body.worker_id
         record.error = ""
-        return Change(subtask_ids=(body.subtask_id,))
+        self.running.setdefault(body.subtask_id, {})[body.attempt] = body
+        self.hedges += body.hedge
+        return Change(summary=True, subtask_ids=(body.subtask_id,))  # what is held changed
 
     def _apply_subtask_delta(self, body: events_pb2.SubtaskDelta) -> Change:
         return Change()  # the output is kept whole in subtask_completed
@@ -125,24 +175,42 @@ class SwarmRecord:
         record.output = body.output
         record.usage = body.usage
         record.stop_reason = body.stop_reason
-        return Change(subtask_ids=(body.subtask_id,))
+        self._ended(body.subtask_id, body.attempt, body.usage)
+        return Change(summary=True, subtask_ids=(body.subtask_id,))  # what is spent changed
 
     def _apply_subtask_failed(self, body: events_pb2.SubtaskFailed) -> Change:
         record = self.subtasks[body.subtask_id]
         record.error = body.error
-        record.state = T.SUBTASK_STATE_PENDING if body.will_retry else T.SUBTASK_STATE_FAILED
-        return Change(subtask_ids=(body.subtask_id,))
+        self._ended(body.subtask_id, body.attempt, body.usage)
+        if not body.will_retry:
+            record.state = T.SUBTASK_STATE_FAILED
+        elif not self.running.get(body.subtask_id):
+            record.state = T.SUBTASK_STATE_PENDING  # else its other attempt still runs
+        return Change(summary=True, subtask_ids=(body.subtask_id,))
+
+    def _apply_attempt_superseded(self, body: events_pb2.AttemptSuperseded) -> Change:
+        self._ended(body.subtask_id, body.attempt, body.usage)
+        return Change(summary=True)
+
+    def _apply_call_reserved(self, body: events_pb2.CallReserved) -> Change:
+        self.calls[body.call_id] = body
+        return Change(summary=True)
+
+    def _apply_call_settled(self, body: events_pb2.CallSettled) -> Change:
+        self.calls.pop(body.call_id, None)
+        add(self.plan_spent, body.usage)
+        return Change(summary=True)
 
     def _apply_synthesis_delta(self, body: events_pb2.SynthesisDelta) -> Change:
         return self._synthesizing(body.attempt)
 
     def _apply_partial_synthesis(self, body: events_pb2.PartialSynthesis) -> Change:
         self.partials[body.id] = body
-        usage = self.partial_usage
-        usage.input_tokens += body.usage.input_tokens
-        usage.output_tokens += body.usage.output_tokens
-        usage.cost_usd += body.usage.cost_usd
-        return self._synthesizing(body.attempt)
+        add(self.partial_usage, body.usage)
+        self._synthesizing(body.attempt)
+        if not self.tracked:
+            add(self.plan_spent, body.usage)
+        return Change(summary=True)  # what is spent changed
 
     def _synthesizing(self, attempt: int) -> Change:
         self.synthesis_attempt = max(self.synthesis_attempt, attempt)
@@ -159,11 +227,19 @@ class SwarmRecord:
         self.state = S.SWARM_STATE_COMPLETED
         self.result = body.result
         self.usage = body.usage
+        if not self.tracked:
+            # The final synthesis is told in the total alone: all that is not the workers'.
+            self.plan_spent = events_pb2.Usage()
+            add(self.plan_spent, body.usage)
+            subtract(self.plan_spent, self.worker_spent)
         return Change(summary=True)
 
     def _apply_swarm_failed(self, body: events_pb2.SwarmFailed) -> Change:
         self.state = S.SWARM_STATE_FAILED
         self.error = body.error
+        self.result = body.partial_result
+        if body.HasField("usage"):
+            self.usage = body.usage
         return Change(summary=True)
 
     def _apply_swarm_cancelled(self, body: events_pb2.SwarmCancelled) -> Change:
@@ -174,6 +250,28 @@ class SwarmRecord:
     def _apply_swarm_resumed(self, body: events_pb2.SwarmResumed) -> Change:
         return Change()  # what changes on a resume is told by the events that follow it
 
+    def usage_by_model(self) -> list[events_pb2.ModelUsage]:
+        """Spending per model, settled and held, with what each model did."""
+        plan, workers = events_pb2.Usage(), events_pb2.Usage()
+        add(plan, self.plan_spent)
+        add(workers, self.worker_spent)
+        for call in self.calls.values():
+            add(plan, call.reserved)
+        for attempts in self.running.values():
+            for started in attempts.values():
+                add(workers, started.reserved)
+        if self.accepted.model == self.worker_model:
+            add(plan, workers)
+            return [
+                events_pb2.ModelUsage(
+                    model=self.worker_model, role="plan and synthesis and workers", usage=plan
+                )
+            ]
+        return [
+            events_pb2.ModelUsage(model=self.accepted.model, role="plan and synthesis", usage=plan),
+            events_pb2.ModelUsage(model=self.worker_model, role="workers", usage=workers),
+        ]
+
     def to_proto(self, *, with_subtasks: bool = True) -> orchestrator_pb2.Swarm:
         swarm = orchestrator_pb2.Swarm(
             swarm_id=self.swarm_id,
@@ -182,6 +280,7 @@ class SwarmRecord:
             model=self.accepted.model,
             provider=self.accepted.provider,
             request_id=self.accepted.request_id,
+            trace_id=self.accepted.trace_id,
             state=self.state,  # type: ignore[arg-type]
             result=self.result,
             error=self.error,
@@ -189,7 +288,16 @@ class SwarmRecord:
             create_time=self.create_time,
             update_time=self.update_time,
             last_sequence=self.last_sequence,
+            worker_model=self.worker_model,
+            hedges=self.hedges,
+            hedging=self.accepted.hedging,
         )
+        if self.accepted.HasField("budget"):
+            swarm.budget.CopyFrom(self.accepted.budget)
+        spent = self.spent
+        add(spent, self.held)
+        swarm.spent.CopyFrom(spent)
+        swarm.usage_by_model.extend(self.usage_by_model())
         if self.end_time is not None:
             swarm.end_time.CopyFrom(self.end_time)
         if with_subtasks:

@@ -10,24 +10,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
+
+from orchestrator_service.budget import BudgetedProvider, BudgetExhausted, SwarmBudget
 from orchestrator_service.event_log import EventLog
+from orchestrator_service.hedging import Hedger
 from orchestrator_service.planner import Planner, PlanningFailed
-from orchestrator_service.scheduler import Scheduler, SubtaskFailed
-from orchestrator_service.state import SwarmRecord, T
+from orchestrator_service.prompt_cache import PromptCachePlan
+from orchestrator_service.scheduler import Scheduler, SharedContext, SubtaskFailed
+from orchestrator_service.state import SubtaskRecord, SwarmRecord, T
 from orchestrator_service.store import FIRST_EPOCH, Store, StoreError
 from orchestrator_service.synthesis import CannotFit, SynthesisTree
 from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
+from swarm_common import prompts, telemetry
 from swarm_common.errors import ProviderError
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS, Usage
 from swarm_common.rpc_errors import internal_message, new_error_id
+from swarm_common.usage import usage_of, usage_proto
 
 log = logging.getLogger("swarm.orchestrator.swarm")
 
 RESTARTED = "orchestrator restarted"
+# The longest the swarm's other subtasks wait for the first one's answer to begin, so that they read
+# the prompt prefix it writes to the cache rather than all writing it.
+WARM_UP_WAIT_S = 30.0
+
+DURATION = Histogram(
+    "swarm_swarm_duration_seconds",
+    "From a swarm's acceptance to its end, by how it ended: completed, failed or cancelled",
+    ["state"],
+    buckets=telemetry.DURATION_BUCKETS,
+)
+
+
+def state_name(state: int) -> str:
+    """A SwarmState as a metric label or span attribute: `running`, `completed` ..."""
+    return orchestrator_pb2.SwarmState.Name(state).removeprefix("SWARM_STATE_").lower()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +62,12 @@ class SwarmSpec:
     max_parallel: int = 0
     # The request's own answer budget per subtask; 0 = the orchestrator's default.
     answer_max_tokens: int = 0
+    # The hard budget; None = none.
+    budget: events_pb2.Budget | None = None
+    # The model the subtasks run on; "" = `model`, which plans and synthesizes.
+    worker_model: str = ""
+    hedging: bool = False
+    hedge_max_extra: float = 0.0
 
     @classmethod
     def of(cls, record: SwarmRecord) -> SwarmSpec:
@@ -51,17 +80,15 @@ class SwarmSpec:
             accepted.request_id,
             accepted.max_parallel,
             record.answer_max_tokens,
+            accepted.budget if accepted.HasField("budget") else None,
+            accepted.worker_model,
+            accepted.hedging,
+            accepted.hedge_max_extra,
         )
 
-
-def usage_proto(usage: Usage) -> events_pb2.Usage:
-    return events_pb2.Usage(
-        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cost_usd=usage.cost_usd
-    )
-
-
-def usage_of(proto: events_pb2.Usage) -> Usage:
-    return Usage(proto.input_tokens, proto.output_tokens, proto.cost_usd)
+    @property
+    def workers_model(self) -> str:
+        return self.worker_model or self.model
 
 
 class Swarm:
@@ -77,7 +104,12 @@ class Swarm:
         self.deadline: float | None = None
         # The answer budget of a subtask when the request set none (the orchestrator's setting).
         self.default_answer_max_tokens = DEFAULT_ANSWER_MAX_TOKENS
+        # Whether prompts may be marked for the model API's prompt cache (--prompt-caching).
+        self.prompt_caching = True
         self._suspending = False
+        # The swarm's span while it runs here (None when tracing is off): every span of its work is
+        # in its trace.
+        self.span: telemetry.Span | None = None
 
     @classmethod
     def accept(
@@ -89,13 +121,22 @@ class Swarm:
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
         on_lease_lost: Callable[[str, int], None] | None = None,
+        trace_context: Mapping[str, str] | None = None,
     ) -> Swarm:
-        """A new swarm, its `accepted` event appended."""
+        """A new swarm, its `accepted` event appended. Its span continues the caller's trace when
+        `trace_context` (the W3C headers the client sent) names one."""
         swarm = cls(
             EventLog(
                 SwarmRecord(swarm_id), store, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
             )
         )
+        swarm.span = telemetry.start_span(
+            "swarm",
+            kind=telemetry.SpanKind.SERVER,
+            parent=telemetry.parent_from(trace_context or {}),
+            attributes=swarm._attributes(spec),
+        )
+        trace_id, span_id = telemetry.span_ids(swarm.span)
         swarm.log.append(
             "accepted",
             events_pb2.SwarmAccepted(
@@ -105,6 +146,12 @@ class Swarm:
                 provider=provider_name,
                 request_id=spec.request_id,
                 max_parallel=spec.max_parallel,
+                trace_id=trace_id,
+                span_id=span_id,
+                budget=spec.budget,
+                worker_model=spec.worker_model,
+                hedging=spec.hedging,
+                hedge_max_extra=spec.hedge_max_extra,
             ),
         )
         if spec.answer_max_tokens:
@@ -129,6 +176,12 @@ class Swarm:
                 record, store, epoch=epoch, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
             )
         )
+        swarm.span = telemetry.start_span(
+            "swarm resumed",
+            kind=telemetry.SpanKind.INTERNAL,
+            parent=telemetry.remote_parent(record.accepted.trace_id, record.accepted.span_id),
+            attributes=swarm._attributes(swarm.spec),
+        )
         subtasks = list(record.subtasks.values())
         swarm.log.append(
             "swarm_resumed",
@@ -141,23 +194,46 @@ class Swarm:
                 ],
             ),
         )
-        for subtask in subtasks:
-            if subtask.state == T.SUBTASK_STATE_RUNNING:
+        # What the interrupted calls cost is unknown: each is charged what it held.
+        for subtask_id, attempts in list(record.running.items()):
+            for started in list(attempts.values()):
                 swarm.log.append(
                     "subtask_failed",
                     events_pb2.SubtaskFailed(
-                        subtask_id=subtask.subtask.id,
-                        worker_id=subtask.worker_id,
+                        subtask_id=subtask_id,
+                        worker_id=started.worker_id,
                         error=RESTARTED,
-                        attempt=subtask.attempts,
+                        attempt=started.attempt,
                         will_retry=True,
+                        usage=started.reserved,
                     ),
                 )
+        for call in list(record.calls.values()):
+            swarm.log.append(
+                "call_settled", events_pb2.CallSettled(call_id=call.call_id, usage=call.reserved)
+            )
         return swarm
 
     @property
     def spec(self) -> SwarmSpec:
         return SwarmSpec.of(self.record)
+
+    def _attributes(self, spec: SwarmSpec) -> dict[str, str | int]:
+        return {"swarm.id": self.id, "swarm.num_agents": spec.num_agents, "gen_ai.request.model": spec.model}
+
+    def observe_end(self) -> None:
+        """After a run: the swarm's span ends, and a swarm that ended has its duration measured (a
+        suspended one ends neither: the next start resumes it)."""
+        state = state_name(self.record.state)
+        if self.finished:
+            created = self.record.create_time.seconds + self.record.create_time.nanos * 1e-9
+            DURATION.labels(state).observe(time.time() - created)
+        telemetry.end_span(
+            self.span,
+            error=state if state in ("failed", "cancelled") else "",
+            attributes={"swarm.state": state},
+        )
+        self.span = None
 
     @property
     def finished(self) -> bool:
@@ -213,24 +289,86 @@ class Swarm:
             )
             self._fail(internal_message(error_id))
 
+    def _budget(self, spec: SwarmSpec) -> SwarmBudget:
+        return SwarmBudget(
+            spec.budget or events_pb2.Budget(),
+            self.record,
+            plan_model=spec.model,
+            worker_model=spec.workers_model,
+            answer_max_tokens=spec.answer_max_tokens or self.default_answer_max_tokens,
+        )
+
     async def _run(self, planner: Planner, scheduler: Scheduler) -> None:
         spec = self.spec
+        budget = self._budget(spec)
+        if self.record.tracked:
+            planner = planner.using(BudgetedProvider(planner.provider, budget, self.log))
         if not self.record.planned:
             try:
-                plan = await planner.plan(idea=spec.idea, num_agents=spec.num_agents, model=spec.model)
+                with telemetry.span("plan", attributes={"swarm.num_agents": spec.num_agents}):
+                    plan = await planner.plan(idea=spec.idea, num_agents=spec.num_agents, model=spec.model)
             except PlanningFailed as error:
                 raise SwarmError(str(error)) from None
+            except BudgetExhausted as error:
+                raise SwarmError(f"planning stopped: {error}") from None
             self.log.append(
                 "plan_created", events_pb2.PlanCreated(subtasks=plan.subtasks, usage=usage_proto(plan.usage))
             )
-        await self._run_subtasks(scheduler, spec)
-        result, usage = await self._synthesize(planner, spec)
-        usage += usage_of(self.record.plan_usage) + usage_of(self.record.partial_usage)
-        for subtask in self.record.subtasks.values():
-            usage += usage_of(subtask.usage)
-        self.log.append("swarm_completed", events_pb2.SwarmCompleted(result=result, usage=usage_proto(usage)))
+        cache = self._cache_plan(spec)
+        stopped = await self._run_subtasks(scheduler, spec, budget, cache)
+        if stopped is not None:
+            await self._stop_on_budget(planner, spec, stopped, cache)
+            return
+        try:
+            with telemetry.span("synthesis"):
+                result, usage = await self._synthesize(planner, spec, cache)
+        except BudgetExhausted as error:
+            raise SwarmError(f"synthesis stopped: {error}") from None
+        self.log.append(
+            "swarm_completed", events_pb2.SwarmCompleted(result=result, usage=usage_proto(self._total(usage)))
+        )
 
-    async def _synthesize(self, planner: Planner, spec: SwarmSpec) -> tuple[str, Usage]:
+    def _total(self, final_synthesis: Usage) -> Usage:
+        """Everything the swarm cost: what its events settled, and a final synthesis that, in a swarm
+        without a budget, is told in its end alone."""
+        total = usage_of(self.record.spent)
+        return total if self.record.tracked else total + final_synthesis
+
+    def _cache_plan(self, spec: SwarmSpec) -> PromptCachePlan:
+        subtasks = list(self.record.subtasks.values())
+        return PromptCachePlan.of(
+            enabled=self.prompt_caching,
+            idea=spec.idea,
+            plan_context=prompts.plan_context([s.subtask.title for s in subtasks]),
+            worker_model=spec.workers_model,
+            synthesis_model=spec.model,
+            calls=sum(1 for s in subtasks if s.state != T.SUBTASK_STATE_COMPLETED),
+        )
+
+    async def _stop_on_budget(
+        self, planner: Planner, spec: SwarmSpec, stopped: BudgetExhausted, cache: PromptCachePlan
+    ) -> None:
+        """The budget cannot cover the next subtask: swarm_failed, with a synthesis of the subtasks
+        that completed when the request asked for one and there are any."""
+        error = f"the swarm stopped: {stopped}"
+        partial = ""
+        completed = any(s.state == T.SUBTASK_STATE_COMPLETED for s in self.record.subtasks.values())
+        final = Usage()
+        if spec.budget is not None and spec.budget.synthesize_partial and completed:
+            try:
+                partial, final = await self._synthesize(planner, spec, cache)
+            except BudgetExhausted as again:
+                error += f"; the synthesis of what completed stopped too: {again}"
+        self.log.append(
+            "swarm_failed",
+            events_pb2.SwarmFailed(
+                error=error, partial_result=partial, usage=usage_proto(self._total(final))
+            ),
+        )
+
+    async def _synthesize(
+        self, planner: Planner, spec: SwarmSpec, cache: PromptCachePlan
+    ) -> tuple[str, Usage]:
         """The synthesis and its final call's usage, asked again afresh (its attempt counting up)
         when a call fails in a way a retry can fix: a hung or failed call must not cost the
         subtasks' work, nor the partial syntheses already made."""
@@ -239,7 +377,14 @@ class Swarm:
         for attempt in range(first, first + attempts):
             parts: list[str] = []
             usage = Usage()
-            tree = SynthesisTree(planner, self.log, idea=spec.idea, model=spec.model, attempt=attempt)
+            tree = SynthesisTree(
+                planner,
+                self.log,
+                idea=spec.idea,
+                model=spec.model,
+                attempt=attempt,
+                cache_idea=cache.synthesis,
+            )
             try:
                 async for item in tree.final(await tree.reduce()):
                     if isinstance(item, str):
@@ -267,31 +412,67 @@ class Swarm:
                 await asyncio.sleep(planner.retry_backoff_s * (attempt - first + 1))
         raise AssertionError("unreachable: the last attempt either returns or raises")
 
-    async def _run_subtasks(self, scheduler: Scheduler, spec: SwarmSpec) -> None:
+    async def _run_subtasks(
+        self, scheduler: Scheduler, spec: SwarmSpec, budget: SwarmBudget, cache: PromptCachePlan
+    ) -> BudgetExhausted | None:
         """Runs every planned subtask that has not completed, each from its next attempt; the
-        outputs land in the record."""
+        outputs land in the record. Returns why the budget stopped a subtask, if it did: the others
+        run on to their end, and what they held goes back to the budget."""
         subtasks = list(self.record.subtasks.values())
         for subtask in subtasks:
             if subtask.state == T.SUBTASK_STATE_FAILED:  # only a resumed swarm meets one here
                 raise SwarmError(str(SubtaskFailed(subtask.subtask.id, subtask.attempts, subtask.error)))
+        to_run = [s for s in subtasks if s.state != T.SUBTASK_STATE_COMPLETED]
+        shared = SharedContext(
+            plan_context=cache.plan_context,
+            cache=cache.workers,
+            budget=budget,
+            warmed=asyncio.Event() if cache.workers else None,
+        )
+        if spec.hedging and to_run:
+            shared.hedger = Hedger(
+                len(to_run),
+                max_extra=spec.hedge_max_extra,
+                free_slots=lambda: sum(worker.free for worker in scheduler.pool.workers),
+            )
+        stopped: list[BudgetExhausted] = []
+
+        async def run(subtask: SubtaskRecord) -> None:
+            try:
+                await scheduler.run(
+                    self.log,
+                    subtask.subtask,
+                    idea=spec.idea,
+                    model=spec.workers_model,
+                    max_parallel=spec.max_parallel,
+                    deadline=self.deadline,
+                    first_attempt=subtask.attempts + 1,
+                    max_tokens=spec.answer_max_tokens or self.default_answer_max_tokens,
+                    shared=shared,
+                )
+            except BudgetExhausted as exhausted:
+                stopped.append(exhausted)
+
         try:
             async with asyncio.TaskGroup() as group:
-                for subtask in subtasks:
-                    if subtask.state != T.SUBTASK_STATE_COMPLETED:
-                        group.create_task(
-                            scheduler.run(
-                                self.log,
-                                subtask.subtask,
-                                idea=spec.idea,
-                                model=spec.model,
-                                max_parallel=spec.max_parallel,
-                                deadline=self.deadline,
-                                first_attempt=subtask.attempts + 1,
-                                max_tokens=spec.answer_max_tokens or self.default_answer_max_tokens,
-                            )
-                        )
+                if shared.hedger is not None:
+                    watcher = group.create_task(shared.hedger.watch())
+                tasks = [group.create_task(run(subtask)) for subtask in to_run[:1]]
+                if shared.warmed is not None and tasks:
+                    # The first call writes the shared prefix to the cache; the others read it once
+                    # its answer has begun (calls sent before then would all write it).
+                    warmed = group.create_task(shared.warmed.wait())
+                    await asyncio.wait(
+                        [warmed, *tasks], timeout=WARM_UP_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    warmed.cancel()
+                tasks += [group.create_task(run(subtask)) for subtask in to_run[1:]]
+                await asyncio.gather(*tasks)
+                if shared.hedger is not None:
+                    watcher.cancel()
         except ExceptionGroup as group:
             raise SwarmError(_summary(group)) from None
+        return stopped[0] if stopped else None
 
     def _fail(self, error: str) -> None:
         if not self.log.closed:

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from orchestrator_service.event_log import EventLog
 from orchestrator_service.planner import Planner
 from orchestrator_service.sizing import TokenEstimate, synthesis_max_tokens
+from orchestrator_service.state import T
 from swarm.v1 import events_pb2
 from swarm_common import prompts
 from swarm_common.errors import ProviderError
 from swarm_common.model_limits import limits_of
 from swarm_common.providers import Usage
+from swarm_common.usage import usage_proto
 
 
 class CannotFit(Exception):
@@ -78,16 +80,28 @@ def pack(costs: Sequence[int], capacity: int) -> list[range]:
 class SynthesisTree:
     """One synthesis attempt of one swarm: `reduce` to what fits one prompt, then `final`."""
 
-    def __init__(self, planner: Planner, log: EventLog, *, idea: str, model: str, attempt: int) -> None:
+    def __init__(
+        self,
+        planner: Planner,
+        log: EventLog,
+        *,
+        idea: str,
+        model: str,
+        attempt: int,
+        cache_idea: bool = False,
+    ) -> None:
+        """Synthesizes the subtasks that completed (all of them, unless the budget stopped the
+        swarm); `cache_idea` marks the prompts' idea for the prompt cache."""
         self.planner = planner
         self.log = log
         self.idea = idea
         self.model = model
         self.attempt = attempt
+        self.cache_idea = cache_idea
         limits = limits_of(model)
         self.context_window = limits.context_window
         self.max_tokens = synthesis_max_tokens(limits)
-        subtasks = list(log.record.subtasks.values())
+        subtasks = [s for s in log.record.subtasks.values() if s.state == T.SUBTASK_STATE_COMPLETED]
         self.sources = [
             Source(
                 s.subtask.id, s.subtask.title, s.output, s.usage.output_tokens, s.position + 1, s.position + 1
@@ -97,12 +111,9 @@ class SynthesisTree:
         self.total = len(subtasks)
         self.estimate = TokenEstimate.calibrated((s.text, s.tokens) for s in self.sources)
         # A prompt's own text besides its sections, whichever of the two prompts it is.
-        fixed = max(
-            self.estimate.of(prompts.SYNTHESIS_SYSTEM + prompts.synthesis_prompt(idea, [])),
-            self.estimate.of(
-                prompts.PARTIAL_SYNTHESIS_SYSTEM
-                + prompts.partial_synthesis_prompt(idea, [], self._covers(self.total, self.total))
-            ),
+        fixed = self.estimate.of(prompts.SWARM_SYSTEM + prompts.idea_block(idea)) + max(
+            self.estimate.of(prompts.synthesis_prompt([])),
+            self.estimate.of(prompts.partial_synthesis_prompt([], self._covers(self.total, self.total))),
         )
         # The tokens a prompt's sections may take.
         self.capacity = self.context_window - self.max_tokens - fixed
@@ -162,6 +173,7 @@ class SynthesisTree:
                 model=self.model,
                 max_tokens=self.max_tokens,
                 covers=self._covers(first, last),
+                cache_idea=self.cache_idea,
             ):
                 if isinstance(item, str):
                     text.append(item)
@@ -175,11 +187,7 @@ class SynthesisTree:
                 count=count,
                 sources=[source.id for source in group],
                 output="".join(text),
-                usage=events_pb2.Usage(
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    cost_usd=usage.cost_usd,
-                ),
+                usage=usage_proto(usage),
                 stop_reason=usage.stop_reason,
             )
             self.log.append("partial_synthesis", done)
@@ -199,4 +207,5 @@ class SynthesisTree:
             results=[(source.title, source.text) for source in sources],
             model=self.model,
             max_tokens=self.max_tokens,
+            cache_idea=self.cache_idea,
         )

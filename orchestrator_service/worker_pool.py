@@ -23,21 +23,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Gauge
 
 from orchestrator_service.worker_session import CANCEL_TIMEOUT_S, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
+from swarm_common import telemetry
 from swarm_common.config import split_host_port
 
 log = logging.getLogger("swarm.orchestrator.pool")
@@ -193,10 +196,17 @@ class WorkerPool:
         self._background: set[asyncio.Task[None]] = set()
         self._none_eligible_since: float | None = time.monotonic()
         self._some_eligible = asyncio.Event()
+        # Subtasks waiting for a slot (cancelled waiters left in a queue are not counted).
+        self.queued = 0
+        _POOLS.add(self)
 
     @property
     def workers(self) -> list[PoolWorker]:
         return list(self._workers.values())
+
+    def tally(self, figure: Callable[[PoolWorker], float]) -> float:
+        """`figure` summed over the workers; safe from the metrics thread (one copy of the list)."""
+        return float(sum(figure(worker) for worker in list(self._workers.values())))
 
     # ---- discovery and health -------------------------------------------------------------
 
@@ -238,7 +248,10 @@ class WorkerPool:
         """The refresh under way, started if there is none. Everyone who wants one shares it, so
         while a DNS server is slow to answer, lookups do not queue up behind it."""
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.create_task(self._resolve(), name="worker-pool-resolve")
+            # A context of its own: the subtask that asked for it is not what its logs are about.
+            self._refreshing = asyncio.create_task(
+                self._resolve(), name="worker-pool-resolve", context=contextvars.Context()
+            )
         return self._refreshing
 
     async def _resolve(self) -> None:
@@ -356,7 +369,9 @@ class WorkerPool:
         )
         if worker.watcher is not None:
             worker.watcher.cancel()  # its health stream may look fine while the process hangs
-        worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{worker.address}")
+        worker.watcher = asyncio.create_task(
+            self._watch(worker), name=f"watch-{worker.address}", context=contextvars.Context()
+        )
         # Its subtasks stream is as stuck as the worker: end it, so they fail over now, not each
         # after its own silence.
         self._spawn(worker.session.close())
@@ -368,7 +383,7 @@ class WorkerPool:
         await worker.channel.close()
 
     def _spawn(self, work: Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(work, context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -416,6 +431,7 @@ class WorkerPool:
                 if worker is None:
                     return
                 waiter = share.queue.popleft()
+                self.queued -= 1
                 worker.in_flight += 1
                 worker.last_pick = next(self._picks)
                 share.running += 1
@@ -434,6 +450,7 @@ class WorkerPool:
         share.max_parallel = max_parallel
         waiter = _Waiter(swarm_id, avoid, asyncio.get_running_loop().create_future())
         share.queue.append(waiter)
+        self.queued += 1
         self._dispatch()
         if waiter.granted.done():  # a slot was free: no waiting at all
             return waiter.granted.result()
@@ -445,6 +462,7 @@ class WorkerPool:
                 since = self._none_eligible_since
                 if since is not None and time.monotonic() - since >= self.no_worker_timeout_s:
                     waiter.granted.cancel()
+                    self.queued -= 1
                     # The target (addresses inside the cluster) goes to the log, not into the swarm's
                     # events, which anyone who may read the swarm sees.
                     log.warning(
@@ -458,6 +476,7 @@ class WorkerPool:
                 self.release(waiter.granted.result(), swarm_id)
             else:
                 waiter.granted.cancel()
+                self.queued -= 1
             raise
 
     def release(self, worker: PoolWorker, swarm_id: str) -> None:
@@ -468,3 +487,46 @@ class WorkerPool:
         if share is not None:
             share.running -= 1
         self._dispatch()
+
+
+# The pools' figures, read when Prometheus scrapes (see telemetry.Census).
+_POOLS: telemetry.Census[WorkerPool] = telemetry.Census()
+QUEUED = Gauge(
+    "swarm_subtasks_queued",
+    "Subtasks waiting for a worker slot: the backlog, and the autoscaling signal",
+)
+QUEUED.set_function(lambda: _POOLS.total(lambda pool: pool.queued))
+RUNNING = Gauge("swarm_subtasks_running", "Subtasks holding a worker slot")
+RUNNING.set_function(lambda: _POOLS.total(lambda pool: pool.tally(lambda w: w.in_flight)))
+SLOTS = Gauge(
+    "swarm_worker_slots",
+    "Worker slots as the orchestrator sees them: busy (held by a subtask, or by a cancelled one "
+    "until its worker frees it) and free (on workers that may take work)",
+    ["state"],
+)
+SLOTS.labels("busy").set_function(
+    lambda: _POOLS.total(lambda pool: pool.tally(lambda w: w.in_flight + w.session.stopping))
+)
+SLOTS.labels("free").set_function(lambda: _POOLS.total(lambda pool: pool.tally(lambda w: w.free)))
+WORKERS = Gauge(
+    "swarm_workers",
+    "Workers in the pool by state: ready (takes work), draining (NOT_SERVING), unreachable (not "
+    "answering, or not yet probed), leaving (its address is gone; its subtasks run on)",
+    ["state"],
+)
+
+
+def _worker_state(worker: PoolWorker) -> str:
+    if worker.removed:
+        return "leaving"
+    if worker.eligible:
+        return "ready"
+    return "draining" if worker.reachable else "unreachable"
+
+
+def _workers_in(state: str) -> Callable[[], float]:
+    return lambda: _POOLS.total(lambda pool: pool.tally(lambda worker: _worker_state(worker) == state))
+
+
+for _state in ("ready", "draining", "unreachable", "leaving"):
+    WORKERS.labels(_state).set_function(_workers_in(_state))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -120,8 +121,11 @@ class WorkerSession:
     def _open(self) -> _Stream:
         if self._stream is None:
             stream = _Stream(self._on_slot_freed)
+            # A context of its own: the stream outlives the subtask that opened it, whose log
+            # fields and trace it would otherwise carry.
             stream.reader = asyncio.create_task(
-                self._read(stream, self._stub.ExecuteSubtasks(stream.requests()))
+                self._read(stream, self._stub.ExecuteSubtasks(stream.requests())),
+                context=contextvars.Context(),
             )
             self._stream = stream
         return self._stream

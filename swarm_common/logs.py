@@ -1,11 +1,19 @@
-"""Logs as JSON lines on standard error, one logger per service, ids as fields."""
+"""Logs as JSON lines on standard error, one logger per service, ids as fields.
+
+A line logged while a swarm's work runs carries that work's ids (`swarm_id`, `subtask_id`,
+`attempt`, `trace_id`) without each call naming them: `bind` puts them on the current asyncio task,
+whose child tasks inherit them, and a field given with `extra=` wins.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
 import time
+import types
+from collections.abc import Mapping
 from typing import Any
 
 # Fields that callers pass with `extra=` and that belong in the JSON line.
@@ -14,6 +22,7 @@ _FIELDS = (
     "subtask_id",
     "worker_id",
     "attempt",
+    "trace_id",
     "address",
     "provider",
     "model",
@@ -25,6 +34,18 @@ _FIELDS = (
 )
 
 
+_bound: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "log_fields", default=types.MappingProxyType({})
+)
+
+
+def bind(**fields: Any) -> None:
+    """Puts `fields` on every line logged from here on by the current task and the tasks it starts
+    (call it where a task's work begins: a task's fields are its own). None or "" leaves a field
+    out."""
+    _bound.set({**_bound.get(), **fields})
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -34,9 +55,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        bound = _bound.get()
         for field in _FIELDS:
             value = getattr(record, field, None)
-            if value is not None:
+            if value is None:
+                value = bound.get(field)
+            if value is not None and value != "":
                 line[field] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)

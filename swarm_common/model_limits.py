@@ -45,6 +45,23 @@ LIMITS: dict[str, TokenLimits] = {
 
 UNKNOWN = TokenLimits(200_000, 8_192)
 
+# The shortest prompt prefix the API caches, in tokens: a shorter one marked for caching is
+# processed uncached. From the prompt-caching page's table and its echoes (read on 2026-11-27);
+# the 5.5 models' figures were not found, so they, and any model missing here, take the largest
+# minimum of any current model: a prefix is then left unmarked rather than marked for nothing.
+MIN_CACHE_TOKENS: dict[str, int] = {
+    "claude-opus-5": 512,
+    "claude-sonnet-5": 1024,
+    "claude-opus-4-8": 1024,
+    "claude-opus-4-7": 2048,
+    "claude-opus-4-6": 4096,
+    "claude-opus-4-5": 4096,
+    "claude-sonnet-4-6": 2048,
+    "claude-sonnet-4-5": 1024,
+    "claude-haiku-4-5": 4096,
+}
+UNKNOWN_MIN_CACHE_TOKENS = 4096
+
 
 def base_model(model: str) -> str:
     """A dated snapshot, `claude-haiku-4-5-20251001`, is the model `claude-haiku-4-5`."""
@@ -54,3 +71,7 @@ def base_model(model: str) -> str:
 
 def limits_of(model: str) -> TokenLimits:
     return LIMITS.get(base_model(model), UNKNOWN)
+
+
+def min_cache_tokens(model: str) -> int:
+    return MIN_CACHE_TOKENS.get(base_model(model), UNKNOWN_MIN_CACHE_TOKENS)

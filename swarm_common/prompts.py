@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from swarm_common.providers.base import OutlineRequest, PlanRequest
@@ -98,42 +99,54 @@ def outline_prompt(request: OutlineRequest) -> str:
     return prompt + _answer_again(request.feedback)
 
 
-WORKER_SYSTEM = (
-    "You are one agent of a swarm working in parallel on parts of a larger idea. Do your subtask "
-    "thoroughly and concretely; do not attempt the other parts. Answer in Markdown."
+# Workers and syntheses share one system prompt, and their user messages begin alike (the idea,
+# then the plan's subtask titles): the prompt cache keys on a prompt's prefix, so all of a swarm's
+# calls on one model can share theirs. What each call is asked to do comes last.
+SWARM_SYSTEM = (
+    "You are an agent of a swarm working on one idea: a planner split it into independent "
+    "subtasks, one agent does each of them in parallel, and a lead combines their results. The "
+    "message gives the idea first, then what is asked of you. Answer in Markdown."
 )
 
 
-def worker_prompt(idea: str, title: str, instructions: str) -> str:
-    return f"Subtask: {title}\n\nThe larger idea, for context:\n{idea}\n\nYour instructions:\n{instructions}"
+def idea_block(idea: str) -> str:
+    return f"The idea:\n{idea}\n\n"
 
 
-SYNTHESIS_SYSTEM = (
-    "You are the lead of a swarm of parallel agents. Combine their results into one coherent, "
-    "well-organised answer to the original idea. Resolve overlaps and contradictions; keep what "
-    "is concrete. Answer in Markdown."
-)
+def plan_context(titles: Sequence[str]) -> str:
+    """What the plan says about the whole: every subtask's title, in plan order."""
+    listed = "\n".join(f"{index}. {title}" for index, title in enumerate(titles, start=1))
+    return f"The plan: {len(titles)} subtasks, each done by its own agent at the same time:\n{listed}\n\n"
+
+
+def worker_prompt(title: str, instructions: str) -> str:
+    """A subtask's own part of its prompt, after the idea and the plan."""
+    return (
+        f"Subtask: {title}\n\nYour instructions:\n{instructions}\n\n"
+        "Do your subtask thoroughly and concretely; do not attempt the other parts."
+    )
 
 
 def _sections(results: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"### {title}\n{output}" for title, output in results)
 
 
-def synthesis_prompt(idea: str, results: list[tuple[str, str]]) -> str:
-    """results: (subtask title, output) in plan order."""
-    return f"Synthesis of {len(results)} results for the idea:\n{idea}\n\nThe agents' results:\n\n{_sections(results)}"
-
-
-PARTIAL_SYNTHESIS_SYSTEM = (
-    "You are combining one group of a swarm's results into a partial synthesis. A later step "
-    "combines the partial syntheses of all groups into the final answer, so keep every concrete "
-    "finding, figure and recommendation, merge what overlaps, and leave out introductions and "
-    "conclusions. Answer in Markdown."
-)
-
-
-def partial_synthesis_prompt(idea: str, results: list[tuple[str, str]], covers: str) -> str:
-    """results: (title, output) in plan order; `covers` says which of the swarm's results they are."""
+def synthesis_prompt(results: list[tuple[str, str]]) -> str:
+    """The synthesis's own part of its prompt, after the idea. results: (subtask title, output) in
+    plan order."""
     return (
-        f"Partial synthesis of {covers} for the idea:\n{idea}\n\nThe agents' results:\n\n{_sections(results)}"
+        f"Synthesis of {len(results)} results: you are the lead. Combine the agents' results into one "
+        "coherent, well-organised answer to the idea. Resolve overlaps and contradictions; keep what "
+        f"is concrete.\n\nThe agents' results:\n\n{_sections(results)}"
+    )
+
+
+def partial_synthesis_prompt(results: list[tuple[str, str]], covers: str) -> str:
+    """A partial synthesis's own part of its prompt, after the idea. results: (title, output) in
+    plan order; `covers` says which of the swarm's results they are."""
+    return (
+        f"Partial synthesis of {covers}: combine this group of the agents' results. A later step "
+        "combines the partial syntheses of all groups into the final answer, so keep every concrete "
+        "finding, figure and recommendation, merge what overlaps, and leave out introductions and "
+        f"conclusions.\n\nThe agents' results:\n\n{_sections(results)}"
     )

@@ -61,6 +61,14 @@ def _host_port(text: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 """`host:port` or `[v6]:port`; an empty host means every interface."""
 
+
+def _optional_host_port(text: str) -> str:
+    return _host_port(text) if text else text
+
+
+OptionalHostPort = Annotated[str, AfterValidator(_optional_host_port)]
+"""A HostPort, or empty for "off"."""
+
 LISTEN = "address to serve on; port 0 picks a free one. A service prints `listening on HOST:PORT` when bound"
 
 
@@ -108,6 +116,12 @@ class SimulatedProviderSettings(BaseSettings):
     sim_stall_after_chunks: int = setting(
         0, "simulated provider: chunks a stalling call streams before it hangs (0 = none)"
     )
+    sim_answer_words: int = setting(0, "simulated provider: words an answer is padded to (0 = a short one)")
+    sim_seed: int = setting(
+        0,
+        "simulated provider: seeds its draws (0 = unseeded); each subtask's attempt then takes the same "
+        "time in every run (benchmarks compare runs)",
+    )
 
     def simulated(self) -> SimulatedSettings:
         return SimulatedSettings(
@@ -119,6 +133,8 @@ class SimulatedProviderSettings(BaseSettings):
             bad_plans=self.sim_bad_plans,
             stall_rate=self.sim_stall_rate,
             stall_after_chunks=self.sim_stall_after_chunks,
+            answer_words=self.sim_answer_words,
+            seed=self.sim_seed or None,
         )
 
 
@@ -141,6 +157,11 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--shutdown-grace",
     )
     log_level: str = setting("INFO", "logs are JSON lines on standard error")
+    metrics_listen: OptionalHostPort = setting(
+        "",
+        "HOST:PORT serving Prometheus `/metrics` over HTTP; empty = off. Port 0 picks a free one, and "
+        "the service logs `metrics served on http://HOST:PORT/metrics`",
+    )
     max_streams_per_connection: PositiveInt = setting(
         1000,
         "calls one client connection may have open at once; beyond, a call is refused (a gRPC client "

@@ -109,7 +109,7 @@ async def test_each_attempt_passes_its_remaining_time_to_the_model_call(fake: Fa
     ) as running:
         async with AsyncSwarmClient(running.target) as client:
             assert_completed([e async for e in client.run("Design a seed library", 2)], 2)
-    subtask_calls = [r for r in fake.requests if r.streaming and r.last_user_text.startswith("Subtask:")]
+    subtask_calls = [r for r in fake.requests if r.streaming and r.prompt_tail.startswith("Subtask:")]
     assert len(subtask_calls) == 2
     for request in subtask_calls:
         # The SDK tells the API the timeout it was given: the attempt's remaining time, under 7 s.

@@ -30,7 +30,6 @@ from swarm.v1 import events_pb2
 from swarm_checks import assert_completed, kinds
 from swarm_client import AsyncSwarmClient, InvalidArgument
 from swarm_client._view import SwarmView
-from swarm_common import prompts
 from swarm_common.model_limits import LIMITS, UNKNOWN, limits_of
 from swarm_common.providers.anthropic import AnthropicProvider
 
@@ -73,8 +72,19 @@ def of(events: list[Event], kind: str) -> list[Event]:
     return [event for event in events if event.WhichOneof("kind") == kind]
 
 
-def system_of(request: RecordedRequest) -> str:
-    return str(request.body.get("system", ""))
+FINAL, PARTIAL = "final", "partial"
+
+
+def synthesis_of(request: RecordedRequest) -> str:
+    """ "final" or "partial" for a synthesis call, else ""."""
+    tail = request.prompt_tail
+    return (
+        FINAL
+        if tail.startswith("Synthesis of")
+        else PARTIAL
+        if tail.startswith("Partial synthesis of")
+        else ""
+    )
 
 
 def words(text: str) -> int:
@@ -129,7 +139,7 @@ async def test_256_agents_at_real_sizes_plan_in_parts_and_synthesize_as_a_tree(f
     covered = [source for p in sorted(partials, key=lambda p: p.index) for source in p.sources]
     assert covered == [s.id for s in planned], "the partials cover every output once, in plan order"
     assert all(p.count == len(partials) and p.output and p.usage.output_tokens for p in partials)
-    (final,) = [r for r in fake.requests if system_of(r) == prompts.SYNTHESIS_SYSTEM]
+    (final,) = [r for r in fake.requests if synthesis_of(r) == FINAL]
     for partial in partials:
         assert partial.output in final.last_user_text, "the final synthesis combines the partials"
     body = final.body
@@ -150,12 +160,8 @@ async def test_16_agents_plan_and_synthesize_in_one_call_each(fake: FakeMessages
             events = [e async for e in client.run(IDEA, 16)]
     assert_completed(events, 16)
     assert [r.is_outline for r in fake.requests if r.is_plan] == [False], "one plan, no outline"
-    syntheses = [
-        r
-        for r in fake.requests
-        if system_of(r) in (prompts.SYNTHESIS_SYSTEM, prompts.PARTIAL_SYNTHESIS_SYSTEM)
-    ]
-    assert [system_of(r) for r in syntheses] == [prompts.SYNTHESIS_SYSTEM], "one synthesis, no tree"
+    syntheses = [r for r in fake.requests if synthesis_of(r)]
+    assert [synthesis_of(r) for r in syntheses] == [FINAL], "one synthesis, no tree"
     assert of(events, "partial_synthesis") == []
 
 
@@ -193,7 +199,7 @@ async def test_an_answer_cut_off_at_its_budget_is_reported_as_such(fake: FakeMes
         )
     assert_completed(events, 3)
     assert kinds(events)[:2] == ["accepted", "answer_budget"] and events[1].answer_budget.max_tokens == 300
-    subtask_calls = [r for r in fake.requests if r.streaming and r.last_user_text.startswith("Subtask:")]
+    subtask_calls = [r for r in fake.requests if r.streaming and r.prompt_tail.startswith("Subtask:")]
     assert [r.body["max_tokens"] for r in subtask_calls] == [300] * 3
     completed = [e.subtask_completed for e in of(events, "subtask_completed")]
     assert all(c.stop_reason == "max_tokens" and c.usage.output_tokens == 300 for c in completed)
@@ -340,7 +346,7 @@ async def test_a_synthesis_resumed_after_its_partials_reuses_them(tmp_path: Path
                 first = Orchestrator(Planner(provider), DoneScheduler(), store, default_model=MODEL)  # type: ignore[arg-type]
                 await first.recover()
                 asked = await api.async_wait_for(
-                    lambda: any(system_of(r) == prompts.SYNTHESIS_SYSTEM for r in api.requests), 30
+                    lambda: any(synthesis_of(r) == FINAL for r in api.requests), 30
                 )
                 assert asked, "the partials were made and the final synthesis began"
                 await first.drain(0)  # stops the swarm unfinished, as a restart finds it
@@ -359,6 +365,6 @@ async def test_a_synthesis_resumed_after_its_partials_reuses_them(tmp_path: Path
     assert len({e.partial_synthesis.id for e in partials}) == len(partials), "each partial made once"
     restarted_at = of(events, "swarm_resumed")[-1].sequence  # the first run resumed the stored swarm too
     assert all(e.sequence < restarted_at for e in partials), "none made after the restart"
-    after = [system_of(r) for r in api.requests[asked_before:]]
-    assert after == [prompts.SYNTHESIS_SYSTEM], "only the final synthesis is asked again"
+    after = [synthesis_of(r) for r in api.requests[asked_before:]]
+    assert after == [FINAL], "only the final synthesis is asked again"
     assert of(events, "synthesis_delta")[-1].synthesis_delta.attempt == 2

@@ -38,6 +38,7 @@ PROBE_MODULE = "swarm_common.healthcheck"
 MODEL_CALLERS = {"orchestrator", "orchestrator-replicas", "worker"}
 GRPC_SERVICES = ("orchestrator", "worker")
 WORKERS_TARGET = "dns:///worker:50052"
+METRICS_PORT = 9464
 
 
 def tool(name: str) -> str:
@@ -298,7 +299,7 @@ def test_k8s_worker_service_is_headless_so_dns_sees_every_pod(k8s: list[dict[str
     assert worker["spec"]["replicas"] == 3
     orchestrator = container(k8s_object(k8s, "Deployment", "orchestrator"))
     assert k8s_env(orchestrator)["SWARM_WORKERS"] == WORKERS_TARGET
-    assert [port["port"] for port in service["spec"]["ports"]] == [50052]
+    assert [port["port"] for port in service["spec"]["ports"]] == [50052, METRICS_PORT]
 
 
 @pytest.mark.parametrize(
@@ -322,16 +323,18 @@ def check_deployment(k8s: list[dict[str, Any]], name: str, command: str, port: i
     assert service["spec"]["selector"].items() <= labels.items(), f"Service {name} selects no pod"
 
     assert main["command"] == [command]
-    assert [p["containerPort"] for p in main["ports"]] == [port]
+    assert [p["containerPort"] for p in main["ports"]] == [port, METRICS_PORT]
     env = k8s_env(main)
     assert env["SWARM_LISTEN"].endswith(f":{port}")
+    assert env["SWARM_METRICS_LISTEN"].endswith(f":{METRICS_PORT}")
     for probe in ("readinessProbe", "livenessProbe"):
         assert main[probe]["grpc"]["port"] == port, f"{name} {probe} is not a gRPC health probe"
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert main["securityContext"]["allowPrivilegeEscalation"] is False
-    grace = float(env["SWARM_SHUTDOWN_GRACE_S"])
+    # SIGTERM comes after the preStop pause; the drain's grace and the stop fit before SIGKILL.
+    grace = float(env["SWARM_SHUTDOWN_GRACE_S"]) + main["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert grace < pod["terminationGracePeriodSeconds"] <= grace + 10
 
     # Both call the model; the key comes from a Secret, never a literal in the manifest.

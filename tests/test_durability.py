@@ -100,6 +100,7 @@ class ScriptedScheduler:
         deadline: float | None = None,
         first_attempt: int = 1,
         max_tokens: int = 0,
+        shared: object = None,
     ) -> SubtaskOutcome:
         self.asked.append((subtask.id, first_attempt))
         usage = events_pb2.Usage(input_tokens=10, output_tokens=20)

@@ -64,7 +64,7 @@ async def test_a_run_swarm_deadline_ends_the_swarm_and_bounds_its_model_calls() 
                 assert await fake.async_wait_for(lambda: fake.open_streams == 0, 10)
     assert swarm.state == orchestrator_pb2.SWARM_STATE_CANCELLED
     assert ended_after < 6.0
-    subtask_calls = [r for r in fake.requests if r.streaming and r.last_user_text.startswith("Subtask:")]
+    subtask_calls = [r for r in fake.requests if r.streaming and r.prompt_tail.startswith("Subtask:")]
     assert subtask_calls, "the subtasks had started"
     for request in subtask_calls:
         assert float(request.headers["x-stainless-timeout"]) <= 3.0, (

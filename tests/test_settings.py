@@ -13,7 +13,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from orchestrator_service.settings import OrchestratorSettings
-from swarm_common.pricing import PRICES_PER_MTOK
+from swarm_common.pricing import PRICES
 from swarm_common.settings import ServiceSettings, env_name, flag_name, setting, settings_table
 from worker_service.settings import WorkerSettings
 
@@ -29,6 +29,7 @@ BOTH = [
     ("--model", "CLAUDE_MODEL", "claude-sonnet-5-5"),
     ("--shutdown-grace", "SWARM_SHUTDOWN_GRACE_S", 30.0),
     ("--log-level", "SWARM_LOG_LEVEL", "INFO"),
+    ("--metrics-listen", "SWARM_METRICS_LISTEN", ""),
     ("--sim-latency-ms", "SWARM_SIM_LATENCY_MS", 300.0),
     ("--sim-latency-sigma", "SWARM_SIM_LATENCY_SIGMA", 0.0),
     ("--sim-chunks", "SWARM_SIM_CHUNKS", 8),
@@ -37,6 +38,8 @@ BOTH = [
     ("--sim-bad-plans", "SWARM_SIM_BAD_PLANS", 0),
     ("--sim-stall-rate", "SWARM_SIM_STALL_RATE", 0.0),
     ("--sim-stall-after-chunks", "SWARM_SIM_STALL_AFTER_CHUNKS", 0),
+    ("--sim-answer-words", "SWARM_SIM_ANSWER_WORDS", 0),
+    ("--sim-seed", "SWARM_SIM_SEED", 0),
     ("--max-streams-per-connection", "SWARM_MAX_STREAMS_PER_CONNECTION", 1000),
     ("--stream-write-timeout", "SWARM_STREAM_WRITE_TIMEOUT_S", 30.0),
     ("--keepalive-time", "SWARM_KEEPALIVE_TIME_S", 30.0),
@@ -71,6 +74,10 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--db", "SWARM_DB", "swarms.db"),
         ("--retention", "SWARM_RETENTION_S", 604800.0),
         ("--lease-ttl", "SWARM_LEASE_TTL_S", 15.0),
+        ("--worker-model", "SWARM_WORKER_MODEL", ""),
+        ("--hedging", "SWARM_HEDGING", False),
+        ("--hedge-max-extra", "SWARM_HEDGE_MAX_EXTRA", 0.1),
+        ("--no-prompt-caching", "SWARM_NO_PROMPT_CACHING", False),
         *BOTH,
     ],
     "worker": [
@@ -80,7 +87,7 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--direct-slots", "SWARM_DIRECT_SLOTS", 2),
         ("--max-idea-bytes", "SWARM_MAX_IDEA_BYTES", 65536),
         ("--max-subtask-bytes", "SWARM_MAX_SUBTASK_BYTES", 128 * 1024),
-        ("--allowed-models", "SWARM_ALLOWED_MODELS", ",".join(PRICES_PER_MTOK)),
+        ("--allowed-models", "SWARM_ALLOWED_MODELS", ",".join(PRICES)),
         ("--stream-queue", "SWARM_STREAM_QUEUE", 1024),
         *BOTH,
     ],

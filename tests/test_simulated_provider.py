@@ -20,9 +20,7 @@ from swarm_common.providers import (
 
 
 def request(title: str = "Market research") -> StreamRequest:
-    return StreamRequest(
-        model="m", system=prompts.WORKER_SYSTEM, prompt=prompts.worker_prompt("idea", title, "do it")
-    )
+    return StreamRequest(model="m", system=prompts.SWARM_SYSTEM, prompt=prompts.worker_prompt(title, "do it"))
 
 
 async def collect(provider: SimulatedProvider, req: StreamRequest) -> tuple[list[str], Usage]:
@@ -48,7 +46,7 @@ async def test_streams_labelled_deterministic_text_in_chunks_then_usage() -> Non
 
 async def test_synthesis_names_every_result() -> None:
     provider = SimulatedProvider(SimulatedSettings(latency_ms=0))
-    prompt = prompts.synthesis_prompt("idea", [("Alpha", "a"), ("Beta", "b")])
+    prompt = prompts.synthesis_prompt([("Alpha", "a"), ("Beta", "b")])
     chunks, _ = await collect(provider, StreamRequest(model="m", system="", prompt=prompt))
     assert "- Alpha" in "".join(chunks) and "- Beta" in "".join(chunks)
 
@@ -75,9 +73,7 @@ async def test_fails_on_request(settings: SimulatedSettings, error: type[Excepti
 
 async def test_a_stalled_call_is_silent_until_its_timeout_then_fails_as_a_timeout_would() -> None:
     provider = SimulatedProvider(SimulatedSettings(latency_ms=0, stall_rate=1.0))
-    stalled = StreamRequest(
-        model="m", system="s", prompt=prompts.worker_prompt("idea", "t", "i"), timeout_s=0.2
-    )
+    stalled = StreamRequest(model="m", system="s", prompt=prompts.worker_prompt("t", "i"), timeout_s=0.2)
     with pytest.raises(ProviderUnavailable, match="did not answer in time"):
         [item async for item in provider.stream(stalled)]
 
@@ -86,7 +82,7 @@ async def test_a_call_can_stall_after_its_first_chunks() -> None:
     provider = SimulatedProvider(
         SimulatedSettings(latency_ms=0, chunks=6, stall_rate=1.0, stall_after_chunks=2)
     )
-    req = StreamRequest(model="m", system="s", prompt=prompts.worker_prompt("idea", "t", "i"), timeout_s=0.2)
+    req = StreamRequest(model="m", system="s", prompt=prompts.worker_prompt("t", "i"), timeout_s=0.2)
     seen: list[str | Usage] = []
     with pytest.raises(ProviderUnavailable):
         async for item in provider.stream(req):

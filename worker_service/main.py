@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
 
 from swarm.v1 import worker_pb2, worker_pb2_grpc
-from swarm_common import logs
+from swarm_common import logs, telemetry
 from swarm_common.providers import make_provider
 from swarm_common.serving import Service
 from worker_service.servicer import WorkerServicer
@@ -27,6 +28,11 @@ async def drain(worker: Worker, grace_s: float) -> None:
 
 async def serve(settings: WorkerSettings) -> None:
     log = logs.setup("worker", settings.log_level)
+    with telemetry.exported("swarm-worker", settings.metrics_listen):
+        await _serve(settings, log)
+
+
+async def _serve(settings: WorkerSettings, log: logging.Logger) -> None:
     provider = make_provider(settings.provider, settings.simulated())
     worker = Worker(
         provider,
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # ProviderConfigError too: a setting that cannot work
         print(f"swarm-worker: {error}", file=sys.stderr)
         sys.exit(2)
+    except telemetry.MetricsUnavailable as error:
+        print(f"swarm-worker: {error}", file=sys.stderr)
+        sys.exit(1)
     except OSError as error:
         print(f"swarm-worker: cannot serve on {settings.listen}: {error}", file=sys.stderr)
         sys.exit(1)

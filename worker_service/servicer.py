@@ -21,7 +21,9 @@ from swarm_common.logs import Throttle
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
 from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
-from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy
+from swarm_common.telemetry import TRACE_HEADERS
+from swarm_common.usage import usage_proto
+from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy, executing
 
 log = logging.getLogger("swarm.worker")
 
@@ -39,7 +41,12 @@ class DuplicateCall(Exception):
     """A start reused the id of a call still running on the stream: the caller has lost track."""
 
 
-def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
+def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | None = None) -> Assignment:
+    """The request as an assignment; a direct caller's trace headers may come as call metadata."""
+    trace_context = dict(request.trace_context)
+    if not trace_context and context is not None:
+        metadata = context.invocation_metadata() or ()
+        trace_context = {key: str(value) for key, value in metadata if key in TRACE_HEADERS}
     deadline = None
     if request.HasField("deadline"):
         deadline = request.deadline.seconds + request.deadline.nanos / 1e9
@@ -53,6 +60,9 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest) -> Assignment:
         attempt=request.attempt,
         deadline=deadline,
         max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
+        trace_context=trace_context,
+        plan_context=request.plan_context,
+        cache_shared_prefix=request.cache_shared_prefix,
     )
 
 
@@ -64,11 +74,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._stream_queue = stream_queue
         self._unexpected = Throttle()
 
-    def _admit(self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool) -> tuple[Assignment, Slot]:
+    def _admit(
+        self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool, context: Context | None = None
+    ) -> tuple[Assignment, Slot]:
         """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
-        assignment = _assignment(request)
+        assignment = _assignment(request, context)
         try:
             return assignment, self._worker.claim(assignment, direct=direct)
         except RefusedAssignment as refused:
@@ -91,11 +103,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if isinstance(item, str):
                     yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
                 else:
-                    usage = events_pb2.Usage(
-                        input_tokens=item.input_tokens,
-                        output_tokens=item.output_tokens,
-                        cost_usd=item.cost_usd,
-                    )
+                    usage = usage_proto(item)
                     stop_reason = item.stop_reason
         except ProviderError as error:
             raise CallFailed(CallFailure.of_provider_error(error)) from None
@@ -127,10 +135,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.ExecuteSubtaskRequest, context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
-            assignment, slot = self._admit(request, direct=True)
+            assignment, slot = self._admit(request, direct=True, context=context)
             try:
-                async for response in self._outputs(assignment, slot):
-                    yield response
+                with executing(assignment):  # this call's own task
+                    async for response in self._outputs(assignment, slot):
+                        yield response
             finally:
                 slot.release()
         except CallFailed as failed:
@@ -161,8 +170,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async def run(call_id: int, assignment: Assignment, slot: Slot) -> None:
             """One call from its start to its last reply: a result or an error."""
             try:
-                async for output in self._outputs(assignment, slot):
-                    await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
+                with executing(assignment):
+                    async for output in self._outputs(assignment, slot):
+                        await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
             except CallFailed as failed:
                 await reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
 

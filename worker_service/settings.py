@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from swarm_common.pricing import PRICES_PER_MTOK
+from swarm_common.pricing import PRICES
 from swarm_common.settings import LISTEN, HostPort, NonNegativeInt, PositiveInt, ServiceSettings, setting
 
 
@@ -31,7 +31,7 @@ class WorkerSettings(ServiceSettings):
         128 * 1024, "largest subtask title and instructions accepted together (a plan may quote the idea)"
     )
     allowed_models: str = setting(
-        ",".join(PRICES_PER_MTOK),
+        ",".join(PRICES),
         "comma list of the models the worker calls (its `--model` always among them; by default those "
         "priced in `swarm_common/pricing.py`); any other is `INVALID_ARGUMENT`",
     )

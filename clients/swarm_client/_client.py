@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Generator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
@@ -31,6 +32,8 @@ DEFAULT_TARGET = "localhost:50051"
 SwarmEvent = events_pb2.SwarmEvent
 Swarm = orchestrator_pb2.Swarm
 SwarmState = orchestrator_pb2.SwarmState
+Budget = events_pb2.Budget
+Estimate = orchestrator_pb2.EstimateSwarmResponse
 OnReconnect = Callable[[Reconnecting], None]
 # The words the orchestrator uses when an attached RunSwarm call ends: a run() whose caller leaves
 # after its stream was resumed cancels the swarm itself, since the call that would have is gone.
@@ -56,7 +59,10 @@ def _run_request(
     request_id: str,
     max_parallel: int,
     answer_max_tokens: int,
+    spending: Spending | None = None,
 ) -> orchestrator_pb2.RunSwarmRequest:
+    spending = spending or Spending()
+    hedging = {None: "HEDGING_UNSPECIFIED", True: "HEDGING_ON", False: "HEDGING_OFF"}[spending.hedging]
     return orchestrator_pb2.RunSwarmRequest(
         idea=idea,
         num_agents=agents,
@@ -65,7 +71,23 @@ def _run_request(
         request_id=request_id,
         max_parallel=max_parallel,
         answer_max_tokens=answer_max_tokens,
+        budget=spending.budget,
+        worker_model=spending.worker_model,
+        hedging=hedging,  # type: ignore[arg-type]
+        hedge_max_extra=spending.hedge_max_extra,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Spending:
+    """What a swarm may spend and on what: a hard `budget` (None = none), the model its subtasks run
+    on (`worker_model`, "" = the server's), and straggler hedging (None = the server's default;
+    `hedge_max_extra` 0 = the server's cap)."""
+
+    budget: Budget | None = None
+    worker_model: str = ""
+    hedging: bool | None = None
+    hedge_max_extra: float = 0.0
 
 
 def _time_left(deadline: float | None) -> float | None:
@@ -122,17 +144,21 @@ class AsyncSwarmClient:
         call_timeout: float | None = None,
         answer_max_tokens: int = 0,
         on_reconnect: OnReconnect | None = None,
+        spending: Spending | None = None,
     ) -> AsyncGenerator[SwarmEvent, None]:
         """Starts a swarm and yields its events, each once and in order, until the terminal one,
         resuming a broken stream (`on_reconnect` hears of each attempt). Leaving the loop early
         cancels the swarm unless `detach`. `max_parallel` caps the swarm's subtasks running at once;
         `call_timeout` is the call's deadline, which every attempt keeps to; `answer_max_tokens` is
-        each subtask's answer budget (0 = the server's).
+        each subtask's answer budget (0 = the server's); `spending` sets a hard budget, the workers'
+        model and hedging.
 
         The orchestrator cancels an attached swarm whose RunSwarm call breaks, unless it restarted
         (then it goes on detached): a resumed run() reports what happened, often swarm_cancelled.
         `detach=True` lets a swarm outlive a dropped connection."""
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
+        request = _run_request(
+            idea, agents, model, detach, request_id, max_parallel, answer_max_tokens, spending
+        )
         return self._follow(
             lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
             Resumption("", 0, self.resume_within_s, attached=not detach),
@@ -224,6 +250,24 @@ class AsyncSwarmClient:
             raise from_rpc_error(error) from None
         return response.swarm
 
+    async def estimate(
+        self,
+        idea: str,
+        agents: int,
+        *,
+        model: str = "",
+        answer_max_tokens: int = 0,
+        spending: Spending | None = None,
+    ) -> Estimate:
+        """What the swarm would use and cost, as a range, without starting it (EstimateSwarm)."""
+        run = _run_request(idea, agents, model, False, "", 0, answer_max_tokens, spending)
+        try:
+            return await self._stub.EstimateSwarm(
+                orchestrator_pb2.EstimateSwarmRequest(request=run), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error) from None
+
     async def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
         """What the orchestrator accepts (its largest num_agents, say) and its default model."""
         try:
@@ -284,9 +328,12 @@ class SwarmClient:
         call_timeout: float | None = None,
         answer_max_tokens: int = 0,
         on_reconnect: OnReconnect | None = None,
+        spending: Spending | None = None,
     ) -> Generator[SwarmEvent, None, None]:
         """As AsyncSwarmClient.run(); Ctrl-C (KeyboardInterrupt) counts as the caller leaving."""
-        request = _run_request(idea, agents, model, detach, request_id, max_parallel, answer_max_tokens)
+        request = _run_request(
+            idea, agents, model, detach, request_id, max_parallel, answer_max_tokens, spending
+        )
         return self._follow(
             lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
             Resumption("", 0, self.resume_within_s, attached=not detach),
@@ -370,6 +417,24 @@ class SwarmClient:
             return self._stub.CancelSwarm(
                 orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason), timeout=self.timeout
             ).swarm
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def estimate(
+        self,
+        idea: str,
+        agents: int,
+        *,
+        model: str = "",
+        answer_max_tokens: int = 0,
+        spending: Spending | None = None,
+    ) -> Estimate:
+        """As AsyncSwarmClient.estimate()."""
+        run = _run_request(idea, agents, model, False, "", 0, answer_max_tokens, spending)
+        try:
+            return self._stub.EstimateSwarm(
+                orchestrator_pb2.EstimateSwarmRequest(request=run), timeout=self.timeout
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from swarm.v1 import orchestrator_pb2
-from swarm_client._client import LEFT_REASON, Swarm, SwarmClient, SwarmEvent, default_target
+from swarm_client._client import LEFT_REASON, Budget, Spending, Swarm, SwarmClient, SwarmEvent, default_target
 from swarm_client._errors import InvalidArgument, ResumeFailed, SwarmError, Unavailable
 from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, Reconnecting
 from swarm_client._terminal import escape_json_controls, safe_text, strip_controls
@@ -109,7 +109,65 @@ class Display:
         return EXIT_OK if swarm.state == orchestrator_pb2.SWARM_STATE_COMPLETED else EXIT_FAILED
 
 
+def _spending(args: argparse.Namespace) -> Spending:
+    budget = None
+    if args.budget_usd or args.budget_tokens:
+        budget = Budget(
+            max_cost_usd=args.budget_usd,
+            max_tokens=args.budget_tokens,
+            synthesize_partial=args.synthesize_partial,
+        )
+    return Spending(
+        budget=budget,
+        worker_model=args.worker_model,
+        hedging=args.hedge,
+        hedge_max_extra=args.hedge_max_extra,
+    )
+
+
+def cmd_estimate(args: argparse.Namespace, client: SwarmClient) -> int:
+    estimate = client.estimate(
+        args.idea,
+        args.agents,
+        model=args.model,
+        answer_max_tokens=args.answer_max_tokens,
+        spending=_spending(args),
+    )
+    if args.json:
+        print(as_json(estimate))
+        return EXIT_OK
+    table = Table(box=None, header_style="bold")
+    for column in ("model", "for", "tokens", "cost"):
+        table.add_column(column)
+
+    def row(model: str, role: str, cost: orchestrator_pb2.CostRange) -> None:
+        table.add_row(
+            safe_text(model),
+            role,
+            f"{cost.low_tokens:,} - {cost.high_tokens:,}",
+            f"${cost.low_cost_usd:.4f} - ${cost.high_cost_usd:.4f}",
+        )
+
+    for model in estimate.models:
+        row(model.model, model.role, model.range)
+    row("", "total", estimate.total)
+    out.print(table)
+    out.print(Text(f"({estimate.assumptions}; nothing was started)", style="dim"))
+    if args.budget_usd or args.budget_tokens:
+        covers = (
+            "covers"
+            if estimate.budget_covers_high
+            else "may not cover"
+            if estimate.budget_covers_low
+            else "does not cover"
+        )
+        out.print(f"the budget {covers} this swarm")
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
+    if args.estimate:
+        return cmd_estimate(args, client)
     display = Display(json_lines=args.json)
     events = client.run(
         args.idea,
@@ -120,6 +178,7 @@ def cmd_run(args: argparse.Namespace, client: SwarmClient) -> int:
         max_parallel=args.max_parallel,
         answer_max_tokens=args.answer_max_tokens,
         on_reconnect=display.reconnecting,
+        spending=_spending(args),
     )
     try:
         display.follow(events)
@@ -168,6 +227,8 @@ def cmd_get(args: argparse.Namespace, client: SwarmClient) -> int:
         )
     )
     out.print(safe_text(f"idea: {strip_controls(swarm.idea)[:200]}"))
+    if swarm.trace_id:  # the orchestrator traces: look the swarm up in the tracing backend
+        out.print(safe_text(f"trace: {strip_controls(swarm.trace_id)}"))
     table = Table(box=None, header_style="bold")
     for column in ("subtask", "title", "state", "worker", "tries", "output tokens"):
         table.add_column(column)
@@ -203,7 +264,26 @@ def cmd_get(args: argparse.Namespace, client: SwarmClient) -> int:
             f"usage: {swarm.usage.input_tokens:,} input / {swarm.usage.output_tokens:,} output tokens · "
             f"${swarm.usage.cost_usd:.4f}"
         )
+    out.print(spending_lines(swarm))
     return EXIT_OK
+
+
+def spending_lines(swarm: Swarm) -> Text:
+    """The budget, what is spent (cache reads and writes apart), per model, and the hedges."""
+    spent = swarm.spent
+    lines = [
+        f"spent: ${spent.cost_usd:.4f} · {spent.input_tokens:,} input + {spent.cache_creation_input_tokens:,} "
+        f"cache-write + {spent.cache_read_input_tokens:,} cache-read / {spent.output_tokens:,} output tokens"
+    ]
+    if swarm.HasField("budget"):
+        caps = [f"${swarm.budget.max_cost_usd:g}"] if swarm.budget.max_cost_usd else []
+        caps += [f"{swarm.budget.max_tokens:,} tokens"] if swarm.budget.max_tokens else []
+        lines.append(f"budget: {' and '.join(caps)}")
+    for model in swarm.usage_by_model:
+        lines.append(f"  {strip_controls(model.model)} ({model.role}): ${model.usage.cost_usd:.4f}")
+    if swarm.hedging or swarm.hedges:
+        lines.append(f"hedges: {swarm.hedges}")
+    return Text("\n".join(lines))
 
 
 def cmd_list(args: argparse.Namespace, client: SwarmClient) -> int:
@@ -271,6 +351,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="most output tokens each agent's answer may have (0 = the server's default)",
     )
+    run.add_argument(
+        "--budget-usd", type=float, default=0.0, help="the most the swarm may cost, in US dollars"
+    )
+    run.add_argument("--budget-tokens", type=int, default=0, help="the most tokens the swarm may use")
+    run.add_argument(
+        "--synthesize-partial",
+        action="store_true",
+        help="when the budget runs out, synthesize the subtasks that completed (the swarm still fails)",
+    )
+    run.add_argument(
+        "--worker-model", default="", help="the model the subtasks run on (default: the server's)"
+    )
+    run.add_argument(
+        "--hedge",
+        dest="hedge",
+        action="store_const",
+        const=True,
+        default=None,
+        help="hedge straggling subtasks",
+    )
+    run.add_argument("--no-hedge", dest="hedge", action="store_const", const=False, help="never hedge")
+    run.add_argument(
+        "--hedge-max-extra",
+        type=float,
+        default=0.0,
+        help="most extra attempts hedges may add, as a fraction of the agents (0 = the server's)",
+    )
+    run.add_argument(
+        "--estimate", action="store_true", help="print the expected tokens and cost, and start nothing"
+    )
     run.add_argument("--json", action="store_true", help="one JSON object per event, for scripts")
     run.set_defaults(handler=cmd_run)
 
@@ -314,6 +424,13 @@ def _demo(target: str, idea: str, agents: int) -> int:
             request_id="",
             max_parallel=0,
             answer_max_tokens=0,
+            budget_usd=0.0,
+            budget_tokens=0,
+            synthesize_partial=False,
+            worker_model="",
+            hedge=None,
+            hedge_max_extra=0.0,
+            estimate=False,
             json=False,
         )
         return cmd_run(args, client)

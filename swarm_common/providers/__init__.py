@@ -11,20 +11,24 @@ from swarm_common.providers.base import (
     PlanArea,
     PlanDraft,
     PlanRequest,
+    PromptBlock,
     Provider,
     StreamRequest,
     Usage,
 )
+from swarm_common.providers.observed import ObservedProvider
 from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
 
 __all__ = [
     "DEFAULT_ANSWER_MAX_TOKENS",
     "DEFAULT_MODEL",
     "PROVIDER_CHOICES",
+    "ObservedProvider",
     "OutlineRequest",
     "PlanArea",
     "PlanDraft",
     "PlanRequest",
+    "PromptBlock",
     "Provider",
     "ProviderChoice",
     "ProviderConfigError",
@@ -56,6 +60,11 @@ def resolve_provider_name(choice: str) -> str:
 
 
 def make_provider(choice: str, simulated: SimulatedSettings | None = None) -> Provider:
+    """The provider chosen, its calls measured and traced (ObservedProvider)."""
+    return ObservedProvider(_chosen(choice, simulated))
+
+
+def _chosen(choice: str, simulated: SimulatedSettings | None) -> Provider:
     name = resolve_provider_name(choice)
     if name == "simulated":
         return SimulatedProvider(simulated)

@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+from anthropic.types import MessageParam, TextBlockParam
 
 from swarm_common import pricing, prompts
 from swarm_common.errors import (
@@ -99,14 +100,38 @@ def _timeout(timeout_s: float | None) -> float | anthropic.NotGiven:
 
 def _usage(model: str, message: Any) -> Usage:
     usage = message.usage
-    input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
-    output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
+    counts = [
+        int(getattr(usage, name, 0) or 0)
+        for name in (
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        )
+    ]
     return Usage(
-        input_tokens,
-        output_tokens,
-        pricing.cost_usd(model, input_tokens, output_tokens),
+        counts[0],
+        counts[1],
+        pricing.cost_usd(model, *counts),
         str(message.stop_reason or ""),
+        cache_creation_input_tokens=counts[2],
+        cache_read_input_tokens=counts[3],
     )
+
+
+def _message(request: StreamRequest) -> MessageParam:
+    """The user message: the prompt alone, or the shared blocks first, each marked for the prompt
+    cache as asked, then the prompt."""
+    if not request.shared:
+        return {"role": "user", "content": request.prompt}
+    blocks: list[TextBlockParam] = []
+    for block in request.shared:
+        text: TextBlockParam = {"type": "text", "text": block.text}
+        if block.cache:
+            text["cache_control"] = {"type": "ephemeral"}
+        blocks.append(text)
+    blocks.append({"type": "text", "text": request.prompt})
+    return {"role": "user", "content": blocks}
 
 
 class AnthropicProvider:
@@ -130,7 +155,7 @@ class AnthropicProvider:
                 model=request.model,
                 max_tokens=request.max_tokens,
                 system=request.system,
-                messages=[{"role": "user", "content": request.prompt}],
+                messages=[_message(request)],
                 timeout=_timeout(request.timeout_s),
             ) as stream:
                 async for text in stream.text_stream:

@@ -14,19 +14,35 @@ CUT_OFF = frozenset({"max_tokens", "model_context_window_exceeded"})
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What one model call used, and how it ended; a sum of calls has no stop reason."""
+    """What one model call used, and how it ended; a sum of calls has no stop reason. Input tokens
+    are counted apart as the API bills them: at the base price, written to the prompt cache, read
+    from it."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
     # The API's stop_reason: "end_turn", "max_tokens" (cut off at max_tokens) ...; "" = not said.
     stop_reason: str = ""
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.input_tokens + other.input_tokens,
             self.output_tokens + other.output_tokens,
             self.cost_usd + other.cost_usd,
+            cache_creation_input_tokens=self.cache_creation_input_tokens + other.cache_creation_input_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
+        )
+
+    @property
+    def tokens(self) -> int:
+        """Every token the call used, however billed."""
+        return (
+            self.input_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+            + self.output_tokens
         )
 
     @property
@@ -35,14 +51,33 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptBlock:
+    """A block of text the prompt starts with, shared with other calls of the swarm."""
+
+    text: str
+    # True: the prompt's prefix up to and including this block is marked for the prompt cache.
+    cache: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StreamRequest:
-    """One streamed model call: a subtask's execution or the swarm's synthesis."""
+    """One streamed model call: a subtask's execution or the swarm's synthesis. The user message
+    is `shared`, then `prompt`: what several calls share comes first, so they share a prefix."""
 
     model: str
     system: str
     prompt: str
     max_tokens: int = DEFAULT_ANSWER_MAX_TOKENS
     timeout_s: float | None = None
+    shared: tuple[PromptBlock, ...] = ()
+    # Names the call (a subtask's id and attempt) for providers whose draws depend on it: the
+    # simulated provider with a seed draws the same latency for the same call in every run.
+    call_key: str = ""
+
+    @property
+    def text(self) -> str:
+        """All of the prompt's text: the system prompt and the user message."""
+        return self.system + "".join(block.text for block in self.shared) + self.prompt
 
 
 @dataclass(frozen=True, slots=True)

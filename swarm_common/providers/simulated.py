@@ -147,13 +147,16 @@ class SimulatedProvider:
         if roll < self.settings.rate_limit_rate + self.settings.failure_rate:
             raise ProviderUnavailable(f"{LABEL} model call failed")
 
-    def _latency_s(self) -> float:
+    def _latency_s(self, call_key: str = "") -> float:
+        """The answer's time. With a seed, a named call draws from a generator of its own, so the
+        same call takes the same time in every run, however calls interleave."""
         median = self.settings.latency_ms / 1000
         if self.settings.latency_sigma <= 0:
             return median
-        return (
-            self._random.lognormvariate(math.log(median), self.settings.latency_sigma) if median > 0 else 0.0
-        )
+        draws = self._random
+        if call_key and self.settings.seed is not None:
+            draws = random.Random(f"{self.settings.seed}:{call_key}")
+        return draws.lognormvariate(math.log(median), self.settings.latency_sigma) if median > 0 else 0.0
 
     def _stalls(self) -> bool:
         return self.settings.stall_rate > 0 and self._random.random() < self.settings.stall_rate
@@ -177,18 +180,18 @@ class SimulatedProvider:
             )
         return tokens
 
-    def _writing_s(self, text: str) -> float:
+    def _writing_s(self, text: str, call_key: str = "") -> float:
         """How long writing `text` takes: the latency, and its tokens at `tokens_per_s` if set."""
         rate = self.settings.tokens_per_s
-        return self._latency_s() + (_tokens(text) / rate if rate > 0 else 0.0)
+        return self._latency_s(call_key) + (_tokens(text) / rate if rate > 0 else 0.0)
 
     async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
         self._maybe_fail()
-        input_tokens = self._check_fits(request.model, request.system + request.prompt, request.max_tokens)
+        input_tokens = self._check_fits(request.model, request.text, request.max_tokens)
         stall_at = self.settings.stall_after_chunks if self._stalls() else -1
         text, stop_reason = _within(_answer(request.prompt, self.settings.answer_words), request.max_tokens)
         pieces = _split(text, self.settings.chunks)
-        pause = self._writing_s(text) / len(pieces)
+        pause = self._writing_s(text, request.call_key) / len(pieces)
         loop = asyncio.get_running_loop()
         began = loop.time()
         for index, piece in enumerate(pieces, start=1):
