@@ -26,6 +26,7 @@ from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import FIRST_EPOCH, Entry, LeaseLost, Store, StoreError, SubtaskRow
 from swarm.v1 import events_pb2
 from swarm_common import telemetry
+from swarm_common.usage import add, subtract
 
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
 REPLAY_PAGE = 1000
@@ -76,9 +77,12 @@ class EventLog:
         epoch: int = FIRST_EPOCH,
         on_store_failure: Callable[[StoreError], None] | None = None,
         on_lease_lost: Callable[[str, int], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> None:
         """A log that goes on from `record`, whose events the store already holds (none for a new
-        swarm; all of them for a resumed one), writing under `epoch`."""
+        swarm; all of them for a resumed one), writing under `epoch`. `on_spent(swarm_id, usage)`
+        hears what the swarm's record counts as newly spent, once the events that spent it are
+        durable."""
         self.record = record
         self.swarm_id = record.swarm_id
         self.closed = record.finished
@@ -87,6 +91,10 @@ class EventLog:
         self.epoch = epoch
         self._on_lease_lost = on_lease_lost
         self._lost = False
+        self._on_spent = on_spent
+        # The record's spending as last reported, and what the unstored events spent since.
+        self._spent_told = record.spent
+        self._unstored_spent = events_pb2.Usage()
         self._base = record.last_sequence  # the events through here are read from the store
         self._events: list[events_pb2.SwarmEvent] = []  # those appended since: base+1, base+2 ...
         self._durable = self._base
@@ -110,6 +118,11 @@ class EventLog:
         if self._lost:
             return event  # the swarm's new owner writes its events; the run here is being stopped
         change = self.record.apply(event)
+        if change.summary and self._on_spent is not None:  # only such events change what is spent
+            spent = self.record.spent
+            add(self._unstored_spent, spent)
+            subtract(self._unstored_spent, self._spent_told)
+            self._spent_told = spent
         self._events.append(event)
         subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
         self._unstored.append(
@@ -130,6 +143,7 @@ class EventLog:
         try:
             while self._unstored and self._failure is None:
                 batch, self._unstored = self._unstored, []
+                spent, self._unstored_spent = self._unstored_spent, events_pb2.Usage()
                 handed_over = time.monotonic()
                 try:
                     await self._store.append(batch, epoch=self.epoch)
@@ -150,6 +164,8 @@ class EventLog:
                         self._on_store_failure(self._failure)
                 else:
                     self._durable = batch[-1].event.sequence
+                    if self._on_spent is not None and spent.ByteSize():
+                        self._on_spent(self.swarm_id, spent)
                     COMMIT_SECONDS.observe(time.monotonic() - handed_over)
                     APPEND_SECONDS.observe(time.time() - _appended_at(batch[0].event))
                 self._wake()

@@ -1,11 +1,17 @@
-"""`swarm-orchestrator`: settings (flags and environment) in, a serving OrchestratorService out."""
+"""`swarm-orchestrator`: settings (flags and environment) in, a serving OrchestratorService out.
+
+`swarm-orchestrator add-token --auth-file FILE --tenant NAME` adds a token to the auth file instead.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 
+from orchestrator_service.auth import Authentication, AuthFileError, TokenBook, add_token
 from orchestrator_service.leases import LeaseKeeper
 from orchestrator_service.orchestrator import Economy, Limits, Orchestrator
 from orchestrator_service.planner import Planner
@@ -18,22 +24,73 @@ from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common import logs, telemetry
+from swarm_common.config import split_host_port
 from swarm_common.providers import ProviderConfigError, make_provider
 from swarm_common.serving import Service
+from swarm_common.tls import ClientTls, ServerTls
+
+
+class Unprotected(ValueError):
+    """The orchestrator would serve the network with no authentication."""
+
+
+def loopback(listen: str) -> bool:
+    host, _ = split_host_port(listen, "--listen")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or empty (every interface)
+        return False
+
+
+def check_exposure(settings: OrchestratorSettings) -> None:
+    """Secure by default: without tokens, only this machine may reach the orchestrator, unless the
+    operator says otherwise in so many words."""
+    if settings.auth_file or settings.allow_unauthenticated or loopback(settings.listen):
+        return
+    raise Unprotected(
+        f"refusing to serve {settings.listen} without authentication: anyone who reaches it could spend "
+        "the model API key and read every swarm; give --auth-file (swarm-orchestrator add-token creates "
+        "one), listen on 127.0.0.1, or pass --allow-unauthenticated"
+    )
 
 
 async def serve(settings: OrchestratorSettings) -> None:
     log = logs.setup("orchestrator", settings.log_level)
+    check_exposure(settings)
+    # Files that cannot be used stop the start before anything is set up.
+    tls = settings.server_tls(log)
+    worker_tls = (
+        ClientTls(
+            settings.worker_tls_ca, settings.worker_tls_cert, settings.worker_tls_key, flags="--worker-tls"
+        )
+        if settings.worker_tls_ca
+        else None
+    )
+    book = TokenBook(settings.auth_file, log=log) if settings.auth_file else None
+    if book is not None and tls is None and not loopback(settings.listen):
+        log.warning(
+            "tokens travel in plaintext: give --tls-cert and --tls-key so they cannot be read on the way"
+        )
     # First: a database that cannot be used stops the start before anything else is set up.
     store = await open_store(settings.db, lease_ttl_s=settings.lease_ttl_s)
     try:
         with telemetry.exported("swarm-orchestrator", settings.metrics_listen):
-            await _serve_on(store, settings, log)
+            await _serve_on(store, settings, log, tls=tls, worker_tls=worker_tls, book=book)
     finally:
         await store.close()
 
 
-async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.Logger) -> None:
+async def _serve_on(
+    store: Store,
+    settings: OrchestratorSettings,
+    log: logging.Logger,
+    *,
+    tls: ServerTls | None,
+    worker_tls: ClientTls | None,
+    book: TokenBook | None,
+) -> None:
     provider = make_provider(settings.provider, settings.simulated())
     if provider.name == "simulated":
         log.warning(
@@ -56,6 +113,7 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
         settings.workers,
         refresh_interval_s=settings.refresh_interval_s,
         no_worker_timeout_s=settings.no_worker_timeout_s,
+        tls=worker_tls,
     )
     orchestrator = Orchestrator(
         Planner(
@@ -92,6 +150,7 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
             hedge_max_extra=settings.hedge_max_extra,
             prompt_caching=not settings.no_prompt_caching,
         ),
+        tenants=book.tenant if book is not None else lambda name: None,
     )
     service = Service(
         name="orchestrator",
@@ -102,6 +161,8 @@ async def _serve_on(store: Store, settings: OrchestratorSettings, log: logging.L
         listen=settings.listen,
         log=log,
         limits=settings.call_limits(),
+        tls=tls,
+        interceptors=[Authentication(book, log=log, reflection_needs_token=settings.reflection_needs_token)],
     )
     await pool.start()
     background: list[asyncio.Task[None]] = []
@@ -139,8 +200,31 @@ async def _stop_on_store_failure(orchestrator: Orchestrator, service: Service, l
     service.stop()
 
 
+def add_token_command(argv: list[str]) -> None:
+    """`swarm-orchestrator add-token`: prints the new token alone on standard output, once."""
+    parser = argparse.ArgumentParser(
+        prog="swarm-orchestrator add-token",
+        description="Creates a token for a tenant and stores its hash in the auth file (created if missing). "
+        "The token is printed once, alone on standard output: keep it, it cannot be shown again.",
+    )
+    parser.add_argument("--auth-file", required=True, help="the auth file (JSON) the orchestrator reads")
+    parser.add_argument("--tenant", required=True, help="the tenant the token belongs to")
+    args = parser.parse_args(argv)
+    try:
+        token = add_token(args.auth_file, args.tenant)
+    except AuthFileError as error:
+        print(f"swarm-orchestrator add-token: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(token)
+    print(f"a token for tenant {args.tenant} is stored (its hash only) in {args.auth_file}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
-    settings = OrchestratorSettings.from_command_line(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["add-token"]:
+        add_token_command(arguments[1:])
+        return
+    settings = OrchestratorSettings.from_command_line(arguments)
     try:
         asyncio.run(serve(settings))
     except (StoreError, telemetry.MetricsUnavailable) as error:

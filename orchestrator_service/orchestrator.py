@@ -4,6 +4,9 @@ No gRPC here.
 Swarms that are running live here, in memory; a finished swarm lives in the store alone, which is
 where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swarms in flight.
 
+Every swarm belongs to the tenant that started it, and only that tenant finds it: to any other,
+its id is as unknown as one never given out (NOT_FOUND), and its request ids are the tenant's own.
+
 On a store that several orchestrators share, a swarm runs where its lease is held, and any
 orchestrator answers for any swarm: one running elsewhere is read and followed from the store, and
 cancelled by a request that its owner picks up. A swarm whose lease another orchestrator took is
@@ -24,9 +27,11 @@ from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
+from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
 from orchestrator_service.event_log import LogHandedOver, replay
 from orchestrator_service.planner import Planner
+from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
@@ -221,15 +226,21 @@ class Orchestrator:
         default_model: str,
         limits: Limits | None = None,
         economy: Economy | None = None,
+        quotas: QuotaKeeper | None = None,
+        tenants: Callable[[str], Tenant | None] = lambda name: None,
     ) -> None:
+        """`tenants` gives a tenant's quotas as they stand, by name (from the auth file)."""
         self.planner = planner
         self.economy = economy or Economy()
         self.scheduler = scheduler
+        # What swarms spend is counted as their events are stored, against their tenant's quotas.
         self.store = store
         self.default_model = default_model
         self.limits = limits or Limits()
+        self.quotas = quotas or QuotaKeeper()
+        self._tenants = tenants
         self._swarms: dict[str, Swarm] = {}
-        self._by_request_id: dict[str, Swarm] = {}
+        self._by_request_id: dict[tuple[str, str], Swarm] = {}
         self._watchers: dict[str, int] = {}
         self.accepting = True
         # The first failed store write: the orchestrator can no longer keep its promise that what
@@ -272,6 +283,7 @@ class Orchestrator:
             epoch=claim.epoch,
             on_store_failure=self._store_failed,
             on_lease_lost=self._lease_lost,
+            on_spent=self._spent,
         )
         swarm.default_answer_max_tokens = self.limits.answer_max_tokens
         swarm.prompt_caching = self.economy.prompt_caching
@@ -316,8 +328,9 @@ class Orchestrator:
         """The swarm stops here and writes nothing more; another orchestrator runs it on."""
         if self._swarms.get(swarm.id) is swarm:
             del self._swarms[swarm.id]
-        if self._by_request_id.get(swarm.spec.request_id) is swarm:
-            del self._by_request_id[swarm.spec.request_id]
+        key = (swarm.spec.tenant, swarm.spec.request_id)
+        if self._by_request_id.get(key) is swarm:
+            del self._by_request_id[key]
         swarm.log.hand_over()
         swarm.suspend()
         log.warning("swarm handed over: another orchestrator holds its lease", extra={"swarm_id": swarm.id})
@@ -337,12 +350,13 @@ class Orchestrator:
         hedging: bool | None = None,
         hedge_max_extra: float = 0.0,
         trace_context: Mapping[str, str] | None = None,
+        tenant: Tenant = ANONYMOUS,
     ) -> Started:
-        """Validates and starts a swarm; a request_id seen before gives back that swarm instead,
-        if it was asked for with the same parameters. `deadline` (epoch seconds) bounds every
-        attempt: the attached call's own deadline. `hedging` None and `hedge_max_extra` 0 take the
-        orchestrator's defaults. `trace_context`: the caller's W3C trace headers, whose trace the
-        swarm's joins."""
+        """Validates and starts a swarm of `tenant`'s; a request_id the tenant used before gives
+        back that swarm instead, if it was asked for with the same parameters. `deadline` (epoch
+        seconds) bounds every attempt: the attached call's own deadline. `hedging` None and
+        `hedge_max_extra` 0 take the orchestrator's defaults. `trace_context`: the caller's W3C
+        trace headers, whose trace the swarm's joins."""
         spec = self.spec_of(
             idea=idea,
             num_agents=num_agents,
@@ -354,14 +368,16 @@ class Orchestrator:
             worker_model=worker_model,
             hedging=hedging,
             hedge_max_extra=hedge_max_extra,
+            tenant=tenant.name,
         )
         validate(spec, self.limits)
         if not request_id:
-            return Started(self._accept(spec, deadline, trace_context).id, new=True)
+            return Started(self._accept(spec, tenant, deadline, trace_context).id, new=True)
         # Held until the swarm's first events are stored, so that another start of the same
-        # request, here or at another orchestrator on the same store, finds this swarm.
-        async with self.store.request_lock(request_id):
-            seen = await self._find_request(request_id)
+        # request, here or at another orchestrator on the same store, finds this swarm. (Two keys
+        # that read alike only share a lock: it serializes, it never merges.)
+        async with self.store.request_lock(f"{tenant.name}/{request_id}"):
+            seen = await self._find_request(request_id, tenant.name)
             if seen is not None:
                 differ = differences(spec, await self._requested(seen))
                 if differ:
@@ -369,16 +385,21 @@ class Orchestrator:
                         f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
                     )
                 return Started(seen, new=False)
-            swarm = self._accept(spec, deadline, trace_context)
+            swarm = self._accept(spec, tenant, deadline, trace_context)
             await swarm.log.stored()
         return Started(swarm.id, new=True)
 
     def _accept(
-        self, spec: SwarmSpec, deadline: float | None, trace_context: Mapping[str, str] | None
+        self,
+        spec: SwarmSpec,
+        tenant: Tenant,
+        deadline: float | None,
+        trace_context: Mapping[str, str] | None,
     ) -> Swarm:
         num_agents = spec.num_agents
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
+        self.quotas.admit(tenant, num_agents=num_agents, unfinished=self._unfinished(tenant.name))
         in_flight = sum(s.record.accepted.num_agents for s in self._swarms.values() if not s.finished)
         if in_flight + num_agents > self.limits.max_agents_in_flight:
             raise OverLimit(
@@ -393,6 +414,7 @@ class Orchestrator:
             store=self.store,
             on_store_failure=self._store_failed,
             on_lease_lost=self._lease_lost,
+            on_spent=self._spent,
             trace_context=trace_context,
         )
         swarm.deadline = deadline
@@ -415,6 +437,7 @@ class Orchestrator:
         worker_model: str = "",
         hedging: bool | None = None,
         hedge_max_extra: float = 0.0,
+        tenant: str = "",
     ) -> SwarmSpec:
         """What a request asks for, the orchestrator's defaults filled in."""
         model = model or self.default_model
@@ -429,6 +452,7 @@ class Orchestrator:
             worker_model=worker_model or self.economy.worker_model,
             hedging=self.economy.hedging if hedging is None else hedging,
             hedge_max_extra=hedge_max_extra or self.economy.hedge_max_extra,
+            tenant=tenant,
         )
 
     def estimate(self, spec: SwarmSpec) -> orchestrator_pb2.EstimateSwarmResponse:
@@ -455,19 +479,42 @@ class Orchestrator:
             record.apply(event)
         return SwarmSpec.of(record)
 
-    async def _find_request(self, request_id: str) -> str | None:
-        running = self._by_request_id.get(request_id)
+    async def _find_request(self, request_id: str, tenant: str) -> str | None:
+        running = self._by_request_id.get((tenant, request_id))
         if running is not None:
             return running.id
-        stored = await self.store.find_request(request_id)
+        stored = await self.store.find_request(request_id, tenant=tenant)
         # Looked up again after the wait: a start with the same request_id may have won the race.
-        running = self._by_request_id.get(request_id)
+        running = self._by_request_id.get((tenant, request_id))
         return running.id if running is not None else stored
+
+    def _unfinished(self, tenant: str) -> int:
+        return sum(1 for s in self._swarms.values() if not s.finished and s.record.accepted.tenant == tenant)
+
+    def _spent(self, swarm_id: str, usage: events_pb2.Usage) -> None:
+        """The swarm spent `usage` on the model (its events that say so are stored): it is charged
+        to the swarm's tenant, and when that takes the tenant to a daily quota, its running swarms
+        stop there."""
+        swarm = self._swarms.get(swarm_id)
+        if swarm is None:
+            return
+        name = swarm.record.accepted.tenant
+        self.quotas.charge(name, Spent.of(usage))
+        tenant = self._tenants(name)
+        exceeded = self.quotas.exhausted(tenant) if tenant is not None else None
+        if exceeded is None:
+            return
+        for running in list(self._swarms.values()):
+            if running.record.accepted.tenant == name and running.fail(
+                events_pb2.SwarmFailed(error=f"{exceeded}: the swarm is stopped", quota=exceeded.quota)
+            ):
+                log.warning(f"swarm stopped: {exceeded}", extra={"swarm_id": running.id})
 
     def _launch(self, swarm: Swarm) -> None:
         self._swarms[swarm.id] = swarm
-        if swarm.spec.request_id:
-            self._by_request_id.setdefault(swarm.spec.request_id, swarm)
+        spec = swarm.spec
+        if spec.request_id:
+            self._by_request_id.setdefault((spec.tenant, spec.request_id), swarm)
         swarm.task = asyncio.get_running_loop().create_task(self._run(swarm), name=f"swarm-{swarm.id}")
 
     async def _run(self, swarm: Swarm) -> None:
@@ -485,25 +532,37 @@ class Orchestrator:
         # Durable now, so the store answers for it from here on.
         if self._swarms.get(swarm.id) is swarm:
             del self._swarms[swarm.id]
-        if self._by_request_id.get(swarm.spec.request_id) is swarm:
-            del self._by_request_id[swarm.spec.request_id]
+        key = (swarm.spec.tenant, swarm.spec.request_id)
+        if self._by_request_id.get(key) is swarm:
+            del self._by_request_id[key]
 
     def _store_failed(self, error: StoreError) -> None:
         if self.store_failure is None:
             self.store_failure = error
             self.store_failed.set()
 
-    async def get(self, swarm_id: str) -> orchestrator_pb2.Swarm:
+    def _running(self, swarm_id: str, tenant: str) -> Swarm | None:
         running = self._swarms.get(swarm_id)
-        if running is not None:
-            return await running.view()
-        stored = await self.store.get_swarm(swarm_id)
-        if stored is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        return running if running is not None and running.record.accepted.tenant == tenant else None
+
+    async def _stored(
+        self, swarm_id: str, tenant: str, *, with_subtasks: bool = True
+    ) -> orchestrator_pb2.Swarm:
+        """The stored swarm, if it is the tenant's: another tenant's is not found, as if it did not
+        exist, in the same words."""
+        stored = await self.store.get_swarm(swarm_id, with_subtasks=with_subtasks)
+        if stored is None or stored.tenant != tenant:
+            raise SwarmNotFound(f"no swarm with id {swarm_id[:64]!r}")
         return stored
 
+    async def get(self, swarm_id: str, tenant: str = "") -> orchestrator_pb2.Swarm:
+        running = self._running(swarm_id, tenant)
+        if running is not None:
+            return await running.view()
+        return await self._stored(swarm_id, tenant)
+
     async def watch(
-        self, swarm_id: str, after_sequence: int = 0
+        self, swarm_id: str, after_sequence: int = 0, tenant: str = ""
     ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
@@ -512,11 +571,10 @@ class Orchestrator:
             raise InvalidRequest(
                 [("after_sequence", f"must be at most {MAX_STORED_INT}, a sequence that can exist")]
             )
-        running = self._swarms.get(swarm_id)
+        running = self._running(swarm_id, tenant)
         if running is not None:
             return self._watched(swarm_id, self._follow(running, after_sequence))
-        if await self.store.get_swarm(swarm_id, with_subtasks=False) is None:
-            raise SwarmNotFound(f"no swarm with id {swarm_id!r}")
+        await self._stored(swarm_id, tenant, with_subtasks=False)
         return self._watched(swarm_id, self.store.follow(swarm_id, after_sequence=after_sequence))
 
     async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[events_pb2.SwarmEvent]:
@@ -556,20 +614,26 @@ class Orchestrator:
         if running is not None:
             running.cancel(reason)
 
-    async def cancel(self, swarm_id: str, reason: str = "", wait_s: float = 5.0) -> orchestrator_pb2.Swarm:
-        """Cancels the swarm and waits (a bounded time) for its swarm_cancelled; a finished swarm is
-        left as it is."""
-        running = self._swarms.get(swarm_id)
+    async def cancel(
+        self, swarm_id: str, reason: str = "", wait_s: float = 5.0, tenant: str = ""
+    ) -> orchestrator_pb2.Swarm:
+        """Cancels the tenant's swarm and waits (a bounded time) for its swarm_cancelled; a finished
+        swarm is left as it is."""
+        running = self._running(swarm_id, tenant)
         if running is None:
-            return await self._cancel_elsewhere(swarm_id, reason or "cancelled by CancelSwarm", wait_s)
+            return await self._cancel_elsewhere(
+                swarm_id, reason or "cancelled by CancelSwarm", wait_s, tenant
+            )
         if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
             await asyncio.wait([running.task], timeout=wait_s)
         return await running.view()
 
-    async def _cancel_elsewhere(self, swarm_id: str, reason: str, wait_s: float) -> orchestrator_pb2.Swarm:
-        """A swarm not running here: finished, or running at another orchestrator, which is asked
-        to cancel it (or, should it die first, the one that takes it over)."""
-        view = await self.get(swarm_id)
+    async def _cancel_elsewhere(
+        self, swarm_id: str, reason: str, wait_s: float, tenant: str
+    ) -> orchestrator_pb2.Swarm:
+        """The tenant's swarm, not running here: finished, or running at another orchestrator,
+        which is asked to cancel it (or, should it die first, the one that takes it over)."""
+        view = await self._stored(swarm_id, tenant, with_subtasks=False)
         if view.HasField("end_time"):
             return view
         await self.store.request_cancel(swarm_id, reason)
@@ -577,10 +641,10 @@ class Orchestrator:
             async with asyncio.timeout(wait_s):
                 async for _ in self.store.follow(swarm_id, after_sequence=view.last_sequence):
                     pass
-        return await self.get(swarm_id)
+        return await self._stored(swarm_id, tenant)
 
     async def list(
-        self, *, page_size: int = 0, page_token: str = "", state: int = 0
+        self, *, page_size: int = 0, page_token: str = "", state: int = 0, tenant: str = ""
     ) -> tuple[list[orchestrator_pb2.Swarm], str]:
         """Newest first. The token names the last swarm of the previous page, so swarms started in
         between do not shift the pages. A page ends at `page_size` swarms or `max_page_bytes`,
@@ -589,7 +653,7 @@ class Orchestrator:
         after = _decode_token(page_token) if page_token else None
         page: list[orchestrator_pb2.Swarm] = []
         room = self.limits.max_page_bytes
-        rows = self._stored_swarms(state, after, read=min(LIST_READ, size + 1))
+        rows = self._stored_swarms(state, after, tenant, read=min(LIST_READ, size + 1))
         try:
             async for row in rows:
                 view = list_view(row, self.limits.list_text_bytes)
@@ -603,12 +667,12 @@ class Orchestrator:
         return page, ""
 
     async def _stored_swarms(
-        self, state: int, after: Cursor | None, *, read: int
+        self, state: int, after: Cursor | None, tenant: str, *, read: int
     ) -> AsyncIterator[orchestrator_pb2.Swarm]:
         """Swarms past `after`, newest first, `read` at a time: memory holds one read's worth
         however large their ideas and results are."""
         while True:
-            rows = await self.store.list_swarms(limit=read, state=state, after=after)
+            rows = await self.store.list_swarms(limit=read, state=state, after=after, tenant=tenant)
             for row in rows:
                 yield row
             if len(rows) < read:

@@ -296,7 +296,10 @@ class Scheduler:
             queued_at = time.monotonic()
             try:
                 worker = await self.pool.acquire(
-                    log.swarm_id, avoid=frozenset(tried), max_parallel=max_parallel
+                    log.swarm_id,
+                    avoid=frozenset(tried),
+                    max_parallel=max_parallel,
+                    tenant=log.record.accepted.tenant,  # slots are shared between tenants first
                 )
             except BaseException:
                 if grant is not None:
@@ -396,7 +399,10 @@ class Scheduler:
                 return None
         try:
             worker = await self.pool.acquire(
-                job.log.swarm_id, avoid=frozenset(tried), max_parallel=job.max_parallel
+                job.log.swarm_id,
+                avoid=frozenset(tried),
+                max_parallel=job.max_parallel,
+                tenant=job.log.record.accepted.tenant,
             )
         except BaseException:
             if grant is not None:

@@ -1,4 +1,5 @@
-"""Translates OrchestratorService calls to and from the Orchestrator; domain errors become status codes."""
+"""Translates OrchestratorService calls to and from the Orchestrator; domain errors become status codes.
+Each call is its tenant's (`current_tenant()`, set by the authentication in front of it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from orchestrator_service.auth import current_tenant
 from orchestrator_service.event_log import LogSuspended
 from orchestrator_service.orchestrator import (
     InvalidRequest,
@@ -18,6 +20,7 @@ from orchestrator_service.orchestrator import (
     ShuttingDown,
     SwarmNotFound,
 )
+from orchestrator_service.quotas import QuotaExceeded, quotas_proto
 from orchestrator_service.store import StoreError
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from swarm_common.rpc_errors import bad_request, over_limit
@@ -33,9 +36,11 @@ async def abort_invalid(context: Context, error: InvalidRequest) -> NoReturn:
     raise AssertionError("abort_with_status returns only by raising")
 
 
-async def abort_over_limit(context: Context, error: OverLimit) -> NoReturn:
-    """RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure naming the limit's flag."""
-    await context.abort_with_status(over_limit(error.flag, str(error)))
+async def abort_over_limit(context: Context, error: OverLimit | QuotaExceeded) -> NoReturn:
+    """RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure naming the limit's flag, or the tenant
+    whose quota it is."""
+    subject = error.flag if isinstance(error, OverLimit) else error.subject
+    await context.abort_with_status(over_limit(subject, str(error)))
     raise AssertionError("abort_with_status returns only by raising")
 
 
@@ -79,6 +84,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RunSwarm(
         self, request: orchestrator_pb2.RunSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.RunSwarmResponse]:
+        tenant = current_tenant()
         try:
             started = await self._orchestrator.start(
                 idea=request.idea,
@@ -90,11 +96,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 answer_max_tokens=request.answer_max_tokens,
                 trace_context=_trace_context(context),
                 **_economics(request),
+                tenant=tenant,
             )
-            events = await self._orchestrator.watch(started.swarm_id)
+            events = await self._orchestrator.watch(started.swarm_id, tenant=tenant.name)
         except InvalidRequest as error:
             await abort_invalid(context, error)
-        except OverLimit as error:
+        except (OverLimit, QuotaExceeded) as error:
             await abort_over_limit(context, error)
         except RequestIdReused as error:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
@@ -120,7 +127,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
     ) -> AsyncIterator[orchestrator_pb2.WatchSwarmResponse]:
         try:
-            events = await self._orchestrator.watch(request.swarm_id, request.after_sequence)
+            events = await self._orchestrator.watch(
+                request.swarm_id, request.after_sequence, tenant=current_tenant().name
+            )
         except InvalidRequest as error:
             await abort_invalid(context, error)
         except SwarmNotFound as error:
@@ -140,7 +149,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.GetSwarmRequest, context: Context
     ) -> orchestrator_pb2.GetSwarmResponse:
         try:
-            swarm = await self._orchestrator.get(request.swarm_id)
+            swarm = await self._orchestrator.get(request.swarm_id, tenant=current_tenant().name)
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreError as error:
@@ -154,7 +163,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             await abort_invalid(context, InvalidRequest([("page_size", "must not be negative")]))
         try:
             swarms, token = await self._orchestrator.list(
-                page_size=request.page_size, page_token=request.page_token, state=request.state
+                page_size=request.page_size,
+                page_token=request.page_token,
+                state=request.state,
+                tenant=current_tenant().name,
             )
         except InvalidRequest as error:
             await abort_invalid(context, error)
@@ -166,7 +178,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.CancelSwarmRequest, context: Context
     ) -> orchestrator_pb2.CancelSwarmResponse:
         try:
-            swarm = await self._orchestrator.cancel(request.swarm_id, request.reason)
+            swarm = await self._orchestrator.cancel(
+                request.swarm_id, request.reason, tenant=current_tenant().name
+            )
         except SwarmNotFound as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except StoreError as error:
@@ -177,11 +191,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.GetOrchestratorInfoRequest, context: Context
     ) -> orchestrator_pb2.GetOrchestratorInfoResponse:
         orchestrator = self._orchestrator
+        tenant = current_tenant()
         return orchestrator_pb2.GetOrchestratorInfoResponse(
             max_agents=orchestrator.limits.max_agents,
             max_idea_bytes=orchestrator.limits.max_idea_bytes,
             default_model=orchestrator.default_model,
             provider=orchestrator.planner.provider.name,
+            tenant=tenant.name,
+            quotas=quotas_proto(tenant.quotas),
         )
 
     async def EstimateSwarm(

@@ -130,3 +130,25 @@ class OrchestratorSettings(ServiceSettings):
         "leave prompts unmarked for the model API's prompt cache; by default the prefix a swarm's calls "
         "share (system prompt, idea, plan) is marked where it is long enough and read again",
     )
+    worker_tls_ca: str = setting(
+        "",
+        "PEM CA that workers' certificates are checked against; set = call workers over TLS. A worker's "
+        "certificate must name the host of `--workers` (`dns:///worker:50052`: worker)",
+    )
+    worker_tls_cert: str = setting(
+        "", "PEM client certificate presented to workers (mTLS: a worker with `--tls-client-ca` requires one)"
+    )
+    worker_tls_key: str = setting("", "PEM private key of `--worker-tls-cert`")
+    auth_file: str = setting(
+        "",
+        "tenants, their token hashes and quotas (JSON; `swarm-orchestrator add-token` writes it); set = every "
+        "swarm RPC needs `authorization: Bearer TOKEN`. Read again when it changes",
+    )
+    allow_unauthenticated: bool = setting(
+        False,
+        "serve a non-loopback `--listen` without `--auth-file`: anyone who reaches the port may start swarms "
+        "and read them all",
+    )
+    reflection_needs_token: bool = setting(
+        False, "server reflection needs a token too (by default it is open, like health)"
+    )

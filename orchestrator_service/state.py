@@ -281,6 +281,7 @@ class SwarmRecord:
             provider=self.accepted.provider,
             request_id=self.accepted.request_id,
             trace_id=self.accepted.trace_id,
+            tenant=self.accepted.tenant,
             state=self.state,  # type: ignore[arg-type]
             result=self.result,
             error=self.error,

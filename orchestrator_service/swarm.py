@@ -68,6 +68,8 @@ class SwarmSpec:
     worker_model: str = ""
     hedging: bool = False
     hedge_max_extra: float = 0.0
+    # Whose swarm it is: the tenant of the token that started it ("" without tokens).
+    tenant: str = ""
 
     @classmethod
     def of(cls, record: SwarmRecord) -> SwarmSpec:
@@ -84,6 +86,7 @@ class SwarmSpec:
             accepted.worker_model,
             accepted.hedging,
             accepted.hedge_max_extra,
+            accepted.tenant,
         )
 
     @property
@@ -98,6 +101,8 @@ class Swarm:
         self.record = log.record
         self.id = log.swarm_id
         self.cancel_reason = ""
+        # Set by `fail`: the run stops and the swarm ends in swarm_failed with this, not cancelled.
+        self._failure: events_pb2.SwarmFailed | None = None
         self.task: asyncio.Task[None] | None = None
         # When the RunSwarm call that is attached to the swarm runs out (epoch seconds): every
         # attempt ends by then. Not stored: a resumed swarm is attached to no call.
@@ -121,13 +126,18 @@ class Swarm:
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
         on_lease_lost: Callable[[str, int], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
         trace_context: Mapping[str, str] | None = None,
     ) -> Swarm:
         """A new swarm, its `accepted` event appended. Its span continues the caller's trace when
         `trace_context` (the W3C headers the client sent) names one."""
         swarm = cls(
             EventLog(
-                SwarmRecord(swarm_id), store, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
+                SwarmRecord(swarm_id),
+                store,
+                on_store_failure=on_store_failure,
+                on_lease_lost=on_lease_lost,
+                on_spent=on_spent,
             )
         )
         swarm.span = telemetry.start_span(
@@ -152,6 +162,7 @@ class Swarm:
                 worker_model=spec.worker_model,
                 hedging=spec.hedging,
                 hedge_max_extra=spec.hedge_max_extra,
+                tenant=spec.tenant,
             ),
         )
         if spec.answer_max_tokens:
@@ -167,13 +178,19 @@ class Swarm:
         epoch: int = FIRST_EPOCH,
         on_store_failure: Callable[[StoreError], None] | None = None,
         on_lease_lost: Callable[[str, int], None] | None = None,
+        on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> Swarm:
         """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
         attempts that the restart (or the takeover, under the new `epoch`) interrupted told as
         failed."""
         swarm = cls(
             EventLog(
-                record, store, epoch=epoch, on_store_failure=on_store_failure, on_lease_lost=on_lease_lost
+                record,
+                store,
+                epoch=epoch,
+                on_store_failure=on_store_failure,
+                on_lease_lost=on_lease_lost,
+                on_spent=on_spent,
             )
         )
         swarm.span = telemetry.start_span(
@@ -258,6 +275,14 @@ class Swarm:
         self.task.cancel()
         return True
 
+    def fail(self, failure: events_pb2.SwarmFailed) -> bool:
+        """Stops the run from outside (a quota of its tenant ran out): it ends in `failure`."""
+        if self.finished or self._suspending or self.task is None or self.task.done():
+            return False
+        self._failure = self._failure or failure
+        self.task.cancel()
+        return True
+
     def suspend(self) -> bool:
         """Stops the run without an end, for a restart to resume: the orchestrator is shutting down."""
         if self.finished or self.task is None or self.task.done():
@@ -276,6 +301,8 @@ class Swarm:
             # event, or its suspension, told by the log to its readers.
             if self._suspending:
                 self.log.suspend()
+            elif self._failure is not None:
+                self.log.append("swarm_failed", self._failure)
             else:
                 self.log.append(
                     "swarm_cancelled", events_pb2.SwarmCancelled(reason=self.cancel_reason or "cancelled")

@@ -14,9 +14,14 @@ pool keeps one channel per worker address and decides itself:
   Orchestrator replicas that share the workers (and a database) each take an even share of it, at
   least one slot (`share_with`). No worker is given more than that; the pick is the eligible worker with the most free slots. A
   cancelled subtask's slot is free once the worker says so, not when the cancel is sent.
-- **Fairness.** Waiting subtasks queue per swarm, and each free slot goes to the next swarm in
-  round-robin order, so a small swarm is not stuck behind a big one. A swarm may cap how many of
-  its subtasks hold slots at once.
+- **Fairness.** Waiting subtasks queue per swarm, and swarms per tenant. Each free slot goes to
+  the next tenant in round-robin order, and within it to that tenant's next swarm, so one tenant's
+  big swarms cannot starve another's, and a small swarm is not stuck behind a big one. A swarm may
+  cap how many of its subtasks hold slots at once.
+- **TLS.** With TLS files, every worker is called over TLS (mTLS when they hold a client
+  certificate), its certificate checked for the host the target names, whatever address it has. A
+  worker that cannot be reached after the files were renewed gets a new channel, with the renewed
+  certificate: an expired one no longer fails every reconnection.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from orchestrator_service.worker_session import CANCEL_TIMEOUT_S, WorkerSession
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common import telemetry
 from swarm_common.config import split_host_port
+from swarm_common.tls import ClientTls, explain_tls_failure
 
 log = logging.getLogger("swarm.orchestrator.pool")
 
@@ -96,6 +102,12 @@ class PoolTarget:
             _host_port(address, "worker address")
         return cls(addresses=addresses)
 
+    @property
+    def server_name(self) -> str:
+        """The name a worker's certificate must carry: the target's DNS name. The addresses it
+        resolves to change with every pod; the name does not."""
+        return self.dns_host
+
     async def resolve(self) -> list[str]:
         if not self.dns_host:
             return list(self.addresses)
@@ -141,6 +153,8 @@ class PoolWorker:
     last_pick: int = 0
     provider: str = ""
     watcher: asyncio.Task[None] | None = None
+    # The reading of the TLS files its channel was made with.
+    tls_version: int = 0
 
     @property
     def eligible(self) -> bool:
@@ -162,8 +176,10 @@ class _Waiter:
 
 @dataclass
 class _SwarmShare:
-    """A swarm's place in the dispatcher: its queue, its slots in use and its cap (0 = none)."""
+    """A swarm's place in the dispatcher: its tenant, its queue, its slots in use and its cap (0 =
+    none)."""
 
+    tenant: str
     queue: deque[_Waiter] = field(default_factory=deque)
     running: int = 0
     max_parallel: int = 0
@@ -178,8 +194,11 @@ class WorkerPool:
         probe_timeout_s: float = 2.0,
         no_worker_timeout_s: float = 30.0,
         cancel_timeout_s: float = CANCEL_TIMEOUT_S,
+        tls: ClientTls | None = None,
     ) -> None:
+        """`tls`: call the workers over TLS with these files (None = plaintext)."""
         self.target = PoolTarget.parse(target)
+        self.tls = tls
         self.target_text = target
         self.refresh_interval_s = refresh_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -188,8 +207,10 @@ class WorkerPool:
         self.cancel_timeout_s = cancel_timeout_s
         self._workers: dict[str, PoolWorker] = {}
         self._orchestrators = 1
-        # Insertion order is the round-robin order: a swarm that was just served moves to the end.
         self._shares: dict[str, _SwarmShare] = {}
+        # The round-robin order, tenants first, then each tenant's swarms (insertion order: one
+        # that was just served moves to the end).
+        self._rounds: dict[str, dict[str, None]] = {}
         self._picks = itertools.count(1)
         self._refresher: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[None] | None = None
@@ -270,14 +291,38 @@ class WorkerPool:
             self._remove(worker)
         self._changed()
 
-    def _add(self, address: str) -> None:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        stub = worker_pb2_grpc.WorkerServiceStub(channel)
+    def _connect(
+        self, address: str
+    ) -> tuple[grpc.aio.Channel, worker_pb2_grpc.WorkerServiceAsyncStub, WorkerSession, int]:
+        """A channel to the worker, with the TLS files as they are now, and what is made on it."""
+        if self.tls is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            version = 0
+        else:
+            name = self.target.server_name
+            options = [*CHANNEL_OPTIONS, *([("grpc.ssl_target_name_override", name)] if name else [])]
+            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options=options)
+            version = self.tls.version
+        stub: worker_pb2_grpc.WorkerServiceAsyncStub = worker_pb2_grpc.WorkerServiceStub(channel)
         session = WorkerSession(stub, on_slot_freed=self._dispatch, cancel_timeout_s=self.cancel_timeout_s)
-        worker = PoolWorker(address, channel, stub, session, orchestrators=self._orchestrators)
+        return channel, stub, session, version
+
+    def _add(self, address: str) -> None:
+        channel, stub, session, version = self._connect(address)
+        worker = PoolWorker(
+            address, channel, stub, session, tls_version=version, orchestrators=self._orchestrators
+        )
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})
+
+    async def _renew_channel(self, worker: PoolWorker) -> None:
+        """A new channel with the renewed TLS files, for a worker that holds no subtask."""
+        old_channel, old_session = worker.channel, worker.session
+        worker.channel, worker.stub, worker.session, worker.tls_version = self._connect(worker.address)
+        log.info("a new channel to the worker, with the renewed TLS files", extra={"address": worker.address})
+        await old_session.close()
+        await old_channel.close()
 
     def _remove(self, worker: PoolWorker) -> None:
         """No new work for the worker. It stays in the pool, holding its slots, until its running
@@ -304,8 +349,8 @@ class WorkerPool:
     async def _watch(self, worker: PoolWorker) -> None:
         """Probe, then follow the worker's health until the watch breaks; then again, with backoff."""
         backoff = 0.25
-        health = health_pb2_grpc.HealthStub(worker.channel)
         while not worker.removed:
+            health = health_pb2_grpc.HealthStub(worker.channel)
             try:
                 info = await worker.stub.GetWorkerInfo(
                     worker_pb2.GetWorkerInfoRequest(), timeout=self.probe_timeout_s
@@ -322,15 +367,24 @@ class WorkerPool:
                         )
                         self._changed()
             except grpc.aio.AioRpcError as error:
-                if worker.reachable:
+                tls = (
+                    explain_tls_failure(error.details() or "", client_certificate=self.tls.client_certificate)
+                    if self.tls is not None
+                    else None
+                )
+                if worker.reachable or (tls and not worker.capacity and backoff == 0.25):
                     log.warning(
-                        f"worker unreachable: {error.code().name}",
+                        f"worker unreachable: {error.code().name}" + (f": TLS: {tls}" if tls else ""),
                         extra={"address": worker.address, "worker_id": worker.worker_id},
                     )
             worker.serving = worker.reachable = False
             self._changed()
             await asyncio.sleep(backoff)
             backoff = min(MAX_WATCH_BACKOFF_S, backoff * 2)
+            if self.tls is not None and worker.in_flight == 0 and not worker.session.stopping:
+                self.tls.credentials()  # looks at the files
+                if self.tls.version != worker.tls_version:
+                    await self._renew_channel(worker)
 
     def share_with(self, orchestrators: int) -> None:
         """`orchestrators` (this one included) send work to these workers: each takes an even share
@@ -414,39 +468,60 @@ class WorkerPool:
         return best
 
     def _dispatch(self) -> None:
-        """Each pass gives at most one slot to each waiting swarm, in round-robin order."""
+        """Each pass gives at most one slot to each waiting tenant, in round-robin order, and
+        within a tenant to its swarms in round-robin order."""
         while True:
             granted = False
-            for swarm_id in list(self._shares):
+            for tenant in list(self._rounds):
+                served = self._serve_one(tenant)
+                if served is None:
+                    return  # no worker has a free slot
+                granted = granted or served
+            if not granted:
+                return
+
+    def _serve_one(self, tenant: str) -> bool | None:
+        """Gives one slot to the tenant's next swarm that waits and may take one: True when it did,
+        False when none could, None when a swarm waits but no worker has room."""
+        swarms = self._rounds[tenant]
+        try:
+            for swarm_id in list(swarms):
                 share = self._shares[swarm_id]
                 while share.queue and share.queue[0].granted.done():  # cancelled while waiting
                     share.queue.popleft()
                 if not share.queue:
                     if share.running == 0:
-                        del self._shares[swarm_id]
+                        del self._shares[swarm_id], swarms[swarm_id]
                     continue
                 if share.max_parallel and share.running >= share.max_parallel:
                     continue
                 worker = self._pick(share.queue[0].avoid)
                 if worker is None:
-                    return
+                    return None
                 waiter = share.queue.popleft()
                 self.queued -= 1
                 worker.in_flight += 1
                 worker.last_pick = next(self._picks)
                 share.running += 1
                 waiter.granted.set_result(worker)
-                self._shares[swarm_id] = self._shares.pop(swarm_id)  # to the back of the round
-                granted = True
-            if not granted:
-                return
+                swarms[swarm_id] = swarms.pop(swarm_id)  # to the back of the tenant's round
+                self._rounds[tenant] = self._rounds.pop(tenant)  # the tenant to the back of its round
+                return True
+            return False
+        finally:
+            if not swarms:
+                self._rounds.pop(tenant, None)
 
     async def acquire(
-        self, swarm_id: str, *, avoid: frozenset[str] = frozenset(), max_parallel: int = 0
+        self, swarm_id: str, *, avoid: frozenset[str] = frozenset(), max_parallel: int = 0, tenant: str = ""
     ) -> PoolWorker:
-        """Waits for a slot on a worker and takes it; `release` gives it back. Raises
-        NoWorkersAvailable when no worker has been able to take work for `no_worker_timeout_s`."""
-        share = self._shares.setdefault(swarm_id, _SwarmShare())
+        """Waits for a slot on a worker and takes it for the tenant's swarm; `release` gives it back.
+        Raises NoWorkersAvailable when no worker has been able to take work for
+        `no_worker_timeout_s`."""
+        share = self._shares.get(swarm_id)
+        if share is None:
+            share = self._shares[swarm_id] = _SwarmShare(tenant)
+            self._rounds.setdefault(tenant, {})[swarm_id] = None
         share.max_parallel = max_parallel
         waiter = _Waiter(swarm_id, avoid, asyncio.get_running_loop().create_future())
         share.queue.append(waiter)

@@ -1,9 +1,13 @@
 """A gRPC health probe for container HEALTHCHECKs: exit 0 when the server says SERVING, else 1.
 
     python -m swarm_common.healthcheck [HOST:PORT] [--service NAME] [--timeout SECONDS]
+        [--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--tls-server-name NAME]]
 
 The address defaults to 127.0.0.1 on the port of SWARM_LISTEN (the same variable the service
-reads), else 127.0.0.1:50051. It asks `grpc.health.v1.Health/Check`; any answer other than
+reads), else 127.0.0.1:50051. A TLS service is probed over TLS: `--tls-ca` checks its
+certificate, `--tls-server-name` is the name on it (a probe dials 127.0.0.1, the certificate names
+the service), and an mTLS service wants a client certificate: the service's own will do when it
+may be presented as a client's. It asks `grpc.health.v1.Health/Check`; any answer other than
 SERVING, and any failure to get one within the timeout, exits 1 with one line on standard error.
 Bad arguments exit 1 too: Docker reserves exit code 2 in a HEALTHCHECK.
 """
@@ -18,6 +22,8 @@ from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from swarm_common.tls import ClientTls, TlsConfigError, explain_tls_failure
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 3.0
@@ -42,10 +48,29 @@ def default_address(environ: dict[str, str] | None = None) -> str:
     return f"127.0.0.1:{port}" if port > 0 else DEFAULT_ADDRESS
 
 
-def check(address: str, *, service: str = "", timeout: float = DEFAULT_TIMEOUT_S) -> None:
-    """Returns when `service` at `address` is SERVING; raises `Unhealthy` otherwise."""
+def _channel(address: str, tls: argparse.Namespace | None) -> grpc.Channel:
+    if tls is None or not tls.tls_ca:
+        return grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    credentials = ClientTls(tls.tls_ca, tls.tls_cert, tls.tls_key).credentials()
+    name = [("grpc.ssl_target_name_override", tls.tls_server_name)] if tls.tls_server_name else []
+    return grpc.secure_channel(address, credentials, options=[*_CHANNEL_OPTIONS, *name])
+
+
+def check(
+    address: str,
+    *,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT_S,
+    tls: argparse.Namespace | None = None,
+) -> None:
+    """Returns when `service` at `address` is SERVING; raises `Unhealthy` otherwise. `tls`: the
+    parsed TLS options (none: plaintext)."""
     what = f"service {service!r} at {address}" if service else address
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+    try:
+        opened = _channel(address, tls)
+    except TlsConfigError as error:
+        raise Unhealthy(str(error)) from None
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -58,6 +83,10 @@ def check(address: str, *, service: str = "", timeout: float = DEFAULT_TIMEOUT_S
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 raise Unhealthy(f"{address}: the server does not serve grpc.health.v1.Health") from None
             detail = " ".join(str(error.details() or "").split())
+            secure = tls is not None and bool(tls.tls_ca)
+            meaning = explain_tls_failure(detail, client_certificate=secure and bool(tls and tls.tls_cert))
+            if code == grpc.StatusCode.UNAVAILABLE and meaning is not None:
+                raise Unhealthy(f"{what}: TLS: {meaning}") from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 raise Unhealthy(f"{what} is unreachable ({detail})") from None
             raise Unhealthy(f"{what}: {code.name}: {detail}") from None
@@ -95,7 +124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=seconds,
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
     )
+    for flag, meaning in [
+        ("--tls-ca", "PEM CA to check the server's certificate with; set = TLS"),
+        ("--tls-cert", "PEM client certificate, for a server that requires one (mTLS)"),
+        ("--tls-key", "PEM key of --tls-cert"),
+        ("--tls-server-name", "the name on the server's certificate (default: the address's host)"),
+    ]:
+        parser.add_argument(flag, default="", help=meaning)
     args = parser.parse_args(argv)
+    if (args.tls_cert or args.tls_key or args.tls_server_name) and not args.tls_ca:
+        parser.error("--tls-cert, --tls-key and --tls-server-name need --tls-ca")
     address = args.address
     if address is not None and not (
         _port_of(address) or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:"))
@@ -109,7 +147,7 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     address: str = args.address or default_address()
     try:
-        check(address, service=args.service, timeout=args.timeout)
+        check(address, service=args.service, timeout=args.timeout, tls=args)
     except Unhealthy as error:
         print(f"{PROG}: unhealthy: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from swarm_common.call_guard import CallGuard
 from swarm_common.config import split_host_port
+from swarm_common.tls import ServerTls
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +30,16 @@ class CallLimits:
     # timeout is gone: its connection and calls end, also when it vanished without a reset.
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
+    # The largest request message, and the most request metadata (headers: a token among them),
+    # a call may bring; beyond, it is refused RESOURCE_EXHAUSTED before any handler sees it.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
 
     def options(self) -> list[tuple[str, int]]:
         return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_metadata_size", self.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", self.max_metadata_bytes),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
@@ -59,7 +67,11 @@ class Service:
         listen: str,
         log: logging.Logger,
         limits: CallLimits | None = None,
+        tls: ServerTls | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        """`tls`: serve TLS only (mTLS when it has a client CA). `interceptors` come before the call
+        guard, the first outermost: authentication answers a call before anything reads it."""
         self.name = name
         self.log = log
         self.health = health.aio.HealthServicer()
@@ -67,7 +79,7 @@ class Service:
         limits = limits or CallLimits()
         self._server = grpc.aio.server(
             options=limits.options(),
-            interceptors=[CallGuard(write_timeout_s=limits.stream_write_timeout_s, log=log)],
+            interceptors=[*interceptors, CallGuard(write_timeout_s=limits.stream_write_timeout_s, log=log)],
         )
         register(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -80,12 +92,18 @@ class Service:
         try:
             # grpc raises (RuntimeError) for a port in use or an address it cannot bind; older
             # releases returned 0.
-            self.port = self._server.add_insecure_port(bind)
+            if tls is None:
+                self.port = self._server.add_insecure_port(bind)
+            else:
+                self.port = self._server.add_secure_port(bind, tls.credentials())
         except RuntimeError:
             self.port = 0
         if self.port == 0:
             raise OSError("the port is in use, or the address is not this machine's")
         self.address = f"{host}:{self.port}"
+        self.security = (
+            "plaintext" if tls is None else "mTLS: client certificates required" if tls.mutual else "TLS"
+        )
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -97,7 +115,9 @@ class Service:
         await self._server.start()
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.log.info(f"{self.name} listening on {self.address}", extra={"address": self.address})
+        self.log.info(
+            f"{self.name} listening on {self.address} ({self.security})", extra={"address": self.address}
+        )
 
     def stop(self) -> None:
         self._stopping.set()

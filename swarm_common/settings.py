@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import types
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self, Union, get_args, get_origin
@@ -37,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from swarm_common.config import split_host_port
 from swarm_common.providers import DEFAULT_MODEL, ProviderChoice, SimulatedSettings
 from swarm_common.serving import CallLimits
+from swarm_common.tls import ServerTls, TlsConfigError
 
 __all__ = [
     "LISTEN",
@@ -181,12 +183,39 @@ class ServiceSettings(SimulatedProviderSettings):
         flag="--keepalive-timeout",
     )
 
+    max_message_bytes: PositiveInt = setting(
+        4 * 1024 * 1024, "largest request message a call may bring (4 MiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
+    max_metadata_bytes: PositiveInt = setting(
+        16 * 1024, "most request metadata (headers) a call may bring (16 KiB); beyond, `RESOURCE_EXHAUSTED`"
+    )
+    tls_cert: str = setting(
+        "",
+        "PEM certificate (chain) to serve TLS with; set = TLS only. A renewed file is served from the next "
+        "connection on, without a restart",
+    )
+    tls_key: str = setting("", "PEM private key of `--tls-cert`")
+    tls_client_ca: str = setting(
+        "", "PEM CA that client certificates must be signed by: set = clients without one are refused (mTLS)"
+    )
+
+    def server_tls(self, log: logging.Logger) -> ServerTls | None:
+        """The TLS to serve with, or None for plaintext; files that cannot be used raise
+        TlsConfigError (a ValueError: exit status 2)."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise TlsConfigError("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        return ServerTls(self.tls_cert, self.tls_key, self.tls_client_ca, log=log)
+
     def call_limits(self) -> CallLimits:
         return CallLimits(
             max_streams_per_connection=self.max_streams_per_connection,
             stream_write_timeout_s=self.stream_write_timeout_s,
             keepalive_time_s=self.keepalive_time_s,
             keepalive_timeout_s=self.keepalive_timeout_s,
+            max_message_bytes=self.max_message_bytes,
+            max_metadata_bytes=self.max_metadata_bytes,
         )
 
     @classmethod

@@ -9,8 +9,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import secrets_watch
+
 from fakes.postgres import PostgresServer
-from stack import Stack, stack
+from stack import OUTPUT_WATCHERS, Stack, stack
+
+# Every service's output is read for secrets once it has ended.
+OUTPUT_WATCHERS.append(
+    lambda process: secrets_watch.note(f"{process.name} (pid {process.pid})", process.lines)
+)
 
 # Modules whose tests hold a system to a time bound (fault detection, fairness, rate, a watchdog's
 # pace). `make test` runs them after the rest and one at a time, so no other test's load skews them.
@@ -36,11 +43,27 @@ def swarm_stack() -> Iterator[Stack]:
         yield running
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """What a test's in-process code said (clients, servers, fakes): read for secrets too."""
+    for title, text in report.sections:
+        secrets_watch.note(f"{report.nodeid} ({title})", text.splitlines())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_is_ever_shown() -> Iterator[None]:
+    """Fails the session when any process or test output showed a secret (see secrets_watch)."""
+    yield
+    found = secrets_watch.found()
+    assert not found, "secrets were shown:\n" + "\n".join(found[:20])
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One real PostgreSQL server for the session (per xdist worker); each test that needs one gets
-    a database of its own from `postgres_url`."""
+    a database of its own from `postgres_url`. Its password is a secret: shown, it fails the
+    session."""
     with PostgresServer() as server:
+        secrets_watch.watch_secret(server.password)
         yield server
 
 

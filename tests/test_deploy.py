@@ -184,6 +184,36 @@ def test_compose_healthchecks_use_the_grpc_probe_on_the_service_port(services: d
         assert test[:4] == ["CMD", "python", "-m", PROBE_MODULE], test
         port = environment(service)["SWARM_LISTEN"].rpartition(":")[2]
         assert f"127.0.0.1:{port}" in test, f"{name}'s probe does not ask its own port {port}"
+        # Over mTLS, as the service's own client, checking the name its certificate carries.
+        env = environment(service)
+        assert test[test.index("--tls-ca") + 1] == env["SWARM_TLS_CLIENT_CA"]
+        assert test[test.index("--tls-cert") + 1] == env["SWARM_TLS_CERT"]
+        assert test[test.index("--tls-server-name") + 1] == name
+
+
+def test_compose_ships_with_mtls_on_every_hop_and_tokens(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    for name in GRPC_SERVICES:
+        env = environment(services[name])
+        assert {"SWARM_TLS_CERT", "SWARM_TLS_KEY", "SWARM_TLS_CLIENT_CA"} <= env.keys(), name
+        assert all(env[key].startswith("/run/secrets/") for key in env if key.startswith("SWARM_TLS_"))
+        assert set(services[name]["secrets"]) <= set(compose["secrets"])
+    orchestrator = environment(services["orchestrator"])
+    assert orchestrator["SWARM_AUTH_FILE"] == "/run/secrets/auth.json"
+    assert {"SWARM_WORKER_TLS_CA", "SWARM_WORKER_TLS_CERT", "SWARM_WORKER_TLS_KEY"} <= orchestrator.keys()
+    assert "SWARM_ALLOW_UNAUTHENTICATED" not in repr(compose)
+    web = environment(services["web"])
+    assert web["SWARM_CLIENT_TLS_CA"] == "/run/secrets/ca.pem" and web["SWARM_TOKEN"].startswith(
+        "${SWARM_WEB_TOKEN:?"
+    )
+    # The keys come from files beside the compose file, which git and the image never take.
+    assert {entry["file"] for entry in compose["secrets"].values()} >= {
+        "./secrets/server-key.pem",
+        "./secrets/auth.json",
+    }
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
+    assert "secrets" in (ROOT / ".dockerignore").read_text().split()
 
 
 def test_compose_serves_the_web_console_from_the_same_image(services: dict[str, Any]) -> None:
@@ -328,7 +358,14 @@ def check_deployment(k8s: list[dict[str, Any]], name: str, command: str, port: i
     assert env["SWARM_LISTEN"].endswith(f":{port}")
     assert env["SWARM_METRICS_LISTEN"].endswith(f":{METRICS_PORT}")
     for probe in ("readinessProbe", "livenessProbe"):
-        assert main[probe]["grpc"]["port"] == port, f"{name} {probe} is not a gRPC health probe"
+        # The kubelet's own grpc probe speaks no TLS: the image's probe does, over mTLS.
+        probed = main[probe]["exec"]["command"]
+        assert probed[:3] == ["python", "-m", PROBE_MODULE] and f"127.0.0.1:{port}" in probed, probed
+        assert [probed[probed.index(flag) + 1] for flag in ("--tls-ca", "--tls-cert", "--tls-key")] == [
+            env["SWARM_TLS_CLIENT_CA"],
+            env["SWARM_TLS_CERT"],
+            env["SWARM_TLS_KEY"],
+        ]
 
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -410,6 +447,95 @@ def test_k8s_postgres_is_a_statefulset_on_its_own_volume(k8s_replicas: list[dict
         service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
     )
     assert [port["port"] for port in service["spec"]["ports"]] == [5432]
+
+
+def test_k8s_serves_mtls_from_secrets_that_cert_manager_can_renew(k8s: list[dict[str, Any]]) -> None:
+    for name, secret in [("orchestrator", "swarm-orchestrator-tls"), ("worker", "swarm-worker-tls")]:
+        deployment = k8s_object(k8s, "Deployment", name)
+        main = container(deployment)
+        env = k8s_env(main)
+        mounts = {m["name"]: m for m in main["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        tls = next(v for v in volumes.values() if v.get("secret", {}).get("secretName") == secret)
+        mount = mounts[tls["name"]]
+        assert mount["readOnly"] is True and "subPath" not in mount, "a subPath mount never sees a renewal"
+        # cert-manager's keys in a kubernetes.io/tls Secret, with the CA beside them.
+        directory = mount["mountPath"]
+        assert env["SWARM_TLS_CERT"] == f"{directory}/tls.crt"
+        assert env["SWARM_TLS_KEY"] == f"{directory}/tls.key"
+        assert env["SWARM_TLS_CLIENT_CA"] == f"{directory}/ca.crt"
+    orchestrator = k8s_env(container(k8s_object(k8s, "Deployment", "orchestrator")))
+    assert orchestrator["SWARM_WORKER_TLS_CA"].endswith("/ca.crt")
+    assert orchestrator["SWARM_WORKER_TLS_CERT"] == orchestrator["SWARM_TLS_CERT"]
+    assert orchestrator["SWARM_AUTH_FILE"].endswith("/auth.json")
+    assert k8s_env(container(k8s_object(k8s, "Deployment", "worker")))["SWARM_DIRECT_SLOTS"] == "0"
+
+    issued = {
+        doc["spec"]["secretName"]: doc
+        for doc in load_yaml_documents(K8S / "cert-manager" / "certificates.yaml")
+        if doc["kind"] == "Certificate"
+    }
+    assert issued["swarm-worker-tls"]["spec"]["dnsNames"] == [WORKERS_TARGET.split("///")[1].split(":")[0]]
+    assert "orchestrator" in issued["swarm-orchestrator-tls"]["spec"]["dnsNames"]
+    for name in ("swarm-orchestrator-tls", "swarm-worker-tls"):
+        assert {"server auth", "client auth"} <= set(issued[name]["spec"]["usages"])
+
+
+def policies(k8s: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [doc for doc in k8s if doc.get("kind") == "NetworkPolicy"]
+
+
+def selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    return policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+
+
+def pod_labels(k8s: list[dict[str, Any]], name: str) -> dict[str, str]:
+    return dict(k8s_object(k8s, "Deployment", name)["spec"]["template"]["metadata"]["labels"])
+
+
+def test_k8s_network_policies_deny_by_default(k8s: list[dict[str, Any]]) -> None:
+    for name in ("orchestrator", "worker"):
+        denying = [
+            p for p in policies(k8s)
+            if selects(p, pod_labels(k8s, name)) and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            and not p["spec"].get("ingress") and not p["spec"].get("egress")
+        ]  # fmt: skip
+        assert denying, f"nothing denies the {name}'s traffic by default"
+
+
+def test_k8s_workers_accept_traffic_only_from_the_orchestrator(k8s: list[dict[str, Any]]) -> None:
+    """Their gRPC port from the orchestrator's pods alone; nothing else but the metrics port."""
+    worker = pod_labels(k8s, "worker")
+    rules = [rule for p in policies(k8s) if selects(p, worker) for rule in p["spec"].get("ingress", [])]
+    grpc_rules = [rule for rule in rules if 50052 in [port["port"] for port in rule.get("ports", [])]]
+    assert grpc_rules
+    for rule in grpc_rules:
+        sources = rule.get("from", [])
+        assert sources and all(
+            source.keys() == {"podSelector"}
+            and source["podSelector"]["matchLabels"].items() <= pod_labels(k8s, "orchestrator").items()
+            for source in sources
+        ), rule
+        assert [port["port"] for port in rule["ports"]] == [50052]
+    for rule in rules:
+        assert rule.get("ports"), f"a rule opens every port of the workers: {rule}"
+        assert {port["port"] for port in rule["ports"]} <= {50052, 9464}, rule
+
+
+def test_k8s_only_the_model_callers_reach_port_443_and_dns(k8s: list[dict[str, Any]]) -> None:
+    reaching: dict[int, set[str]] = {443: set(), 53: set()}
+    for policy in policies(k8s):
+        for rule in policy["spec"].get("egress", []):
+            for port in rule.get("ports", []):
+                if port["port"] in reaching:
+                    selector = policy["spec"]["podSelector"]["matchLabels"]
+                    reaching[port["port"]].add(
+                        selector.get("app.kubernetes.io/name", "every pod of the scheduler")
+                    )
+    assert reaching == {
+        443: {"swarm-orchestrator", "swarm-worker"},
+        53: {"swarm-orchestrator", "swarm-worker"},
+    }
 
 
 # ---------------------------------------------------------------- the health probe, against real servers
@@ -509,6 +635,46 @@ def test_probe_gives_up_on_a_silent_server_within_its_timeout() -> None:
         with pytest.raises(healthcheck.Unhealthy, match=r"no answer within 0\.5s"):
             healthcheck.check(address, timeout=0.5)
         assert time.monotonic() - started < 5
+
+
+def test_probe_speaks_mtls_and_says_why_it_cannot_in_one_line(tmp_path: Path) -> None:
+    from secrets_watch import watch_secret
+
+    from swarm_client._certs import write_development_certificates
+
+    write_development_certificates(tmp_path)
+    for key in tmp_path.glob("*key.pem"):
+        watch_secret("".join(line for line in key.read_text().splitlines() if "-----" not in line))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [((tmp_path / "server-key.pem").read_bytes(), (tmp_path / "server.pem").read_bytes())],
+        root_certificates=(tmp_path / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        tls = ["--tls-ca", str(tmp_path / "ca.pem")]
+        client = ["--tls-cert", str(tmp_path / "client.pem"), "--tls-key", str(tmp_path / "client-key.pem")]
+        result = probe(address, *tls, *client, "--timeout", "5")
+        assert result.returncode == 0, result.stderr
+        named = probe(address, *tls, *client, "--tls-server-name", "localhost", "--timeout", "5")
+        assert named.returncode == 0, named.stderr
+        env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
+        for args, words in [
+            ([*tls], "it may require a client certificate"),
+            ([*tls, *client, "--tls-server-name", "orchestrator"], "not for this host name"),
+            ([], "the server closed the connection"),
+        ]:
+            refused = probe(address, *args, "--timeout", "5", env=env)
+            assert refused.returncode == 1
+            (line,) = refused.stderr.splitlines()
+            assert line.startswith(f"swarm-healthcheck: unhealthy: {address}") and words in line, line
+    finally:
+        server.stop(0)
 
 
 @pytest.mark.parametrize(

@@ -113,3 +113,42 @@ async def test_record_follows_a_swarm_with_a_retry() -> None:
     )
     assert view.result == "r" and view.usage.output_tokens == 9
     assert view.last_sequence == 7 and view.HasField("end_time")
+
+
+async def test_what_a_swarm_spends_is_told_once_durable_failed_attempts_and_the_final_synthesis_included() -> (
+    None
+):
+    """The tenants' daily quotas hear of spending from here: it must be what the swarm's record
+    counts as spent, everything included, each call once."""
+    told: list[tuple[str, events_pb2.Usage]] = []
+    log = EventLog(
+        SwarmRecord("s1"), MemoryStore(), on_spent=lambda swarm, usage: told.append((swarm, usage))
+    )
+    plan = [events_pb2.Subtask(id="subtask-1", title="one", instructions="do")]
+    log.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=1, model="m"))
+    log.append(
+        "plan_created",
+        events_pb2.PlanCreated(subtasks=plan, usage=events_pb2.Usage(input_tokens=10, cost_usd=0.1)),
+    )
+    log.append("subtask_started", events_pb2.SubtaskStarted(subtask_id="subtask-1", worker_id="w", attempt=1))
+    failed = events_pb2.Usage(input_tokens=5, output_tokens=5, cost_usd=0.2)
+    log.append(
+        "subtask_failed",
+        events_pb2.SubtaskFailed(subtask_id="subtask-1", attempt=1, will_retry=True, usage=failed),
+    )
+    log.append("subtask_started", events_pb2.SubtaskStarted(subtask_id="subtask-1", worker_id="w", attempt=2))
+    answer = events_pb2.Usage(input_tokens=5, output_tokens=20, cost_usd=0.3)
+    log.append(
+        "subtask_completed",
+        events_pb2.SubtaskCompleted(subtask_id="subtask-1", attempt=2, output="o", usage=answer),
+    )
+    await log.stored()
+    # The final synthesis is told in the total alone (a swarm without a budget).
+    total = events_pb2.Usage(input_tokens=60, output_tokens=55, cost_usd=1.0)
+    log.append("swarm_completed", events_pb2.SwarmCompleted(result="r", usage=total))
+    await log.stored()
+    assert {swarm for swarm, _ in told} == {"s1"}
+    assert sum(usage.cost_usd for _, usage in told) == pytest.approx(0.1 + 0.2 + 0.3 + 0.4)
+    # swarm_completed's usage is the whole swarm's: told in all, each call once.
+    assert sum(usage.input_tokens + usage.output_tokens for _, usage in told) == 60 + 55
+    assert told[-1][1].cost_usd == pytest.approx(0.4), "the final synthesis: what the total adds"

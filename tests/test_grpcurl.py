@@ -24,9 +24,14 @@ DOCUMENTED_TARGET = "localhost:50051"
 
 
 def readme_grpcurl_lines() -> list[list[str]]:
-    """Every `grpcurl ...` command in README's shell blocks, continuation lines joined."""
+    """Every plaintext `grpcurl ...` command in README's shell blocks, continuation lines joined
+    (the TLS ones are run by tests/test_security.py)."""
     text = README.read_text().replace("\\\n", " ")
-    return [shlex.split(line) for line in text.splitlines() if line.startswith("grpcurl ")]
+    return [
+        shlex.split(line)
+        for line in text.splitlines()
+        if line.startswith("grpcurl ") and "-plaintext" in line.split()
+    ]
 
 
 def run_grpcurl(command: list[str], target: str) -> str:

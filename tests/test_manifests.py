@@ -202,16 +202,18 @@ def test_services_name_and_type_their_ports_for_meshes() -> None:
     for name, grpc_port in [("orchestrator", 50051), ("worker", 50052)]:
         service = find("Service", name)
         ports = {port["name"]: port for port in service["spec"]["ports"]}
-        assert ports["grpc"]["port"] == grpc_port and ports["grpc"]["appProtocol"] == "grpc"
+        (container,) = pod(name)["spec"]["containers"]
+        env = {var["name"]: var.get("value") for var in container["env"]}
+        # A mesh must be told what the bytes are: TLS when the service serves TLS itself, else gRPC.
+        wire = "tls" if env.get("SWARM_TLS_CERT") else "grpc"
+        assert ports["grpc"]["port"] == grpc_port and ports["grpc"]["appProtocol"] == wire
         assert (
             ports["http-metrics"]["port"] == METRICS_PORT and ports["http-metrics"]["appProtocol"] == "http"
         )
-        (container,) = pod(name)["spec"]["containers"]
         container_ports = {port["name"]: port["containerPort"] for port in container["ports"]}
         for port in ports.values():
             assert PORT_NAME.fullmatch(port["name"]), port["name"]
             assert port["targetPort"] in container_ports, f"{name}: no container port {port['targetPort']}"
-        env = {var["name"]: var.get("value") for var in container["env"]}
         assert env["SWARM_METRICS_LISTEN"] == f"0.0.0.0:{container_ports['http-metrics']}"
         annotations = pod(name)["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(container_ports["http-metrics"])

@@ -81,6 +81,28 @@ async def test_swarms_take_turns_for_free_slots() -> None:
     assert order[:4] == ["big", "small", "big", "small"], order
 
 
+async def test_tenants_take_turns_first_then_each_tenants_swarms() -> None:
+    """Three swarms of tenant A wait for slots, then one of tenant B: B gets every other slot, not
+    one in four, and A's slots go round its three swarms."""
+    pool = pool_of({"a:1": 1})
+    holder = await pool.acquire("a-1", tenant="A")
+    order: list[str] = []
+
+    async def want(swarm: str, tenant: str) -> None:
+        worker = await pool.acquire(swarm, tenant=tenant)
+        order.append(swarm)
+        pool.release(worker, swarm)
+
+    waiting = [asyncio.create_task(want(f"a-{i}", "A")) for i in (1, 2, 3) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    waiting += [asyncio.create_task(want("b-1", "B")) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    pool.release(holder, "a-1")
+    await asyncio.wait_for(asyncio.gather(*waiting), 2)
+    assert [swarm[0] for swarm in order[:8]] == ["a", "b"] * 4, order
+    assert sorted(swarm for swarm in order[:6] if swarm.startswith("a")) == ["a-1", "a-2", "a-3"], order
+
+
 async def test_a_swarm_cap_limits_its_slots_but_not_others() -> None:
     pool = pool_of({"a:1": 10})
     capped = [await pool.acquire("capped", max_parallel=2) for _ in range(2)]

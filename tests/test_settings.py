@@ -44,6 +44,11 @@ BOTH = [
     ("--stream-write-timeout", "SWARM_STREAM_WRITE_TIMEOUT_S", 30.0),
     ("--keepalive-time", "SWARM_KEEPALIVE_TIME_S", 30.0),
     ("--keepalive-timeout", "SWARM_KEEPALIVE_TIMEOUT_S", 20.0),
+    ("--max-message-bytes", "SWARM_MAX_MESSAGE_BYTES", 4 * 1024 * 1024),
+    ("--max-metadata-bytes", "SWARM_MAX_METADATA_BYTES", 16 * 1024),
+    ("--tls-cert", "SWARM_TLS_CERT", ""),
+    ("--tls-key", "SWARM_TLS_KEY", ""),
+    ("--tls-client-ca", "SWARM_TLS_CLIENT_CA", ""),
 ]
 # The names and defaults that containers, manifests and scripts rely on (the contract, and
 # README's table as it stood before the models): a rename or a changed default fails here.
@@ -78,6 +83,12 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--hedging", "SWARM_HEDGING", False),
         ("--hedge-max-extra", "SWARM_HEDGE_MAX_EXTRA", 0.1),
         ("--no-prompt-caching", "SWARM_NO_PROMPT_CACHING", False),
+        ("--worker-tls-ca", "SWARM_WORKER_TLS_CA", ""),
+        ("--worker-tls-cert", "SWARM_WORKER_TLS_CERT", ""),
+        ("--worker-tls-key", "SWARM_WORKER_TLS_KEY", ""),
+        ("--auth-file", "SWARM_AUTH_FILE", ""),
+        ("--allow-unauthenticated", "SWARM_ALLOW_UNAUTHENTICATED", False),
+        ("--reflection-needs-token", "SWARM_REFLECTION_NEEDS_TOKEN", False),
         *BOTH,
     ],
     "worker": [

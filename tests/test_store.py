@@ -49,14 +49,22 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 async def write_swarm(
-    store: Store, swarm_id: str, *, agents: int = 2, end: str = "swarm_completed", request_id: str = ""
+    store: Store,
+    swarm_id: str,
+    *,
+    agents: int = 2,
+    end: str = "swarm_completed",
+    request_id: str = "",
+    tenant: str = "",
 ) -> EventLog:
     """A whole swarm through a real EventLog (so with the real reducer's view rows); `end` is the
     terminal kind, or "" for a swarm still running."""
     log = EventLog(SwarmRecord(swarm_id), store)
     log.append(
         "accepted",
-        events_pb2.SwarmAccepted(idea=f"idea {swarm_id}", num_agents=agents, request_id=request_id),
+        events_pb2.SwarmAccepted(
+            idea=f"idea {swarm_id}", num_agents=agents, request_id=request_id, tenant=tenant
+        ),
     )
     subtasks = [events_pb2.Subtask(id=f"subtask-{i}", title=f"t{i}", instructions="x") for i in range(agents)]
     log.append(
@@ -138,6 +146,30 @@ async def test_request_ids_and_unfinished_swarms_are_found(store: Store) -> None
     assert await store.unfinished() == ["running", "also-running"]
 
 
+async def test_swarms_belong_to_their_tenant_in_views_listings_and_request_ids(store: Store) -> None:
+    await write_swarm(store, "a1", tenant="acme", request_id="same")
+    await write_swarm(store, "b1", tenant="bolt", request_id="same", end="")
+    await write_swarm(store, "a2", tenant="acme", end="swarm_failed")
+    await write_swarm(store, "anonymous", request_id="same")
+    view = await store.get_swarm("a1")
+    assert view is not None and view.tenant == "acme"
+    assert [s.swarm_id for s in await store.list_swarms(limit=10, tenant="acme")] == ["a2", "a1"]
+    assert [s.swarm_id for s in await store.list_swarms(limit=10, tenant="bolt")] == ["b1"]
+    assert [s.swarm_id for s in await store.list_swarms(limit=10)] == ["anonymous"]
+    assert [s.tenant for s in await store.list_swarms(limit=10, tenant="acme")] == ["acme", "acme"]
+    failed = await store.list_swarms(limit=10, state=S.SWARM_STATE_FAILED, tenant="acme")
+    assert [s.swarm_id for s in failed] == ["a2"]
+    assert await store.list_swarms(limit=10, state=S.SWARM_STATE_FAILED, tenant="bolt") == []
+    # Each tenant's request ids are its own.
+    assert await store.find_request("same", tenant="acme") == "a1"
+    assert await store.find_request("same", tenant="bolt") == "b1"
+    assert await store.find_request("same") == "anonymous"
+    assert await store.find_request("same", tenant="nobody") is None
+    await expire(store, max_age_s=0)
+    assert await store.find_request("same", tenant="acme") is None
+    assert await store.find_request("same", tenant="bolt") == "b1"
+
+
 async def test_retention_deletes_finished_swarms_past_their_age_and_nothing_else(store: Store) -> None:
     await write_swarm(store, "completed", request_id="key")
     await write_swarm(store, "failed", end="swarm_failed")
@@ -178,6 +210,44 @@ async def test_sqlite_keeps_every_swarm_across_a_reopen(tmp_path: Path) -> None:
         assert len(await again.events("done", after_sequence=0, limit=100)) == done.last_sequence
     finally:
         await again.close()
+
+
+# The swarms table of schema version 1, before swarms had tenants.
+SCHEMA_1_SWARM_INDEXES = """
+CREATE INDEX swarms_newest ON swarms (create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_state ON swarms (state, create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_request ON swarms (request_id) WHERE request_id IS NOT NULL;
+"""
+
+
+async def test_sqlite_brings_a_version_1_file_up_to_date_keeping_every_swarm(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    first = await SqliteStore.open(path)
+    done = await write_swarm(first, "done", request_id="key")
+    running = await write_swarm(first, "running", end="")
+    await first.close()
+    old = sqlite3.connect(path, isolation_level=None)  # back to what version 1 wrote
+    old.executescript(
+        "BEGIN; DROP INDEX swarms_newest; DROP INDEX swarms_by_state; DROP INDEX swarms_by_request;"
+        f" ALTER TABLE swarms DROP COLUMN tenant; {SCHEMA_1_SWARM_INDEXES} PRAGMA user_version = 1; COMMIT;"
+    )
+    old.close()
+
+    again = await SqliteStore.open(path)
+    try:
+        assert await again.get_swarm("done") == done.record.to_proto()
+        assert await again.get_swarm("running") == running.record.to_proto()
+        assert [s.swarm_id for s in await again.list_swarms(limit=10)] == ["running", "done"]
+        assert await again.find_request("key") == "done"
+        assert await again.unfinished() == ["running"]
+        await write_swarm(again, "new", tenant="acme", request_id="key")
+        assert await again.find_request("key", tenant="acme") == "new"
+        assert [s.swarm_id for s in await again.list_swarms(limit=10, tenant="acme")] == ["new"]
+    finally:
+        await again.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+    check.close()
 
 
 async def test_sqlite_commits_the_appends_of_many_swarms_together(tmp_path: Path) -> None:

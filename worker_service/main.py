@@ -33,6 +33,7 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 async def _serve(settings: WorkerSettings, log: logging.Logger) -> None:
+    tls = settings.server_tls(log)  # files that cannot be used stop the start
     provider = make_provider(settings.provider, settings.simulated())
     worker = Worker(
         provider,
@@ -55,6 +56,7 @@ async def _serve(settings: WorkerSettings, log: logging.Logger) -> None:
         listen=settings.listen,
         log=log,
         limits=settings.call_limits(),
+        tls=tls,
     )
     worker.worker_id = settings.worker_id or f"{socket.gethostname()}:{service.port}"
     log.info(

@@ -8,10 +8,15 @@
 // WatchSwarm(after_sequence = the last event printed), with backoff and jitter, for up to
 // --resume-within seconds: each event is printed once, in order.
 //
+// A TLS orchestrator is reached with --tls-ca (and, for mTLS, --tls-cert and --tls-key); a token is
+// sent with every call as `authorization: Bearer TOKEN` (--token, or better $SWARM_TOKEN, which `ps`
+// does not show).
+//
 // Exit status: 0 when the last event is swarm_completed; 1 when it is swarm_failed or
 // swarm_cancelled, or the call fails (the gRPC code and details go to stderr); 2 on bad usage;
 // 130 after Ctrl-C.
 
+import fs from "node:fs";
 import path from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
@@ -23,7 +28,9 @@ import * as protoLoader from "@grpc/proto-loader";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const DEFAULT_PROTOS = path.resolve(HERE, "..", "..", "protos");
 const USAGE = `usage: node run-swarm.mjs [--target HOST:PORT] [--agents N] [--model MODEL] [--detach]
-                         [--request-id ID] [--resume-within SECONDS] [--protos DIR] "IDEA"
+                         [--request-id ID] [--resume-within SECONDS] [--protos DIR]
+                         [--tls-ca PEM [--tls-cert PEM --tls-key PEM] [--tls-server-name NAME]]
+                         [--token TOKEN] "IDEA"
   --target      orchestrator address (default: $SWARM_TARGET or localhost:50051)
   --agents      number of parallel worker agents (default: 3)
   --model       model override (default: the server's)
@@ -31,7 +38,14 @@ const USAGE = `usage: node run-swarm.mjs [--target HOST:PORT] [--agents N] [--mo
   --request-id  idempotency key
   --resume-within  how long to try to resume a broken stream; 0 = not at all
                 (default: $SWARM_RESUME_WITHIN_S or 60)
-  --protos      the protos/ directory (default: ${DEFAULT_PROTOS})`;
+  --protos      the protos/ directory (default: ${DEFAULT_PROTOS})
+  --tls-ca      the CA the orchestrator's certificate is checked against; set = TLS
+                (default: $SWARM_CLIENT_TLS_CA)
+  --tls-cert, --tls-key  this client's certificate and key, for mTLS
+                (default: $SWARM_CLIENT_TLS_CERT, $SWARM_CLIENT_TLS_KEY)
+  --tls-server-name  the name on the orchestrator's certificate, when not the target's host
+                (default: $SWARM_CLIENT_TLS_SERVER_NAME)
+  --token       sent as authorization: Bearer TOKEN (default: $SWARM_TOKEN)`;
 
 function usageError(message) {
   process.stderr.write(`run-swarm: ${message}\n${USAGE}\n`);
@@ -50,6 +64,11 @@ try {
       "request-id": { type: "string", default: "" },
       "resume-within": { type: "string", default: process.env.SWARM_RESUME_WITHIN_S || "60" },
       protos: { type: "string", default: DEFAULT_PROTOS },
+      "tls-ca": { type: "string", default: process.env.SWARM_CLIENT_TLS_CA || "" },
+      "tls-cert": { type: "string", default: process.env.SWARM_CLIENT_TLS_CERT || "" },
+      "tls-key": { type: "string", default: process.env.SWARM_CLIENT_TLS_KEY || "" },
+      "tls-server-name": { type: "string", default: process.env.SWARM_CLIENT_TLS_SERVER_NAME || "" },
+      token: { type: "string", default: process.env.SWARM_TOKEN || "" },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -76,11 +95,34 @@ const definition = protoLoader.loadSync("swarm/v1/orchestrator.proto", {
   oneofs: true,
 });
 const { OrchestratorService } = grpc.loadPackageDefinition(definition).swarm.v1;
+function readPem(flag, file) {
+  try {
+    return fs.readFileSync(file);
+  } catch (error) {
+    usageError(`cannot read ${flag} ${file}: ${error.code ?? error.message}`);
+  }
+}
+
+if (!opts["tls-ca"] && (opts["tls-cert"] || opts["tls-key"] || opts["tls-server-name"])) {
+  usageError("--tls-cert, --tls-key and --tls-server-name need --tls-ca");
+}
+if (Boolean(opts["tls-cert"]) !== Boolean(opts["tls-key"])) usageError("--tls-cert and --tls-key go together");
+const credentials = opts["tls-ca"]
+  ? grpc.credentials.createSsl(
+      readPem("--tls-ca", opts["tls-ca"]),
+      opts["tls-key"] ? readPem("--tls-key", opts["tls-key"]) : null,
+      opts["tls-cert"] ? readPem("--tls-cert", opts["tls-cert"]) : null,
+    )
+  : grpc.credentials.createInsecure();
+// Sent with every call; never printed.
+const metadata = new grpc.Metadata();
+if (opts.token) metadata.set("authorization", `Bearer ${opts.token}`);
 // grpc-js's own reconnection backoff grows to 120 s; kept to the resume schedule's 5 s, a restarted
 // orchestrator is found again within seconds.
-const client = new OrchestratorService(opts.target, grpc.credentials.createInsecure(), {
+const client = new OrchestratorService(opts.target, credentials, {
   "grpc.initial_reconnect_backoff_ms": 250,
   "grpc.max_reconnect_backoff_ms": 5000,
+  ...(opts["tls-server-name"] ? { "grpc.ssl_target_name_override": opts["tls-server-name"] } : {}),
 });
 
 const TERMINAL = new Set(["swarm_completed", "swarm_failed", "swarm_cancelled"]);
@@ -178,18 +220,21 @@ function resume(cause) {
   const line = `reconnecting… attempt ${attempts}, after sequence ${lastSequence}: ${cause}`;
   process.stderr.write(`run-swarm: ${line.replace(CONTROLS, "")}\n`);
   retryTimer = setTimeout(() => {
-    follow(client.WatchSwarm({ swarm_id: swarmId, after_sequence: String(lastSequence) }));
+    follow(client.WatchSwarm({ swarm_id: swarmId, after_sequence: String(lastSequence) }, metadata));
   }, delayMs);
 }
 
 follow(
-  client.RunSwarm({
-    idea: positionals[0],
-    num_agents: Number(opts.agents),
-    model: opts.model,
-    detach: opts.detach,
-    request_id: opts["request-id"],
-  }),
+  client.RunSwarm(
+    {
+      idea: positionals[0],
+      num_agents: Number(opts.agents),
+      model: opts.model,
+      detach: opts.detach,
+      request_id: opts["request-id"],
+    },
+    metadata,
+  ),
 );
 
 // Ctrl-C cancels the swarm unless --detach was given: by cancelling RunSwarm while that call is
@@ -202,7 +247,8 @@ process.on("SIGINT", () => {
     current.stream.cancel(); // its "error" handler finishes
   } else if (!opts.detach && !TERMINAL.has(lastKind)) {
     const deadline = Date.now() + 10000;
-    client.CancelSwarm({ swarm_id: swarmId, reason: "the client cancelled RunSwarm" }, { deadline }, (error) => {
+    const request = { swarm_id: swarmId, reason: "the client cancelled RunSwarm" };
+    client.CancelSwarm(request, metadata, { deadline }, (error) => {
       current.stream.cancel();
       finish(130, error ? `interrupted; the swarm was not cancelled: ${error.details || error.message}` : "interrupted");
     });

@@ -18,9 +18,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PROTOS = REPO / "protos"
 LIBRARY = REPO / "clients" / "swarm_client"
-# The library's modules all go in, but for the terminal's: the CLI, its views and `swarm up` need
-# rich and the services, which a client alone does not carry.
-TERMINAL_FILES = frozenset({"cli.py", "_view.py", "_terminal.py", "_local_stack.py"})
+# The library's modules all go in, but for the terminal's: the CLI, its views, `swarm up` and
+# `swarm certs` need rich, cryptography and the services, which a client alone does not carry.
+TERMINAL_FILES = frozenset({"cli.py", "_view.py", "_terminal.py", "_local_stack.py", "_certs.py"})
 SRC = HERE / "src"
 
 

@@ -7,6 +7,13 @@ async with AsyncSwarmClient("localhost:50051") as client:
 A stream that breaks (an orchestrator restart, a dropped connection) is resumed where it stopped.
 """
 
+import os
+
+# grpc's C core writes lines of its own to standard error (a failed TLS handshake, at INFO). A
+# client tells what failed itself, in one line (its errors), so grpc's are errors only unless
+# GRPC_VERBOSITY says otherwise: set before grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from swarm_client._client import (
     DEFAULT_TARGET,
     AsyncSwarmClient,
@@ -26,10 +33,12 @@ from swarm_client._errors import (
     ResourceExhausted,
     ResumeFailed,
     SwarmError,
+    TlsFailed,
     Unauthenticated,
     Unavailable,
 )
 from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, TERMINAL_KINDS, Reconnecting
+from swarm_client._tls import ClientTls, TlsOptionError
 
 __all__ = [
     "DEFAULT_RESUME_WITHIN_S",
@@ -37,6 +46,7 @@ __all__ = [
     "TERMINAL_KINDS",
     "AsyncSwarmClient",
     "Budget",
+    "ClientTls",
     "DeadlineExceeded",
     "Estimate",
     "InvalidArgument",
@@ -50,6 +60,8 @@ __all__ = [
     "SwarmError",
     "SwarmEvent",
     "SwarmState",
+    "TlsFailed",
+    "TlsOptionError",
     "Unauthenticated",
     "Unavailable",
     "default_target",

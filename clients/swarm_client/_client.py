@@ -3,11 +3,16 @@
 Both take a target (`host:port`), are context managers, return the protobuf messages of the API
 (typed through the generated .pyi) and raise `SwarmError` subclasses instead of grpc errors.
 `run()` and `watch()` resume a broken stream by themselves (see `_resume`).
+
+A TLS orchestrator is reached with `tls=ClientTls(ca, cert, key)`, and a token is sent with every
+call as `authorization: Bearer TOKEN`; both default to the environment, as the target does
+(SWARM_CLIENT_TLS_CA ..., SWARM_TOKEN: see `_tls`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -27,6 +32,7 @@ from swarm_client._resume import (
     Reconnecting,
     Resumption,
 )
+from swarm_client._tls import ClientTls, token_from_environment
 
 DEFAULT_TARGET = "localhost:50051"
 SwarmEvent = events_pb2.SwarmEvent
@@ -98,6 +104,21 @@ def _not_cancelled(swarm_id: str, error: SwarmError) -> None:
     log.warning(f"swarm {swarm_id} could not be cancelled when its caller left: {error.message}")
 
 
+class _Connection:
+    """What every call of a client carries: the channel's TLS and the token's metadata."""
+
+    def __init__(self, tls: ClientTls | None, token: str | None) -> None:
+        self.tls = tls if tls is not None else ClientTls.from_environment()
+        token = token if token is not None else token_from_environment()
+        self.metadata: tuple[tuple[str, str], ...] | None = (
+            (("authorization", f"Bearer {token}"),) if token else None
+        )
+        self.errors = functools.partial(from_rpc_error, tls=self.tls, knows_tls=True)
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [*CHANNEL_OPTIONS, *(self.tls.options() if self.tls is not None else [])]
+
+
 class AsyncSwarmClient:
     def __init__(
         self,
@@ -105,13 +126,24 @@ class AsyncSwarmClient:
         *,
         timeout: float | None = 30.0,
         resume_within_s: float = DEFAULT_RESUME_WITHIN_S,
+        tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
         """`timeout` bounds unary calls; streams last as long as their swarm. A broken stream of
-        run() or watch() is resumed for up to `resume_within_s` (0: not at all)."""
+        run() or watch() is resumed for up to `resume_within_s` (0: not at all). `tls` (None: from
+        the environment, else plaintext) and `token` (None: SWARM_TOKEN, else none) are how the
+        orchestrator is reached."""
         self.target = target or default_target()
         self.timeout = timeout
         self.resume_within_s = resume_within_s
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._connection = _Connection(tls, token)
+        self._metadata = self._connection.metadata
+        if self._connection.tls is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._connection.options())
+        else:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._connection.tls.credentials(), options=self._connection.options()
+            )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -160,8 +192,8 @@ class AsyncSwarmClient:
             idea, agents, model, detach, request_id, max_parallel, answer_max_tokens, spending
         )
         return self._follow(
-            lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
-            Resumption("", 0, self.resume_within_s, attached=not detach),
+            lambda timeout: self._stub.RunSwarm(request, timeout=timeout, metadata=self._metadata),
+            Resumption("", 0, self.resume_within_s, attached=not detach, errors=self._connection.errors),
             call_timeout=call_timeout,
             on_reconnect=on_reconnect,
         )
@@ -171,9 +203,11 @@ class AsyncSwarmClient:
     ) -> AsyncGenerator[SwarmEvent, None]:
         """The swarm's events after `after_sequence`, then live ones until the terminal one (none
         when the swarm had ended by `after_sequence`), resuming a broken stream as run() does."""
-        place = Resumption(swarm_id, after_sequence, self.resume_within_s)
+        place = Resumption(swarm_id, after_sequence, self.resume_within_s, errors=self._connection.errors)
         return self._follow(
-            lambda timeout: self._stub.WatchSwarm(place.watch_request(), timeout=timeout),
+            lambda timeout: self._stub.WatchSwarm(
+                place.watch_request(), timeout=timeout, metadata=self._metadata
+            ),
             place,
             call_timeout=None,
             on_reconnect=on_reconnect,
@@ -212,7 +246,9 @@ class AsyncSwarmClient:
                 if on_reconnect is not None:
                     on_reconnect(attempt)
                 await asyncio.sleep(attempt.delay_s)
-                call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
+                call = self._stub.WatchSwarm(
+                    place.watch_request(), timeout=_time_left(deadline), metadata=self._metadata
+                )
         except (GeneratorExit, asyncio.CancelledError):
             if place.cancels_on_leave():
                 try:
@@ -224,10 +260,12 @@ class AsyncSwarmClient:
     async def get(self, swarm_id: str) -> Swarm:
         try:
             response = await self._stub.GetSwarm(
-                orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id), timeout=self.timeout
+                orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
         return response.swarm
 
     async def list(
@@ -237,17 +275,20 @@ class AsyncSwarmClient:
             return await self._stub.ListSwarms(
                 orchestrator_pb2.ListSwarmsRequest(page_size=page_size, page_token=page_token, state=state),  # type: ignore[arg-type]
                 timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
 
     async def cancel(self, swarm_id: str, reason: str = "") -> Swarm:
         try:
             response = await self._stub.CancelSwarm(
-                orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason), timeout=self.timeout
+                orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
         return response.swarm
 
     async def estimate(
@@ -272,10 +313,10 @@ class AsyncSwarmClient:
         """What the orchestrator accepts (its largest num_agents, say) and its default model."""
         try:
             return await self._stub.GetOrchestratorInfo(
-                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
 
 
 class SwarmClient:
@@ -288,15 +329,24 @@ class SwarmClient:
         timeout: float | None = 30.0,
         resume_within_s: float = DEFAULT_RESUME_WITHIN_S,
         channel: grpc.Channel | None = None,
+        tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
         """`channel` replaces the one made for `target` (tests pass grpc_testing's fake one); the
-        client closes it as it would its own."""
+        client closes it as it would its own. `tls` and `token` as for AsyncSwarmClient."""
         self.target = target or default_target()
         self.timeout = timeout
         self.resume_within_s = resume_within_s
-        self._channel = (
-            channel if channel is not None else grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        )
+        self._connection = _Connection(tls, token)
+        self._metadata = self._connection.metadata
+        if channel is not None:
+            self._channel = channel
+        elif self._connection.tls is None:
+            self._channel = grpc.insecure_channel(self.target, options=self._connection.options())
+        else:
+            self._channel = grpc.secure_channel(
+                self.target, self._connection.tls.credentials(), options=self._connection.options()
+            )
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
 
     def __enter__(self) -> Self:
@@ -335,8 +385,8 @@ class SwarmClient:
             idea, agents, model, detach, request_id, max_parallel, answer_max_tokens, spending
         )
         return self._follow(
-            lambda timeout: self._stub.RunSwarm(request, timeout=timeout),
-            Resumption("", 0, self.resume_within_s, attached=not detach),
+            lambda timeout: self._stub.RunSwarm(request, timeout=timeout, metadata=self._metadata),
+            Resumption("", 0, self.resume_within_s, attached=not detach, errors=self._connection.errors),
             call_timeout=call_timeout,
             on_reconnect=on_reconnect,
         )
@@ -344,9 +394,11 @@ class SwarmClient:
     def watch(
         self, swarm_id: str, after_sequence: int = 0, *, on_reconnect: OnReconnect | None = None
     ) -> Generator[SwarmEvent, None, None]:
-        place = Resumption(swarm_id, after_sequence, self.resume_within_s)
+        place = Resumption(swarm_id, after_sequence, self.resume_within_s, errors=self._connection.errors)
         return self._follow(
-            lambda timeout: self._stub.WatchSwarm(place.watch_request(), timeout=timeout),
+            lambda timeout: self._stub.WatchSwarm(
+                place.watch_request(), timeout=timeout, metadata=self._metadata
+            ),
             place,
             call_timeout=None,
             on_reconnect=on_reconnect,
@@ -384,7 +436,9 @@ class SwarmClient:
                 if on_reconnect is not None:
                     on_reconnect(attempt)
                 time.sleep(attempt.delay_s)
-                call = self._stub.WatchSwarm(place.watch_request(), timeout=_time_left(deadline))
+                call = self._stub.WatchSwarm(
+                    place.watch_request(), timeout=_time_left(deadline), metadata=self._metadata
+                )
         except (GeneratorExit, KeyboardInterrupt):
             if place.cancels_on_leave():
                 try:
@@ -396,10 +450,12 @@ class SwarmClient:
     def get(self, swarm_id: str) -> Swarm:
         try:
             return self._stub.GetSwarm(
-                orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id), timeout=self.timeout
+                orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id),
+                timeout=self.timeout,
+                metadata=self._metadata,
             ).swarm
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
 
     def list(
         self, *, page_size: int = 0, page_token: str = "", state: int = 0
@@ -408,17 +464,20 @@ class SwarmClient:
             return self._stub.ListSwarms(
                 orchestrator_pb2.ListSwarmsRequest(page_size=page_size, page_token=page_token, state=state),  # type: ignore[arg-type]
                 timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
 
     def cancel(self, swarm_id: str, reason: str = "") -> Swarm:
         try:
             return self._stub.CancelSwarm(
-                orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason), timeout=self.timeout
+                orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id, reason=reason),
+                timeout=self.timeout,
+                metadata=self._metadata,
             ).swarm
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None
 
     def estimate(
         self,
@@ -441,7 +500,7 @@ class SwarmClient:
     def info(self) -> orchestrator_pb2.GetOrchestratorInfoResponse:
         try:
             return self._stub.GetOrchestratorInfo(
-                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout
+                orchestrator_pb2.GetOrchestratorInfoRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise self._connection.errors(error) from None

@@ -6,6 +6,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from swarm_client._tls import ClientTls, explain_tls_failure
+
 
 class SwarmError(Exception):
     """Any failed call to the orchestrator. `code` is the gRPC status code."""
@@ -47,6 +49,10 @@ class Unavailable(SwarmError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class TlsFailed(Unavailable):
+    """The connection's TLS failed: the message says why, in one line."""
+
+
 class ResumeFailed(Unavailable):
     """A swarm's stream broke and could not be resumed in time (or resuming is off). The swarm may
     well go on: WatchSwarm(swarm_id, after_sequence=last_sequence) picks it up where it stopped."""
@@ -67,10 +73,17 @@ _BY_CODE: dict[grpc.StatusCode, type[SwarmError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> SwarmError:
-    """Turns a grpc error (sync or aio) into the matching SwarmError subclass."""
+def from_rpc_error(
+    error: grpc.RpcError, *, tls: ClientTls | None = None, knows_tls: bool = False
+) -> SwarmError:
+    """Turns a grpc error (sync or aio) into the matching SwarmError subclass. `knows_tls`: the
+    caller made the channel with `tls` (None: plaintext), so a failed handshake can be told."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or code.name
+    if knows_tls and code == grpc.StatusCode.UNAVAILABLE:
+        meaning = explain_tls_failure(details, tls)
+        if meaning is not None:
+            return TlsFailed(meaning)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations: list[tuple[str, str]] = []
         status = rpc_status.from_call(error)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -58,8 +59,16 @@ class Resumption:
     """One stream's place (swarm id, last sequence) and its reconnection schedule."""
 
     def __init__(
-        self, swarm_id: str, after_sequence: int, within_s: float, *, attached: bool = False
+        self,
+        swarm_id: str,
+        after_sequence: int,
+        within_s: float,
+        *,
+        attached: bool = False,
+        errors: Callable[[grpc.RpcError], SwarmError] = from_rpc_error,
     ) -> None:
+        """`errors` turns a grpc error that resuming cannot mend into the SwarmError to raise."""
+        self._errors = errors
         self.swarm_id = swarm_id  # "" until a RunSwarm stream's first event names it
         self.attached = attached  # a run() without detach: the caller's leaving cancels the swarm
         self.last_sequence = after_sequence
@@ -101,7 +110,7 @@ class Resumption:
         """Why the stream broke, when resuming can mend it; else the error as a SwarmError."""
         code: grpc.StatusCode = error.code()
         if code != grpc.StatusCode.UNAVAILABLE or not self.can_resume():
-            raise from_rpc_error(error) from None
+            raise self._errors(error) from None
         return str(error.details() or code.name)
 
     def cancels_on_leave(self) -> bool:

@@ -1,4 +1,5 @@
-"""`swarm`: run, watch, get, list and cancel swarms, and `swarm up` for a local stack.
+"""`swarm`: run, watch, get, list and cancel swarms, `swarm up` for a local stack, and `swarm certs`
+for development certificates.
 
 What the orchestrator sends is shown as text, never as markup (see `_terminal`).
 """
@@ -10,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,9 +24,17 @@ from rich.text import Text
 
 from swarm.v1 import orchestrator_pb2
 from swarm_client._client import LEFT_REASON, Budget, Spending, Swarm, SwarmClient, SwarmEvent, default_target
-from swarm_client._errors import InvalidArgument, ResumeFailed, SwarmError, Unavailable
+from swarm_client._errors import (
+    InvalidArgument,
+    ResumeFailed,
+    SwarmError,
+    TlsFailed,
+    Unauthenticated,
+    Unavailable,
+)
 from swarm_client._resume import DEFAULT_RESUME_WITHIN_S, Reconnecting
 from swarm_client._terminal import escape_json_controls, safe_text, strip_controls
+from swarm_client._tls import ENV_CA, ENV_CERT, ENV_KEY, ENV_SERVER_NAME, ENV_TOKEN, ClientTls, TlsOptionError
 from swarm_client._view import CUT_OFF, SwarmView, describe_provider, ending
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -320,7 +330,10 @@ def cmd_cancel(args: argparse.Namespace, client: SwarmClient) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swarm", description="Run swarms of Claude agents in parallel.")
+    # No abbreviations: `swarm up --tls` is up's own flag, not a short --tls-ca.
+    parser = argparse.ArgumentParser(
+        prog="swarm", description="Run swarms of Claude agents in parallel.", allow_abbrev=False
+    )
     parser.add_argument(
         "--target",
         default=default_target(),
@@ -334,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long run and watch try to resume a broken stream; 0 = not at all "
         f"[env SWARM_RESUME_WITHIN_S, default {DEFAULT_RESUME_WITHIN_S:g}]",
     )
+    add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="start a swarm and follow it live")
@@ -408,14 +422,83 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--json", action="store_true")
     cancel.set_defaults(handler=cmd_cancel)
 
+    certs = commands.add_parser(
+        "certs",
+        help="write a development CA and server and client certificates (for 127.0.0.1 and localhost)",
+    )
+    certs.add_argument(
+        "directory", help="where to write ca.pem, server.pem, server-key.pem, client.pem, client-key.pem"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a name or address the server certificate is for (repeatable; default 127.0.0.1 and localhost)",
+    )
+    certs.set_defaults(handler=cmd_certs)
+
     from swarm_client._local_stack import add_up_command
 
-    add_up_command(commands, run_demo=lambda target, idea, agents: _demo(target, idea, agents))
+    add_up_command(commands, run_demo=_demo)
     return parser
 
 
-def _demo(target: str, idea: str, agents: int) -> int:
-    with SwarmClient(target) as client:
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a TLS orchestrator that wants a token (the CLI and the web console)."""
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get(ENV_CA, ""),
+        metavar="PEM",
+        help=f"the CA the orchestrator's certificate is checked against; set = TLS [env {ENV_CA}]",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get(ENV_CERT, ""),
+        metavar="PEM",
+        help=f"this client's certificate, for an orchestrator that requires one (mTLS) [env {ENV_CERT}]",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get(ENV_KEY, ""),
+        metavar="PEM",
+        help=f"the key of --tls-cert [env {ENV_KEY}]",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=os.environ.get(ENV_SERVER_NAME, ""),
+        metavar="NAME",
+        help=f"the name the orchestrator's certificate must carry, when not the target's host [env {ENV_SERVER_NAME}]",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(ENV_TOKEN, ""),
+        help=f"sent as `authorization: Bearer TOKEN`; the variable keeps it out of `ps` [env {ENV_TOKEN}]",
+    )
+
+
+def tls_of(args: argparse.Namespace) -> ClientTls | None:
+    if not args.tls_ca:
+        if args.tls_cert or args.tls_key or args.tls_server_name:
+            raise TlsOptionError("--tls-cert, --tls-key and --tls-server-name need --tls-ca")
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from swarm_client._certs import DEFAULT_HOSTS, write_development_certificates
+
+    written = write_development_certificates(Path(args.directory), args.host or DEFAULT_HOSTS)
+    out.print(safe_text("wrote " + ", ".join(str(path) for path in written)))
+    out.print(
+        safe_text(
+            "development certificates only: a CA made here, trusted by nothing else; keep the -key.pem files private"
+        )
+    )
+    return EXIT_OK
+
+
+def _demo(target: str, idea: str, agents: int, tls: ClientTls | None, token: str) -> int:
+    with SwarmClient(target, tls=tls, token=token) as client:
         args = argparse.Namespace(
             idea=idea,
             agents=agents,
@@ -447,7 +530,7 @@ def dispatch(
 ) -> int:
     """Runs a command and turns its outcome into the exit status; `channel`, when given, is the
     client's instead of one to `--target` (tests pass a fake one)."""
-    if args.command == "up":
+    if args.command in ("up", "certs"):
         return int(handler(args))
     if args.command == "run" and args.agents < 1:
         err.print(f"swarm: --agents must be at least 1, got {args.agents}")
@@ -456,8 +539,29 @@ def dispatch(
         err.print(f"swarm: --resume-within must not be negative, got {args.resume_within:g}")
         return EXIT_USAGE
     try:
-        with SwarmClient(args.target, resume_within_s=args.resume_within, channel=channel) as client:
+        tls = tls_of(args)
+        with SwarmClient(
+            args.target, resume_within_s=args.resume_within, channel=channel, tls=tls, token=args.token
+        ) as client:
             return int(handler(args, client))
+    except TlsOptionError as error:
+        err.print(safe_text(f"swarm: {error}"))
+        return EXIT_USAGE
+    except TlsFailed as error:
+        err.print(
+            safe_text(
+                f"swarm: the TLS connection to the orchestrator at {args.target} failed: {error.message}"
+            )
+        )
+        return EXIT_UNREACHABLE
+    except Unauthenticated as error:
+        hint = "" if args.token else " (give --token or SWARM_TOKEN)"
+        err.print(
+            safe_text(
+                f"swarm: UNAUTHENTICATED: the orchestrator at {args.target} refused the call: {error.message}{hint}"
+            )
+        )
+        return EXIT_FAILED
     except InvalidArgument as error:
         fields = "; ".join(f"{field}: {text}" for field, text in error.violations) or error.message
         err.print(safe_text(f"swarm: invalid request: {fields}"))

@@ -17,18 +17,31 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BIN", "LISTENING", "Process", "Stack", "StackError", "program", "stack", "start"]
+__all__ = [
+    "BIN",
+    "LISTENING",
+    "OUTPUT_WATCHERS",
+    "Process",
+    "Stack",
+    "StackError",
+    "program",
+    "stack",
+    "start",
+]
 
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 # What a process said is kept for failure messages and assertions, up to this many lines, so that
 # a long soak does not grow without bound.
 KEPT_LINES = 20_000
+# Called with each process once its output has ended, all of it in `lines` (up to KEPT_LINES): the
+# tests read every service's output for secrets this way.
+OUTPUT_WATCHERS: list[Callable[[Process], None]] = []
 
 
 class StackError(RuntimeError):
@@ -141,6 +154,8 @@ def start(
                     process.address = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{match.group(2)}"
                     found.set()
         found.set()
+        for watcher in OUTPUT_WATCHERS:
+            watcher(process)
 
     process.reader = threading.Thread(target=read, name=f"output-{name}", daemon=True)
     process.reader.start()

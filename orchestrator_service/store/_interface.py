@@ -1,6 +1,7 @@
 """What the orchestrator keeps about swarms, and the one interface every store implements.
 
-A store holds, per swarm: its event log (swarm_id, sequence, event), the source of truth; and a
+A store holds, per swarm: its tenant (whose swarm it is, from its `accepted` event: listing and
+request ids are per tenant), its event log (swarm_id, sequence, event), the source of truth; and a
 view derived from it by the reducer in `state.py` (the summary that GetSwarm and ListSwarms show,
 and one status row per planned subtask, with its attempts and output), so that reading a swarm
 never means replaying its events. The view rows arrive with the events that change them, in the
@@ -118,13 +119,14 @@ class Store(Protocol):
     ) -> orchestrator_pb2.Swarm | None: ...
 
     async def list_swarms(
-        self, *, limit: int, state: int = 0, after: Cursor | None = None
+        self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        """Newest first, without subtasks; only `state` unless it is 0; only past `after`."""
+        """The tenant's swarms (a swarm's `tenant`, "" when started without a token), newest first,
+        without subtasks; only `state` unless it is 0; only past `after`."""
         ...
 
-    async def find_request(self, request_id: str) -> str | None:
-        """The swarm first started with this request_id."""
+    async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
+        """The swarm the tenant first started with this request_id: each tenant's ids are its own."""
         ...
 
     async def unfinished(self) -> list[str]:

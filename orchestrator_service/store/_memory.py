@@ -36,7 +36,7 @@ class _Stored:
 class MemoryStore(OneOrchestrator):
     def __init__(self) -> None:
         self._swarms: dict[str, _Stored] = {}
-        self._requests: dict[str, str] = {}
+        self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> swarm_id
 
     @property
     def persistent(self) -> bool:
@@ -50,7 +50,8 @@ class MemoryStore(OneOrchestrator):
                 if stored is None:
                     stored = self._swarms[event.swarm_id] = _Stored(entry.summary)
                     if entry.summary.request_id:
-                        self._requests.setdefault(entry.summary.request_id, event.swarm_id)
+                        key = (entry.summary.tenant, entry.summary.request_id)
+                        self._requests.setdefault(key, event.swarm_id)
                 stored.summary = entry.summary
             if stored is None or event.sequence != len(stored.events) + 1:
                 raise StoreError(f"swarm {event.swarm_id}: event {event.sequence} is out of order")
@@ -68,9 +69,13 @@ class MemoryStore(OneOrchestrator):
         return stored.view(with_subtasks=with_subtasks) if stored is not None else None
 
     async def list_swarms(
-        self, *, limit: int, state: int = 0, after: Cursor | None = None
+        self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        views = [stored.view(with_subtasks=False) for stored in self._swarms.values()]
+        views = [
+            stored.view(with_subtasks=False)
+            for stored in self._swarms.values()
+            if stored.summary.tenant == tenant
+        ]
         views.sort(key=Cursor.of, reverse=True)
         return [
             view
@@ -78,8 +83,8 @@ class MemoryStore(OneOrchestrator):
             if (not state or view.state == state) and (after is None or Cursor.of(view) < after)
         ][:limit]
 
-    async def find_request(self, request_id: str) -> str | None:
-        return self._requests.get(request_id)
+    async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
+        return self._requests.get((tenant, request_id))
 
     async def unfinished(self) -> list[str]:
         return [
@@ -94,9 +99,10 @@ class MemoryStore(OneOrchestrator):
             and stored.summary.end_time.ToNanoseconds() < ended_before_ns
         ][:limit]
         for swarm_id in expired:
-            request_id = self._swarms.pop(swarm_id).summary.request_id
-            if self._requests.get(request_id) == swarm_id:
-                del self._requests[request_id]
+            summary = self._swarms.pop(swarm_id).summary
+            key = (summary.tenant, summary.request_id)
+            if self._requests.get(key) == swarm_id:
+                del self._requests[key]
         return len(expired)
 
     async def close(self) -> None:

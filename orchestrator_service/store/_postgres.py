@@ -1,6 +1,7 @@
 """The shared store: PostgreSQL, for several orchestrator replicas on one database.
 
-Tables as in SQLite (swarms with their view rows, subtasks, events), and on each swarm its lease:
+Tables as in SQLite (swarms with their tenant and view rows, subtasks, events), and on each swarm
+its lease:
 the owning replica, the epoch it holds, and when the lease runs out (`lease_until`, on the
 database's clock, so the replicas' own clocks never matter). One append is one call of the
 `append_events` function, in one statement: it checks the writer's epoch under the swarm row's
@@ -74,6 +75,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
 CREATE TABLE swarms (
     swarm_id text PRIMARY KEY,
+    tenant text NOT NULL,
     request_id text,
     state integer NOT NULL,
     create_ns bigint NOT NULL,
@@ -86,9 +88,10 @@ CREATE TABLE swarms (
     lease_until timestamptz NOT NULL,
     cancel_reason text
 );
-CREATE INDEX swarms_newest ON swarms (create_ns DESC, swarm_id DESC);
-CREATE INDEX swarms_by_state ON swarms (state, create_ns DESC, swarm_id DESC);
-CREATE INDEX swarms_by_request ON swarms (request_id) WHERE request_id IS NOT NULL;
+-- Every listing and request id lookup is one tenant's: the indexes lead with it.
+CREATE INDEX swarms_newest ON swarms (tenant, create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_state ON swarms (tenant, state, create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_request ON swarms (tenant, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX swarms_by_end ON swarms (end_ns);
 CREATE INDEX swarms_by_lease ON swarms (lease_until) WHERE end_ns IS NULL;
 -- Orchestrators alive on this database: each renews its row with its leases.
@@ -114,7 +117,7 @@ CREATE TABLE events (
 CREATE FUNCTION append_events(
     p_swarm_id text, p_epoch bigint, p_owner text, p_lease_s double precision,
     p_sequences bigint[], p_events bytea[], p_update_ns bigint,
-    p_view bytea, p_request_id text, p_state integer, p_create_ns bigint, p_end_ns bigint,
+    p_view bytea, p_tenant text, p_request_id text, p_state integer, p_create_ns bigint, p_end_ns bigint,
     p_positions integer[], p_statuses bytea[]
 ) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
@@ -124,10 +127,10 @@ DECLARE
     stored bigint;
 BEGIN
     IF first_sequence = 1 THEN
-        INSERT INTO swarms (swarm_id, request_id, state, create_ns, update_ns, end_ns, last_sequence,
-                            view, owner, epoch, lease_until)
-        VALUES (p_swarm_id, p_request_id, p_state, p_create_ns, p_update_ns, p_end_ns, 0, p_view,
-                p_owner, p_epoch, now() + make_interval(secs => p_lease_s))
+        INSERT INTO swarms (swarm_id, tenant, request_id, state, create_ns, update_ns, end_ns,
+                            last_sequence, view, owner, epoch, lease_until)
+        VALUES (p_swarm_id, p_tenant, p_request_id, p_state, p_create_ns, p_update_ns, p_end_ns, 0,
+                p_view, p_owner, p_epoch, now() + make_interval(secs => p_lease_s))
         ON CONFLICT (swarm_id) DO NOTHING;
     END IF;
     SELECT epoch, last_sequence INTO held_epoch, stored FROM swarms WHERE swarm_id = p_swarm_id FOR UPDATE;
@@ -369,10 +372,10 @@ class PostgresStore:
         return _view(rows[0], [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
 
     async def list_swarms(
-        self, *, limit: int, state: int = 0, after: Cursor | None = None
+        self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        where: list[str] = []
-        parameters: list[int | str] = []
+        where: list[str] = ["tenant = %s"]
+        parameters: list[int | str] = [tenant]
         if state:
             where.append("state = %s")
             parameters.append(state)
@@ -380,14 +383,15 @@ class PostgresStore:
             where.append("(create_ns, swarm_id) < (%s, %s)")
             parameters += [after.create_ns, after.swarm_id]
         query = (
-            f"SELECT {_VIEW_COLUMNS} FROM swarms {'WHERE ' + ' AND '.join(where) if where else ''} "
+            f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE {' AND '.join(where)} "
             "ORDER BY create_ns DESC, swarm_id DESC LIMIT %s"
         )
         return [_view(row, []) for row in await self._fetch(query, [*parameters, limit])]
 
-    async def find_request(self, request_id: str) -> str | None:
+    async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
         rows = await self._fetch(
-            "SELECT swarm_id FROM swarms WHERE request_id = %s ORDER BY create_ns LIMIT 1", [request_id]
+            "SELECT swarm_id FROM swarms WHERE tenant = %s AND request_id = %s ORDER BY create_ns LIMIT 1",
+            [tenant, request_id],
         )
         return str(rows[0][0]) if rows else None
 
@@ -565,6 +569,7 @@ def _append_call(entries: list[Entry], epoch: int, owner: str, lease_s: float) -
         "events": [entry.event.SerializeToString() for entry in entries],
         "update_ns": last.time.ToNanoseconds(),
         "view": summary.SerializeToString() if summary is not None else None,
+        "tenant": summary.tenant if summary is not None else None,
         "request_id": (summary.request_id or None) if summary is not None else None,
         "state": summary.state if summary is not None else None,
         "create_ns": summary.create_time.ToNanoseconds() if summary is not None else None,
@@ -578,7 +583,7 @@ def _append_call(entries: list[Entry], epoch: int, owner: str, lease_s: float) -
 
 _APPEND = (
     "SELECT append_events(%(swarm_id)s, %(epoch)s, %(owner)s, %(lease_s)s, %(sequences)s::bigint[],"
-    " %(events)s::bytea[], %(update_ns)s, %(view)s::bytea, %(request_id)s, %(state)s, %(create_ns)s,"
+    " %(events)s::bytea[], %(update_ns)s, %(view)s::bytea, %(tenant)s, %(request_id)s, %(state)s, %(create_ns)s,"
     " %(end_ns)s, %(positions)s::integer[], %(statuses)s::bytea[])"
 )
 # Oldest first; SKIP LOCKED: replicas claiming at once take different swarms instead of waiting.

@@ -29,12 +29,19 @@ from orchestrator_service.store._sqlite_writer import Writer, WriteStats
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 R = TypeVar("R")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Every listing and request id lookup is one tenant's: the indexes lead with it.
+TENANT_INDEXES = """
+CREATE INDEX swarms_newest ON swarms (tenant, create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_state ON swarms (tenant, state, create_ns DESC, swarm_id DESC);
+CREATE INDEX swarms_by_request ON swarms (tenant, request_id) WHERE request_id IS NOT NULL;
+"""
 # `view` is a swarm.v1.Swarm without subtasks, `status` a swarm.v1.SubtaskStatus, `event` a
 # swarm.v1.SwarmEvent: the API's own messages, so what is stored is what clients are shown.
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE swarms (
     swarm_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL DEFAULT '',
     request_id TEXT,
     state INTEGER NOT NULL,
     create_ns INTEGER NOT NULL,
@@ -43,10 +50,8 @@ CREATE TABLE swarms (
     last_sequence INTEGER NOT NULL,
     view BLOB NOT NULL
 );
-CREATE INDEX swarms_newest ON swarms (create_ns DESC, swarm_id DESC);
-CREATE INDEX swarms_by_state ON swarms (state, create_ns DESC, swarm_id DESC);
-CREATE INDEX swarms_by_request ON swarms (request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX swarms_by_end ON swarms (end_ns);
+{TENANT_INDEXES}
 CREATE TABLE subtasks (
     swarm_id TEXT NOT NULL,
     position INTEGER NOT NULL,
@@ -60,6 +65,18 @@ CREATE TABLE events (
     PRIMARY KEY (swarm_id, sequence)
 ) WITHOUT ROWID;
 """
+# From each version to the next, in one transaction each; a file of an older version is brought up
+# to date when opened. Version 2: swarms belong to tenants (those stored before belong to "", the
+# tenant of an orchestrator without tokens).
+MIGRATIONS = {
+    1: f"""
+ALTER TABLE swarms ADD COLUMN tenant TEXT NOT NULL DEFAULT '';
+DROP INDEX swarms_newest;
+DROP INDEX swarms_by_state;
+DROP INDEX swarms_by_request;
+{TENANT_INDEXES}
+""",
+}
 _VIEW_COLUMNS = "view, last_sequence, update_ns"
 
 
@@ -116,10 +133,10 @@ class SqliteStore(OneOrchestrator):
         return _view(row, [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
 
     async def list_swarms(
-        self, *, limit: int, state: int = 0, after: Cursor | None = None
+        self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        where: list[str] = []
-        parameters: list[int | str] = []
+        where: list[str] = ["tenant = ?"]
+        parameters: list[int | str] = [tenant]
         if state:
             where.append("state = ?")
             parameters.append(state)
@@ -127,15 +144,15 @@ class SqliteStore(OneOrchestrator):
             where.append("(create_ns, swarm_id) < (?, ?)")
             parameters += [after.create_ns, after.swarm_id]
         query = (
-            f"SELECT {_VIEW_COLUMNS} FROM swarms {'WHERE ' + ' AND '.join(where) if where else ''} "
+            f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE {' AND '.join(where)} "
             "ORDER BY create_ns DESC, swarm_id DESC LIMIT ?"
         )
         rows = await self._read(lambda db: db.execute(query, (*parameters, limit)).fetchall())
         return [_view(row, []) for row in rows]
 
-    async def find_request(self, request_id: str) -> str | None:
-        query = "SELECT swarm_id FROM swarms WHERE request_id = ? ORDER BY create_ns LIMIT 1"
-        row = await self._read(lambda db: db.execute(query, (request_id,)).fetchone())
+    async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
+        query = "SELECT swarm_id FROM swarms WHERE tenant = ? AND request_id = ? ORDER BY create_ns LIMIT 1"
+        row = await self._read(lambda db: db.execute(query, (tenant, request_id)).fetchone())
         return str(row[0]) if row is not None else None
 
     async def unfinished(self) -> list[str]:
@@ -200,13 +217,17 @@ def _check_schema(db: sqlite3.Connection, path: str) -> None:
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
         return
-    if version != 0:
+    if version == 0:
+        if db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+            raise StoreError(f"{path} is an SQLite database, but not an orchestrator's")
+        db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return
+    if not 0 < version < SCHEMA_VERSION:
         raise StoreError(
             f"the database {path} has schema version {version}; this orchestrator knows {SCHEMA_VERSION}"
         )
-    if db.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
-        raise StoreError(f"{path} is an SQLite database, but not an orchestrator's")
-    db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    for step in range(version, SCHEMA_VERSION):
+        db.executescript(f"BEGIN; {MIGRATIONS[step]} PRAGMA user_version = {step + 1}; COMMIT;")
 
 
 def _write(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
@@ -247,8 +268,8 @@ def _write(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
 
 
 _UPSERT_SWARM = (
-    "INSERT INTO swarms (swarm_id, request_id, state, create_ns, update_ns, end_ns, last_sequence, view)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (swarm_id) DO UPDATE"
+    "INSERT INTO swarms (swarm_id, tenant, request_id, state, create_ns, update_ns, end_ns, last_sequence, view)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (swarm_id) DO UPDATE"
     " SET state = excluded.state, end_ns = excluded.end_ns, view = excluded.view"
 )
 
@@ -256,6 +277,7 @@ _UPSERT_SWARM = (
 def _swarm_row(swarm_id: str, summary: orchestrator_pb2.Swarm) -> tuple[object, ...]:
     return (
         swarm_id,
+        summary.tenant,
         summary.request_id or None,
         summary.state,
         summary.create_time.ToNanoseconds(),

@@ -13,7 +13,8 @@ import sys
 
 import uvicorn
 
-from swarm_client import AsyncSwarmClient, default_target
+from swarm_client import AsyncSwarmClient, ClientTls, TlsOptionError, default_target
+from swarm_client.cli import add_connection_options, tls_of
 from swarm_web.app import create_app
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -21,9 +22,10 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 SHUTDOWN_GRACE_S = 3
 
 
-def connect(target: str) -> AsyncSwarmClient:
-    """The console's one way to the orchestrator: the place where its channel is made."""
-    return AsyncSwarmClient(target)
+def connect(target: str, tls: ClientTls | None = None, token: str = "") -> AsyncSwarmClient:
+    """The console's one way to the orchestrator: the place where its channel is made. Whoever
+    reaches the console acts with its token, as its tenant: keep it where only they can."""
+    return AsyncSwarmClient(target, tls=tls, token=token)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=default_target(),
         help=f"the orchestrator's address [env SWARM_TARGET, default {default_target()!r}]",
     )
+    add_connection_options(parser)
     return parser.parse_args(argv)
 
 
@@ -65,15 +68,18 @@ def bind(listen: str) -> socket.socket:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
+        tls = tls_of(args)
+        if tls is not None:
+            tls.credentials()  # files that cannot be read stop the start, not the first request
         sock = bind(args.listen)
-    except ValueError as error:
+    except (ValueError, TlsOptionError) as error:
         print(f"swarm-web: {error}", file=sys.stderr)
         sys.exit(2)
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
     config = uvicorn.Config(
-        create_app(lambda: connect(args.target)),
+        create_app(lambda: connect(args.target, tls, args.token)),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
