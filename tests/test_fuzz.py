@@ -161,6 +161,17 @@ def message_of(descriptor: Descriptor, target: Target, depth: int = 0) -> st.Sea
         for field in descriptor.fields:
             if not draw(st.booleans()):
                 continue
+            entry = field.message_type
+            if entry is not None and entry.GetOptions().map_entry:
+                keys = value_of(entry.fields_by_name["key"], target, depth)
+                items = value_of(entry.fields_by_name["value"], target, depth)
+                mapping = getattr(message, field.name)
+                for key, item in draw(st.dictionaries(keys, items, max_size=3)).items():
+                    if entry.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
+                        mapping[key].CopyFrom(item)
+                    else:
+                        mapping[key] = item
+                continue
             values = value_of(field, target, depth)
             if field.is_repeated:
                 for value in draw(st.lists(values, max_size=3)):
