@@ -29,7 +29,8 @@ from swarm_checks import assert_completed, kinds
 
 @pytest.fixture(scope="module")
 def running(postgres_server: PostgresServer) -> Iterator[Replicas]:
-    with replicas(postgres_server.create_database("test_replicas")) as both:
+    # No grace at the end: the swarms the tests leave running are suspended, not waited for.
+    with replicas(postgres_server.create_database("test_replicas"), args=["--shutdown-grace", "0"]) as both:
         yield both
 
 
