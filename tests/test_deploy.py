@@ -408,6 +408,14 @@ def test_compose_replicas_profile_shares_one_postgres(
     assert volume.split(":")[0] in compose["volumes"]
     grace = float(env["SWARM_SHUTDOWN_GRACE_S"])
     assert grace < seconds(replicas["stop_grace_period"]) <= grace + 10
+    # Secured as the orchestrator is: the same certificates, the same tokens.
+    orchestrator = environment(services["orchestrator"])
+    for name in [
+        key for key in orchestrator if key.startswith(("SWARM_TLS", "SWARM_WORKER_TLS", "SWARM_AUTH"))
+    ]:
+        assert env[name] == orchestrator[name], name
+    assert replicas["secrets"] == services["orchestrator"]["secrets"]
+    assert replicas["healthcheck"]["test"] == services["orchestrator"]["healthcheck"]["test"]
 
 
 def test_k8s_replicas_sit_behind_one_service_on_postgres(k8s_replicas: list[dict[str, Any]]) -> None:
@@ -415,7 +423,8 @@ def test_k8s_replicas_sit_behind_one_service_on_postgres(k8s_replicas: list[dict
     deployment = k8s_object(k8s_replicas, "Deployment", "orchestrator")
     assert deployment["spec"]["replicas"] >= 2
     assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
-    assert "volumes" not in deployment["spec"]["template"]["spec"], "the replicas keep nothing on disk"
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert not [v for v in volumes if "persistentVolumeClaim" in v], "the replicas keep nothing on disk"
     env = k8s_env(container(deployment))
     assert env["SWARM_DB"] == "postgresql://swarm@postgres:5432/swarm", "no password in the URL"
     assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "swarm-db", "key": "password"}}
@@ -423,6 +432,26 @@ def test_k8s_replicas_sit_behind_one_service_on_postgres(k8s_replicas: list[dict
     assert not [doc for doc in k8s_replicas if doc["kind"] == "PersistentVolumeClaim"]
     service = k8s_object(k8s_replicas, "Service", "orchestrator")
     assert service["spec"].get("clusterIP") != "None", "one virtual address in front of the replicas"
+
+
+def test_k8s_lets_the_replicas_and_only_them_reach_postgres(k8s_replicas: list[dict[str, Any]]) -> None:
+    port = [{"protocol": "TCP", "port": 5432}]
+    ingress = k8s_object(k8s_replicas, "NetworkPolicy", "swarm-postgres-ingress")["spec"]
+    assert ingress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "swarm-postgres"}
+    assert ingress["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "swarm-orchestrator"}}}],
+            "ports": port,
+        }
+    ]
+    egress = k8s_object(k8s_replicas, "NetworkPolicy", "swarm-orchestrator-database")["spec"]
+    assert egress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "swarm-orchestrator"}
+    assert egress["egress"] == [
+        {
+            "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "swarm-postgres"}}}],
+            "ports": port,
+        }
+    ]
 
 
 def test_k8s_postgres_is_a_statefulset_on_its_own_volume(k8s_replicas: list[dict[str, Any]]) -> None:
