@@ -132,11 +132,12 @@ async def test_a_cost_budget_shortens_answers_and_is_never_passed(fake: FakeMess
 
 
 async def test_a_budget_that_runs_out_fails_the_swarm_and_synthesizes_what_completed() -> None:
-    """Most model calls fail (seeded draws): each failed attempt is charged what it held, until the
-    budget cannot cover the next answer. The swarm fails, saying so, with the synthesis of the
-    subtasks that did complete; a budget too small for the plan stops at once."""
+    """Most model calls fail (seeded draws: each worker answers its first call, then mostly fails,
+    so something completes however the plan is spread): each failed attempt is charged what it
+    held, until the budget cannot cover the next answer. The swarm fails, saying so, with the
+    synthesis of the subtasks that did complete; a budget too small for the plan stops at once."""
     budget = Budget(max_tokens=30_000, synthesize_partial=True)
-    failing = [["--sim-failure-rate", "0.6", "--sim-seed", str(seed)] for seed in (3, 4)]
+    failing = [["--sim-failure-rate", "0.6", "--sim-seed", str(seed)] for seed in (93, 54)]
     args = ("--max-attempts", "5")
     with stack(workers=2, per_worker_args=failing, orchestrator_args=args) as running:
         async with AsyncSwarmClient(running.target) as client:
