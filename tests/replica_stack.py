@@ -25,6 +25,7 @@ SIM_LATENCY_MS = 700
 # Each worker takes two subtasks at once, so the subtasks run in waves.
 WORKER_ARGS = ["--max-concurrency", "2"]
 SWARM_TIMEOUT_S = 60.0
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -63,12 +64,13 @@ async def stub(target: str) -> AsyncIterator[orchestrator_pb2_grpc.OrchestratorS
         yield orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
 
-async def start_detached(target: str, *, request_id: str = "") -> str:
+async def start_detached(target: str, *, request_id: str = "", metadata: Metadata = ()) -> str:
     async with stub(target) as orchestrator:
         call = orchestrator.RunSwarm(
             orchestrator_pb2.RunSwarmRequest(
                 idea="Open a repair café", num_agents=AGENTS, detach=True, request_id=request_id
-            )
+            ),
+            metadata=metadata,
         )
         first = await call.read()
         call.cancel()

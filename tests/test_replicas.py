@@ -1,14 +1,18 @@
 """Orchestrator replicas on one PostgreSQL database, all well: any replica answers for any swarm,
 one request given to both at once starts one swarm, the workers they share are never asked for more
-than they have, and the database's password shows nowhere. The replicas and their database are
-shared by the module's tests."""
+than they have, each tenant finds only its own swarms at every replica, and the database's password
+shows nowhere. The replicas and their database are shared by the module's tests (but for those of
+tenants, which need tokens)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
+import grpc
 import pytest
+from test_security import add_token, bearer
 
 from fakes.postgres import PostgresServer
 from replica_stack import (
@@ -90,3 +94,29 @@ def test_a_wrong_database_password_is_one_line_that_does_not_show_it(postgres_se
     said_ = str(refused.value)
     assert "password authentication failed" in said_ and "not-the-password-at-all" not in said_
     assert "postgresql://swarm:***@127.0.0.1" in said_
+
+
+async def test_each_tenant_finds_only_its_own_swarms_at_every_replica(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    auth_file = tmp_path / "auth.json"
+    acme, globex = bearer(add_token(auth_file, "acme")), bearer(add_token(auth_file, "globex"))
+    url = postgres_server.create_database("test_replicas_tenants")
+    with replicas(url, args=["--auth-file", str(auth_file), "--shutdown-grace", "0"]) as running:
+        swarm_id = await start_detached(running.a.address, request_id="order-1", metadata=acme)
+        async with stub(running.b.address) as b:
+            found = await b.GetSwarm(orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id), metadata=acme)
+            assert found.swarm.swarm_id == swarm_id
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await b.GetSwarm(orchestrator_pb2.GetSwarmRequest(swarm_id=swarm_id), metadata=globex)
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+            listed = await b.ListSwarms(orchestrator_pb2.ListSwarmsRequest(), metadata=globex)
+            assert not listed.swarms
+            request = orchestrator_pb2.CancelSwarmRequest(swarm_id=swarm_id)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await b.CancelSwarm(request, metadata=globex)
+            assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        # A request id is each tenant's own, at any replica.
+        same = await start_detached(running.b.address, request_id="order-1", metadata=acme)
+        other = await start_detached(running.b.address, request_id="order-1", metadata=globex)
+        assert same == swarm_id and other != swarm_id
