@@ -59,6 +59,7 @@ BENCHMARKS = [
     Benchmark("many_swarms", "bench.many_swarms", "1f"),
     Benchmark("ray", "bench.ray_peer", "1g"),
     Benchmark("big_swarms", "bench.big_swarms", "big"),
+    Benchmark("replicas", "bench.replicas", "replicas"),
     Benchmark("observability", "bench.observability", "obs"),
     Benchmark("economics", "bench.economics", "econ"),
     # Written by the store's engineer; included when present. It exposes main() -> dict.
