@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/swarm/v1/*.proto)
 GEN_STAMP := gen/swarm/v1/.generated
 NODE_STAMP := clients/node/node_modules/.installed
 
-.PHONY: install protos run test lint clean bench soak
+.PHONY: install protos run test lint clean bench soak postgres
 
 install: $(STAMP) $(GEN_STAMP)
 
@@ -37,6 +37,14 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	-apt-get update -qq && apt-get install -y -qq chromium
 
+# The PostgreSQL store's tests and benchmark run Debian's server (fakes/postgres.py), installed here
+# where it is missing (psql alone, from postgresql-client, is not the server). CI must run those
+# tests, so `make test` stops at once when the server cannot be installed, and says why.
+POSTGRES_SERVER = $(wildcard /usr/lib/postgresql/*/bin/postgres)
+postgres:
+	@test -n "$(POSTGRES_SERVER)" || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; } || \
+	{ echo "make: the PostgreSQL server is missing and apt-get could not install it: run 'apt-get install -y postgresql' as root" >&2; exit 1; }
+
 # tests/test_metrics.py scrapes the services with Debian's Prometheus server, installed here the same
 # way where it is missing; elsewhere those tests fail and say what to install.
 PROMETHEUS := /usr/bin/prometheus
@@ -50,7 +58,7 @@ run: install
 # waiting on services, not computing); then the `serial` ones, which hold a system to a time bound,
 # run alone. Both parts always run, and either failing fails the target.
 TEST_WORKERS ?= 4
-test: install $(NODE_STAMP) $(CHROMIUM) $(PROMETHEUS)
+test: install $(NODE_STAMP) $(CHROMIUM) $(PROMETHEUS) postgres
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"; parallel=$$?; \
 	$(BIN)/pytest -q -m serial; serial=$$?; \
 	test $$parallel -eq 0 -a $$serial -eq 0
@@ -58,6 +66,7 @@ test: install $(NODE_STAMP) $(CHROMIUM) $(PROMETHEUS)
 # Measurements, not tests: a table and bench/results.json. The optional extra brings Ray (the peer
 # in 1g) and py-spy; without it (say, no registry) that benchmark reports itself unavailable.
 bench: install
+	-$(MAKE) --no-print-directory postgres
 	-$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench
 

@@ -63,6 +63,7 @@ BENCHMARKS = [
     Benchmark("many_streams", "bench.many_streams", "1h"),
     Benchmark("watchers", "bench.watchers", "1i"),
     Benchmark("big_swarms", "bench.big_swarms", "big"),
+    Benchmark("replicas", "bench.replicas", "replicas"),
     Benchmark("observability", "bench.observability", "obs"),
     Benchmark("economics", "bench.economics", "econ"),
     # Written by the store's engineer; included when present. It exposes main() -> dict.

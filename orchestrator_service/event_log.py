@@ -11,6 +11,11 @@ The bytes readers get are already a whole RunSwarmResponse, which is a WatchSwar
 (each is `SwarmEvent event = 1` and nothing else), so RunSwarm and WatchSwarm send them as they
 are, to any number of watchers, with no copy and no serializing per watcher: a watcher costs a
 write per event, nothing more.
+
+Fencing: the log writes under the epoch of the swarm's lease that its orchestrator holds. Should
+the store refuse it (another orchestrator took the swarm over), nothing more is stored or shown
+here: readers are told the swarm goes on elsewhere (LogHandedOver), and the owner is told
+(`on_lease_lost`) so that it stops running the swarm.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from google.protobuf.message import Message
 from prometheus_client import Histogram
 
 from orchestrator_service.state import SwarmRecord
-from orchestrator_service.store import Entry, Store, StoreError, SubtaskRow
+from orchestrator_service.store import FIRST_EPOCH, Entry, LeaseLost, Store, StoreError, SubtaskRow
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common import telemetry
 from swarm_common.usage import add, subtract
@@ -64,6 +69,10 @@ class LogClosed(RuntimeError):
 
 class LogSuspended(Exception):
     """The orchestrator stopped before the swarm ended; a restart on the same store resumes it."""
+
+
+class LogHandedOver(LogSuspended):
+    """Another orchestrator took the swarm over (its lease): its events go on in the store."""
 
 
 # The tag of field 1 (`event`, length-delimited) in RunSwarmResponse and WatchSwarmResponse.
@@ -108,17 +117,23 @@ class EventLog:
         record: SwarmRecord,
         store: Store,
         *,
+        epoch: int = FIRST_EPOCH,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_lease_lost: Callable[[str, int], None] | None = None,
         on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> None:
         """A log that goes on from `record`, whose events the store already holds (none for a new
-        swarm; all of them for a resumed one). `on_spent(swarm_id, usage)` hears what the swarm's
-        record counts as newly spent, once the events that spent it are durable."""
+        swarm; all of them for a resumed one), writing under `epoch`. `on_spent(swarm_id, usage)`
+        hears what the swarm's record counts as newly spent, once the events that spent it are
+        durable."""
         self.record = record
         self.swarm_id = record.swarm_id
         self.closed = record.finished
         self._store = store
         self._on_store_failure = on_store_failure
+        self.epoch = epoch
+        self._on_lease_lost = on_lease_lost
+        self._lost = False
         self._on_spent = on_spent
         # The record's spending as last reported, and what the unstored events spent since.
         self._spent_told = record.spent
@@ -143,6 +158,8 @@ class EventLog:
         event = events_pb2.SwarmEvent(swarm_id=self.swarm_id, sequence=self.last_sequence + 1)
         event.time.FromNanoseconds(time.time_ns())
         getattr(event, kind).CopyFrom(body)
+        if self._lost:
+            return event  # the swarm's new owner writes its events; the run here is being stopped
         change = self.record.apply(event)
         if change.summary and self._on_spent is not None:  # only such events change what is spent
             spent = self.record.spent
@@ -171,8 +188,18 @@ class EventLog:
                 spent, self._unstored_spent = self._unstored_spent, events_pb2.Usage()
                 handed_over = time.monotonic()
                 try:
-                    await self._store.append(batch)
+                    await self._store.append(batch, epoch=self.epoch)
+                except LeaseLost as error:
+                    log.warning(
+                        f"another orchestrator took the swarm over: {error}",
+                        extra={"swarm_id": self.swarm_id},
+                    )
+                    self.hand_over()
+                    if self._on_lease_lost is not None:
+                        self._on_lease_lost(self.swarm_id, self.epoch)
                 except Exception as error:  # whatever it is, these events are not durable
+                    if self._lost:
+                        break  # handed over meanwhile: another orchestrator writes the swarm now
                     log.error("cannot store events", exc_info=error, extra={"swarm_id": self.swarm_id})
                     self._failure = error if isinstance(error, StoreError) else StoreError(repr(error))
                     if self._on_store_failure is not None:
@@ -186,6 +213,13 @@ class EventLog:
                 self._wake()
         finally:
             self._storing = None
+
+    def hand_over(self) -> None:
+        """Another orchestrator owns the swarm now: nothing more is stored or shown here, and
+        readers, once they have every stored event, get LogHandedOver."""
+        self._lost = True
+        self._unstored = []
+        self._wake()
 
     def suspend(self) -> None:
         """The swarm stops here without an end: readers get LogSuspended once they have every
@@ -221,6 +255,10 @@ class EventLog:
                 yield self._events[index - self._base - 1]
             if self.closed and self._durable == self.last_sequence:
                 return  # everything through the terminal event is out
+            if self._lost:
+                raise LogHandedOver(
+                    f"swarm {self.swarm_id} goes on at another orchestrator: WatchSwarm it after sequence {index}"
+                )
             self._raise_if_failed()
             if self._suspended and self._durable == self.last_sequence:
                 raise LogSuspended(
@@ -230,6 +268,8 @@ class EventLog:
             await self._changed.wait()
 
     def _raise_if_failed(self) -> None:
+        if self._lost:
+            raise LeaseLost(f"swarm {self.swarm_id} goes on at another orchestrator")
         if self._failure is not None:
             raise StoreError(f"swarm {self.swarm_id}: {self._failure}")
 

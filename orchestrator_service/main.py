@@ -13,13 +13,14 @@ import logging
 import sys
 
 from orchestrator_service.auth import Authentication, AuthFileError, TokenBook, add_token
+from orchestrator_service.leases import LeaseKeeper
 from orchestrator_service.orchestrator import Economy, Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
 from orchestrator_service.servicer import OrchestratorServicer, add_to_server
 from orchestrator_service.settings import OrchestratorSettings
-from orchestrator_service.store import Store, StoreError, expire_forever, open_store
+from orchestrator_service.store import Store, StoreError, expire_forever, open_store, redacted
 from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
 from swarm.v1 import orchestrator_pb2
@@ -82,7 +83,7 @@ async def serve(settings: OrchestratorSettings) -> None:
             "tokens travel in plaintext: give --tls-cert and --tls-key so they cannot be read on the way"
         )
     # First: a database that cannot be used stops the start before anything else is set up.
-    store = await open_store(settings.db)
+    store = await open_store(settings.db, lease_ttl_s=settings.lease_ttl_s)
     try:
         with telemetry.exported("swarm-orchestrator", settings.metrics_listen):
             await _serve_on(store, settings, log, tls=tls, worker_tls=worker_tls, book=book)
@@ -177,7 +178,11 @@ async def _serve_on(
         # Before serving: a client that reconnects finds its resumed swarm running.
         resumed = await orchestrator.recover()
         if resumed:
-            log.info(f"resumed {len(resumed)} unfinished swarm(s) from {settings.db}")
+            log.info(f"resumed {len(resumed)} unfinished swarm(s) from {redacted(settings.db)}")
+        if store.shared:
+            background.append(
+                asyncio.create_task(LeaseKeeper(orchestrator, pool, settings.lease_ttl_s).run())
+            )
         if settings.retention_s > 0:
             background.append(asyncio.create_task(expire_forever(store, settings.retention_s)))
         background.append(asyncio.create_task(_stop_on_store_failure(orchestrator, service, log)))

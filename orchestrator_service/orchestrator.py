@@ -6,12 +6,18 @@ where GetSwarm, WatchSwarm and ListSwarms find it, so memory holds only the swar
 
 Every swarm belongs to the tenant that started it, and only that tenant finds it: to any other,
 its id is as unknown as one never given out (NOT_FOUND), and its request ids are the tenant's own.
+
+On a store that several orchestrators share, a swarm runs where its lease is held, and any
+orchestrator answers for any swarm: one running elsewhere is read and followed from the store, and
+cancelled by a request that its owner picks up. A swarm whose lease another orchestrator took is
+handed over: it stops here, and its watchers here go on reading it from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import re
@@ -23,13 +29,13 @@ from prometheus_client import Gauge
 
 from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
-from orchestrator_service.event_log import Logged, replay
+from orchestrator_service.event_log import Logged, LogHandedOver, replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
 from orchestrator_service.sizing import misfits
 from orchestrator_service.state import SwarmRecord
-from orchestrator_service.store import Cursor, Store, StoreError
+from orchestrator_service.store import Claim, Cursor, Renewal, Store, StoreError
 from orchestrator_service.swarm import Swarm, SwarmSpec, state_name
 from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common import logs, pricing, telemetry
@@ -248,29 +254,86 @@ class Orchestrator:
         return sum(1 for swarm in list(self._swarms.values()) if swarm.record.state == state)
 
     async def recover(self) -> list[str]:
-        """Resumes every unfinished swarm in the store: rebuilds it from its events and runs it on
-        from there. Resumed swarms are detached: the RunSwarm calls that started them are gone."""
+        """Resumes every unfinished swarm it can claim in the store (on a store of its own, all of
+        them; on a shared one, those whose lease ran out): rebuilds each from its events and runs
+        it on from there. Resumed swarms are detached: the RunSwarm calls that started them are
+        gone."""
         resumed: list[str] = []
-        for swarm_id in await self.store.unfinished():
-            record = SwarmRecord(swarm_id)
+        for claim in await self.store.claim():
+            record = SwarmRecord(claim.swarm_id)
             try:
-                async for event in replay(self.store, swarm_id):
+                async for event in replay(self.store, claim.swarm_id):
                     record.apply(event)
             except (ValueError, KeyError) as error:
-                raise StoreError(f"cannot resume swarm {swarm_id} from its stored events: {error}") from None
-            stored_through = record.last_sequence
-            swarm = Swarm.resume(
-                record, self.store, on_store_failure=self._store_failed, on_spent=self._spent
-            )
-            swarm.default_answer_max_tokens = self.limits.answer_max_tokens
-            swarm.prompt_caching = self.economy.prompt_caching
-            self._launch(swarm)
-            resumed.append(swarm_id)
-            log.info(
-                f"swarm resumed after its stored event {stored_through}",
-                extra={"swarm_id": swarm_id, "model": swarm.spec.model},
-            )
+                raise StoreError(
+                    f"cannot resume swarm {claim.swarm_id} from its stored events: {error}"
+                ) from None
+            stale = self._swarms.get(claim.swarm_id)
+            if stale is not None:  # its lease ran out while this orchestrator stalled
+                self._hand_over(stale)
+            self._resume(claim, record)
+            resumed.append(claim.swarm_id)
         return resumed
+
+    def _resume(self, claim: Claim, record: SwarmRecord) -> None:
+        stored_through = record.last_sequence
+        swarm = Swarm.resume(
+            record,
+            self.store,
+            epoch=claim.epoch,
+            on_store_failure=self._store_failed,
+            on_lease_lost=self._lease_lost,
+            on_spent=self._spent,
+        )
+        swarm.default_answer_max_tokens = self.limits.answer_max_tokens
+        swarm.prompt_caching = self.economy.prompt_caching
+        log.info(
+            f"swarm resumed after its stored event {stored_through} (epoch {claim.epoch})",
+            extra={"swarm_id": swarm.id, "model": swarm.spec.model},
+        )
+        if claim.cancel_reason:
+            # A CancelSwarm reached no owner: the swarm ends here, as its owner would have ended it.
+            swarm.log.append("swarm_cancelled", events_pb2.SwarmCancelled(reason=claim.cancel_reason))
+            swarm.observe_end()
+            return
+        self._launch(swarm)
+
+    def leases(self) -> dict[str, int]:
+        """The swarms running here, with the epoch each is written under."""
+        return {swarm_id: swarm.log.epoch for swarm_id, swarm in self._swarms.items() if not swarm.suspended}
+
+    def renewed(self, renewal: Renewal) -> None:
+        """Acts on a lease renewal: hands over the swarms another orchestrator took, and cancels
+        those that a CancelSwarm elsewhere asked to end."""
+        for swarm_id in renewal.lost:
+            swarm = self._swarms.get(swarm_id)
+            if swarm is not None:
+                self._hand_over(swarm)
+        for swarm_id, reason in renewal.cancels.items():
+            swarm = self._swarms.get(swarm_id)
+            if swarm is not None:
+                swarm.cancel(reason)
+
+    def hand_over_all(self) -> None:
+        """Stops every swarm here without writing: their leases may be another orchestrator's now."""
+        for swarm in list(self._swarms.values()):
+            self._hand_over(swarm)
+
+    def _lease_lost(self, swarm_id: str, epoch: int) -> None:
+        swarm = self._swarms.get(swarm_id)
+        if swarm is not None and swarm.log.epoch == epoch:
+            self._hand_over(swarm)
+
+    def _hand_over(self, swarm: Swarm) -> None:
+        """The swarm stops here and writes nothing more; another orchestrator runs it on."""
+        if self._swarms.get(swarm.id) is swarm:
+            del self._swarms[swarm.id]
+        key = (swarm.spec.tenant, swarm.spec.request_id)
+        if self._by_request_id.get(key) is swarm:
+            del self._by_request_id[key]
+        swarm.log.hand_over()
+        swarm.suspend()
+        log.warning("swarm handed over: another orchestrator holds its lease", extra={"swarm_id": swarm.id})
 
     async def start(
         self,
@@ -308,7 +371,12 @@ class Orchestrator:
             tenant=tenant.name,
         )
         validate(spec, self.limits)
-        if request_id:
+        if not request_id:
+            return Started(self._accept(spec, tenant, deadline, trace_context).id, new=True)
+        # Held until the swarm's first events are stored, so that another start of the same
+        # request, here or at another orchestrator on the same store, finds this swarm. (Two keys
+        # that read alike only share a lock: it serializes, it never merges.)
+        async with self.store.request_lock(f"{tenant.name}/{request_id}"):
             seen = await self._find_request(request_id, tenant.name)
             if seen is not None:
                 differ = differences(spec, await self._requested(seen))
@@ -317,6 +385,18 @@ class Orchestrator:
                         f"request_id {request_id!r} already started a swarm with another {', '.join(differ)}"
                     )
                 return Started(seen, new=False)
+            swarm = self._accept(spec, tenant, deadline, trace_context)
+            await swarm.log.stored()
+        return Started(swarm.id, new=True)
+
+    def _accept(
+        self,
+        spec: SwarmSpec,
+        tenant: Tenant,
+        deadline: float | None,
+        trace_context: Mapping[str, str] | None,
+    ) -> Swarm:
+        num_agents = spec.num_agents
         if not self.accepting:
             raise ShuttingDown("the orchestrator is shutting down and takes no new swarms")
         self.quotas.admit(tenant, num_agents=num_agents, unfinished=self._unfinished(tenant.name))
@@ -333,6 +413,7 @@ class Orchestrator:
             provider_name=self.planner.provider.name,
             store=self.store,
             on_store_failure=self._store_failed,
+            on_lease_lost=self._lease_lost,
             on_spent=self._spent,
             trace_context=trace_context,
         )
@@ -341,7 +422,7 @@ class Orchestrator:
         swarm.prompt_caching = self.economy.prompt_caching
         self._launch(swarm)
         log.info(f"swarm accepted: {num_agents} agents", extra={"swarm_id": swarm.id, "model": spec.model})
-        return Started(swarm.id, new=True)
+        return swarm
 
     def spec_of(
         self,
@@ -449,7 +530,8 @@ class Orchestrator:
         except StoreError:
             return  # the orchestrator is stopping for it (`store_failed`)
         # Durable now, so the store answers for it from here on.
-        del self._swarms[swarm.id]
+        if self._swarms.get(swarm.id) is swarm:
+            del self._swarms[swarm.id]
         key = (swarm.spec.tenant, swarm.spec.request_id)
         if self._by_request_id.get(key) is swarm:
             del self._by_request_id[key]
@@ -491,9 +573,22 @@ class Orchestrator:
             )
         running = self._running(swarm_id, tenant)
         if running is not None:
-            return self._watched(swarm_id, running.log.follow(after_sequence))
+            return self._watched(swarm_id, self._follow(running, after_sequence))
         await self._stored(swarm_id, tenant, with_subtasks=False)
-        return self._watched(swarm_id, _logged(replay(self.store, swarm_id, after_sequence=after_sequence)))
+        return self._watched(swarm_id, _logged(self.store.follow(swarm_id, after_sequence=after_sequence)))
+
+    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[Logged]:
+        """The running swarm's events; should it be handed over meanwhile, on from the store."""
+        index = after_sequence
+        try:
+            async for logged in running.log.follow(after_sequence):
+                index = logged.sequence
+                yield logged
+            return
+        except LogHandedOver:
+            pass
+        async for logged in _logged(self.store.follow(running.id, after_sequence=index)):
+            yield logged
 
     async def _watched(self, swarm_id: str, events: AsyncIterator[Logged]) -> AsyncGenerator[Logged, None]:
         watchers = self._watchers.get(swarm_id, 0)
@@ -524,10 +619,27 @@ class Orchestrator:
         swarm is left as it is."""
         running = self._running(swarm_id, tenant)
         if running is None:
-            return await self.get(swarm_id, tenant)
+            return await self._cancel_elsewhere(
+                swarm_id, reason or "cancelled by CancelSwarm", wait_s, tenant
+            )
         if running.cancel(reason or "cancelled by CancelSwarm") and running.task is not None:
             await asyncio.wait([running.task], timeout=wait_s)
         return await running.view()
+
+    async def _cancel_elsewhere(
+        self, swarm_id: str, reason: str, wait_s: float, tenant: str
+    ) -> orchestrator_pb2.Swarm:
+        """The tenant's swarm, not running here: finished, or running at another orchestrator,
+        which is asked to cancel it (or, should it die first, the one that takes it over)."""
+        view = await self._stored(swarm_id, tenant, with_subtasks=False)
+        if view.HasField("end_time"):
+            return view
+        await self.store.request_cancel(swarm_id, reason)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                async for _ in self.store.follow(swarm_id, after_sequence=view.last_sequence):
+                    pass
+        return await self._stored(swarm_id, tenant)
 
     async def list(
         self, *, page_size: int = 0, page_token: str = "", state: int = 0, tenant: str = ""
@@ -593,6 +705,13 @@ class Orchestrator:
                     f"the swarm's last events were not stored: {outcome!r}", extra={"swarm_id": swarm.id}
                 )
         if resumable:
+            # Another orchestrator on a shared store takes them over now, not when the leases end.
+            try:
+                await self.store.release(
+                    {swarm_id: swarm.log.epoch for swarm_id, swarm in self._swarms.items()}
+                )
+            except StoreError as error:
+                log.warning(f"the leases of the unfinished swarms were not released: {error}")
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
 
 

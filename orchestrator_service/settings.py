@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 
 from orchestrator_service.store import MEMORY
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
@@ -90,7 +90,15 @@ class OrchestratorSettings(ServiceSettings):
     db: str = setting(
         "swarms.db",
         "the SQLite file swarms are kept in (created if missing, WAL, locked while in use); "
-        f"`{MEMORY}` keeps them in memory only, so nothing survives a restart",
+        f"`{MEMORY}` keeps them in memory only, so nothing survives a restart; "
+        "`postgresql://USER:PASSWORD@HOST:PORT/DATABASE` keeps them in PostgreSQL, which several "
+        "orchestrators may share",
+    )
+    lease_ttl_s: PositiveFloat = setting(
+        15.0,
+        "on a shared (PostgreSQL) store: seconds after which a dead orchestrator's swarms are taken "
+        "over by another",
+        flag="--lease-ttl",
     )
     retention_s: NonNegativeFloat = setting(
         7 * 24 * 3600.0,

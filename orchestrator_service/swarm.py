@@ -23,7 +23,7 @@ from orchestrator_service.planner import Planner, PlanningFailed
 from orchestrator_service.prompt_cache import PromptCachePlan
 from orchestrator_service.scheduler import Scheduler, SharedContext, SubtaskFailed
 from orchestrator_service.state import SubtaskRecord, SwarmRecord, T
-from orchestrator_service.store import Store, StoreError
+from orchestrator_service.store import FIRST_EPOCH, Store, StoreError
 from orchestrator_service.synthesis import CannotFit, SynthesisTree
 from orchestrator_service.worker_pool import NoWorkersAvailable
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -125,13 +125,20 @@ class Swarm:
         provider_name: str,
         store: Store,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_lease_lost: Callable[[str, int], None] | None = None,
         on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
         trace_context: Mapping[str, str] | None = None,
     ) -> Swarm:
         """A new swarm, its `accepted` event appended. Its span continues the caller's trace when
         `trace_context` (the W3C headers the client sent) names one."""
         swarm = cls(
-            EventLog(SwarmRecord(swarm_id), store, on_store_failure=on_store_failure, on_spent=on_spent)
+            EventLog(
+                SwarmRecord(swarm_id),
+                store,
+                on_store_failure=on_store_failure,
+                on_lease_lost=on_lease_lost,
+                on_spent=on_spent,
+            )
         )
         swarm.span = telemetry.start_span(
             "swarm",
@@ -168,12 +175,24 @@ class Swarm:
         record: SwarmRecord,
         store: Store,
         *,
+        epoch: int = FIRST_EPOCH,
         on_store_failure: Callable[[StoreError], None] | None = None,
+        on_lease_lost: Callable[[str, int], None] | None = None,
         on_spent: Callable[[str, events_pb2.Usage], None] | None = None,
     ) -> Swarm:
         """An unfinished swarm rebuilt from its stored events, with `swarm_resumed` appended and the
-        attempts that the restart interrupted told as failed."""
-        swarm = cls(EventLog(record, store, on_store_failure=on_store_failure, on_spent=on_spent))
+        attempts that the restart (or the takeover, under the new `epoch`) interrupted told as
+        failed."""
+        swarm = cls(
+            EventLog(
+                record,
+                store,
+                epoch=epoch,
+                on_store_failure=on_store_failure,
+                on_lease_lost=on_lease_lost,
+                on_spent=on_spent,
+            )
+        )
         swarm.span = telemetry.start_span(
             "swarm resumed",
             kind=telemetry.SpanKind.INTERNAL,
@@ -236,6 +255,11 @@ class Swarm:
     @property
     def finished(self) -> bool:
         return self.log.closed
+
+    @property
+    def suspended(self) -> bool:
+        """Stopped without an end, for a restart or another orchestrator to resume."""
+        return self._suspending
 
     async def view(self) -> orchestrator_pb2.Swarm:
         """The GetSwarm view, as of an event that is durable: never ahead of what a restart keeps."""

@@ -11,7 +11,8 @@ pool keeps one channel per worker address and decides itself:
   broken watch (gone) takes it out at once. A worker whose call hung or failed as if gone is out
   until a probe (`GetWorkerInfo`) answers again.
 - **Capacity.** A worker's capacity is its own `--max-concurrency`, learned from `GetWorkerInfo`.
-  No worker is given more than that; the pick is the eligible worker with the most free slots. A
+  Orchestrator replicas that share the workers (and a database) each take an even share of it, at
+  least one slot (`share_with`). No worker is given more than that; the pick is the eligible worker with the most free slots. A
   cancelled subtask's slot is free once the worker says so, not when the cancel is sent.
 - **Fairness.** Waiting subtasks queue per swarm, and swarms per tenant. Each free slot goes to
   the next tenant in round-robin order, and within it to that tenant's next swarm, so one tenant's
@@ -141,6 +142,8 @@ class PoolWorker:
     session: WorkerSession
     worker_id: str = ""
     capacity: int = 0
+    # Orchestrators sending work to this worker, this one included: each uses its share of capacity.
+    orchestrators: int = 1
     in_flight: int = 0
     # From the health watch: False while the worker drains.
     serving: bool = False
@@ -160,7 +163,8 @@ class PoolWorker:
     @property
     def free(self) -> int:
         """Slots neither held by an attempt nor still held on the worker by a cancelled subtask."""
-        return self.capacity - self.in_flight - self.session.stopping if self.eligible else 0
+        share = max(1, self.capacity // self.orchestrators)
+        return share - self.in_flight - self.session.stopping if self.eligible else 0
 
 
 @dataclass(eq=False)
@@ -202,6 +206,7 @@ class WorkerPool:
         # Longest a cancelled subtask's slot is held for the worker to say the subtask is over.
         self.cancel_timeout_s = cancel_timeout_s
         self._workers: dict[str, PoolWorker] = {}
+        self._orchestrators = 1
         self._shares: dict[str, _SwarmShare] = {}
         # The round-robin order, tenants first, then each tenant's swarms (insertion order: one
         # that was just served moves to the end).
@@ -304,7 +309,9 @@ class WorkerPool:
 
     def _add(self, address: str) -> None:
         channel, stub, session, version = self._connect(address)
-        worker = PoolWorker(address, channel, stub, session, tls_version=version)
+        worker = PoolWorker(
+            address, channel, stub, session, tls_version=version, orchestrators=self._orchestrators
+        )
         worker.watcher = asyncio.create_task(self._watch(worker), name=f"watch-{address}")
         self._workers[address] = worker
         log.info("worker joined the pool", extra={"address": address})
@@ -378,6 +385,19 @@ class WorkerPool:
                 self.tls.credentials()  # looks at the files
                 if self.tls.version != worker.tls_version:
                     await self._renew_channel(worker)
+
+    def share_with(self, orchestrators: int) -> None:
+        """`orchestrators` (this one included) send work to these workers: each takes an even share
+        of every worker's capacity, so that together they do not pass it. A worker refuses what
+        would (`worker_busy`), which is then retried, but that costs an attempt."""
+        orchestrators = max(1, orchestrators)
+        if orchestrators == self._orchestrators:
+            return
+        log.info(f"each worker's capacity is shared by {orchestrators} orchestrator(s)")
+        self._orchestrators = orchestrators
+        for worker in self._workers.values():
+            worker.orchestrators = orchestrators
+        self._changed()
 
     def _learn(self, worker: PoolWorker, info: worker_pb2.GetWorkerInfoResponse) -> None:
         first = not worker.capacity

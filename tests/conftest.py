@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import secrets_watch
 
+from fakes.postgres import PostgresServer
 from stack import OUTPUT_WATCHERS, Stack, stack
 
 # Every service's output is read for secrets once it has ended.
@@ -53,3 +55,18 @@ def no_secret_is_ever_shown() -> Iterator[None]:
     yield
     found = secrets_watch.found()
     assert not found, "secrets were shown:\n" + "\n".join(found[:20])
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (per xdist worker); each test that needs one gets
+    a database of its own from `postgres_url`. Its password is a secret: shown, it fails the
+    session."""
+    with PostgresServer() as server:
+        secrets_watch.watch_secret(server.password)
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")

@@ -4,6 +4,7 @@
         client = SwarmClient(proxy.address)
         ...
         proxy.cut()  # every open connection is reset; new ones are forwarded as before
+        proxy.cut(refuse=True)  # ... and new ones are reset too, until proxy.heal()
 
 It runs in threads, so sync and async tests and subprocesses can go through it alike.
 """
@@ -27,6 +28,7 @@ class TcpProxy:
         self._open: list[socket.socket] = []
         self.accepted = 0  # connections taken, the cut ones included
         self.cuts = 0
+        self.refusing = False
         self._closed = False
 
     @property
@@ -44,10 +46,15 @@ class TcpProxy:
         self._listener.close()
         self._reset_all()
 
-    def cut(self) -> int:
-        """Resets every open connection, both the client's side and the server's; returns how many."""
+    def cut(self, *, refuse: bool = False) -> int:
+        """Resets every open connection, both the client's side and the server's; returns how many.
+        With `refuse`, new connections are reset as they come, as from a host cut off, until `heal`."""
         self.cuts += 1
+        self.refusing = refuse
         return self._reset_all()
+
+    def heal(self) -> None:
+        self.refusing = False
 
     def _reset_all(self) -> int:
         with self._lock:
@@ -67,6 +74,10 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refusing:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(self._target, timeout=5)
             except OSError:

@@ -32,9 +32,10 @@ BIN = Path(sys.executable).parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
+K8S_REPLICAS = K8S / "replicas"
 PROBE_MODULE = "swarm_common.healthcheck"
 # Both services call the model: the orchestrator plans and synthesizes, workers execute.
-MODEL_CALLERS = {"orchestrator", "worker"}
+MODEL_CALLERS = {"orchestrator", "orchestrator-replicas", "worker"}
 GRPC_SERVICES = ("orchestrator", "worker")
 WORKERS_TARGET = "dns:///worker:50052"
 METRICS_PORT = 9464
@@ -90,11 +91,21 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return dict(compose["services"])
 
 
+def manifests(directory: Path) -> list[dict[str, Any]]:
+    files = sorted(directory.glob("*.yaml"))
+    assert files, f"no manifests in {directory}"
+    return [doc for path in files for doc in load_yaml_documents(path)]
+
+
 @pytest.fixture(scope="module")
 def k8s() -> list[dict[str, Any]]:
-    files = sorted(K8S.glob("*.yaml"))
-    assert files, f"no manifests in {K8S}"
-    return [doc for path in files for doc in load_yaml_documents(path)]
+    return manifests(K8S)
+
+
+@pytest.fixture(scope="module")
+def k8s_replicas() -> list[dict[str, Any]]:
+    """The replicas' manifests, applied with deploy/k8s/worker.yaml in place of orchestrator.yaml."""
+    return manifests(K8S_REPLICAS) + load_yaml_documents(K8S / "worker.yaml")
 
 
 def k8s_object(k8s: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -120,7 +131,11 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_compose_runs_three_workers_that_the_orchestrator_finds_by_dns(services: dict[str, Any]) -> None:
-    assert set(services) == {"orchestrator", "worker", "web"}
+    assert {name for name, service in services.items() if "profiles" not in service} == {
+        "orchestrator",
+        "worker",
+        "web",
+    }
     assert services["worker"]["deploy"]["replicas"] == 3
     assert environment(services["orchestrator"])["SWARM_WORKERS"] == WORKERS_TARGET
     assert environment(services["worker"])["SWARM_LISTEN"].endswith(":50052")
@@ -325,6 +340,10 @@ def test_k8s_worker_service_is_headless_so_dns_sees_every_pod(k8s: list[dict[str
     ],
 )
 def test_k8s_deployment(k8s: list[dict[str, Any]], name: str, command: str, port: int) -> None:
+    check_deployment(k8s, name, command, port)
+
+
+def check_deployment(k8s: list[dict[str, Any]], name: str, command: str, port: int) -> None:
     deployment = k8s_object(k8s, "Deployment", name)
     pod = deployment["spec"]["template"]["spec"]
     main = container(deployment)
@@ -358,6 +377,105 @@ def test_k8s_deployment(k8s: list[dict[str, Any]], name: str, command: str, port
     # Both call the model; the key comes from a Secret, never a literal in the manifest.
     key = env["ANTHROPIC_API_KEY"]
     assert isinstance(key, dict) and "secretKeyRef" in key, "ANTHROPIC_API_KEY must come from a Secret"
+
+
+# ---------------------------------------------------------------- replicas on PostgreSQL
+
+
+POSTGRES_IMAGE = re.compile(r"postgres:\d+\.\d+-\w+")
+
+
+def test_compose_replicas_profile_shares_one_postgres(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    replicas, postgres = services["orchestrator-replicas"], services["postgres"]
+    assert replicas["profiles"] == postgres["profiles"] == ["replicas"]
+    assert replicas["deploy"]["replicas"] >= 2
+    assert replicas["command"] == ["swarm-orchestrator"] and replicas["image"] == services["worker"]["image"]
+    env = environment(replicas)
+    assert env["SWARM_DB"] == "postgresql://swarm@postgres:5432/swarm", "no password in the URL"
+    assert env["PGPASSWORD"] == environment(postgres)["POSTGRES_PASSWORD"] == "${SWARM_DB_PASSWORD:-}"
+    assert float(env["SWARM_LEASE_TTL_S"]) > 0
+    assert env["SWARM_WORKERS"] == WORKERS_TARGET
+    assert replicas["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    (ports,) = replicas["ports"]
+    first, last = re.fullmatch(r"127\.0\.0\.1:(\d+)-(\d+):50051", ports).groups()  # type: ignore[union-attr]
+    assert int(last) - int(first) + 1 == replicas["deploy"]["replicas"], "a host port per replica"
+    assert POSTGRES_IMAGE.fullmatch(postgres["image"]), f"unpinned image {postgres['image']}"
+    assert postgres["user"].split(":")[0] not in {"0", "root"}
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    (volume,) = postgres["volumes"]
+    assert volume.split(":")[0] in compose["volumes"]
+    grace = float(env["SWARM_SHUTDOWN_GRACE_S"])
+    assert grace < seconds(replicas["stop_grace_period"]) <= grace + 10
+    # Secured as the orchestrator is: the same certificates, the same tokens.
+    orchestrator = environment(services["orchestrator"])
+    for name in [
+        key for key in orchestrator if key.startswith(("SWARM_TLS", "SWARM_WORKER_TLS", "SWARM_AUTH"))
+    ]:
+        assert env[name] == orchestrator[name], name
+    assert replicas["secrets"] == services["orchestrator"]["secrets"]
+    assert replicas["healthcheck"]["test"] == services["orchestrator"]["healthcheck"]["test"]
+
+
+def test_k8s_replicas_sit_behind_one_service_on_postgres(k8s_replicas: list[dict[str, Any]]) -> None:
+    check_deployment(k8s_replicas, "orchestrator", "swarm-orchestrator", 50051)
+    deployment = k8s_object(k8s_replicas, "Deployment", "orchestrator")
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert not [v for v in volumes if "persistentVolumeClaim" in v], "the replicas keep nothing on disk"
+    env = k8s_env(container(deployment))
+    assert env["SWARM_DB"] == "postgresql://swarm@postgres:5432/swarm", "no password in the URL"
+    assert env["PGPASSWORD"] == {"secretKeyRef": {"name": "swarm-db", "key": "password"}}
+    assert float(env["SWARM_LEASE_TTL_S"]) > 0
+    assert not [doc for doc in k8s_replicas if doc["kind"] == "PersistentVolumeClaim"]
+    service = k8s_object(k8s_replicas, "Service", "orchestrator")
+    assert service["spec"].get("clusterIP") != "None", "one virtual address in front of the replicas"
+
+
+def test_k8s_lets_the_replicas_and_only_them_reach_postgres(k8s_replicas: list[dict[str, Any]]) -> None:
+    port = [{"protocol": "TCP", "port": 5432}]
+    ingress = k8s_object(k8s_replicas, "NetworkPolicy", "swarm-postgres-ingress")["spec"]
+    assert ingress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "swarm-postgres"}
+    assert ingress["ingress"] == [
+        {
+            "from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "swarm-orchestrator"}}}],
+            "ports": port,
+        }
+    ]
+    egress = k8s_object(k8s_replicas, "NetworkPolicy", "swarm-orchestrator-database")["spec"]
+    assert egress["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "swarm-orchestrator"}
+    assert egress["egress"] == [
+        {
+            "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "swarm-postgres"}}}],
+            "ports": port,
+        }
+    ]
+
+
+def test_k8s_postgres_is_a_statefulset_on_its_own_volume(k8s_replicas: list[dict[str, Any]]) -> None:
+    statefulset = k8s_object(k8s_replicas, "StatefulSet", "postgres")
+    pod = statefulset["spec"]["template"]["spec"]
+    main = container(statefulset)
+    assert POSTGRES_IMAGE.fullmatch(main["image"]), f"unpinned image {main['image']}"
+    env = k8s_env(main)
+    assert env["POSTGRES_PASSWORD"] == {"secretKeyRef": {"name": "swarm-db", "key": "password"}}
+    assert env["POSTGRES_USER"] == "swarm" and env["POSTGRES_DB"] == "swarm"
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/var/lib/postgresql/data"} in main[
+        "volumeMounts"
+    ]
+    assert env["PGDATA"].startswith("/var/lib/postgresql/data/")
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False
+    assert main["readinessProbe"]["exec"]["command"][0] == "pg_isready"
+    service = k8s_object(k8s_replicas, "Service", "postgres")
+    assert statefulset["spec"]["serviceName"] == "postgres"
+    assert (
+        service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert [port["port"] for port in service["spec"]["ports"]] == [5432]
 
 
 def test_k8s_serves_mtls_from_secrets_that_cert_manager_can_renew(k8s: list[dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from orchestrator_service.orchestrator import Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.scheduler import SubtaskOutcome
 from orchestrator_service.state import SwarmRecord
-from orchestrator_service.store import Entry, MemoryStore, StoreError
+from orchestrator_service.store import FIRST_EPOCH, Entry, MemoryStore, StoreError
 from orchestrator_service.swarm import RESTARTED
 from stack import BIN, Stack, stack
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -282,10 +282,10 @@ async def test_finished_swarms_leave_memory_and_are_served_from_the_store() -> N
 class FillingStore(MemoryStore):
     """Takes a swarm's first write, then its disk is full."""
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         if await self.unfinished():
             raise StoreError("cannot write to the database x.db: database or disk is full")
-        await super().append(entries)
+        await super().append(entries, epoch=epoch)
 
 
 async def test_an_orchestrator_whose_store_fails_shows_nothing_unstored_and_reports_it() -> None:

@@ -150,6 +150,22 @@ def test_every_manifest_matches_its_kubernetes_schema(
     validate(document)
 
 
+REPLICAS = [
+    (path.name, index, doc)
+    for path in sorted((K8S / "replicas").glob("*.yaml"))
+    for index, doc in enumerate(documents(path))
+]
+
+
+@pytest.mark.parametrize(
+    ("file", "index", "document"), REPLICAS, ids=[f"replicas/{f}:{i}" for f, i, _ in REPLICAS]
+)
+def test_every_replicas_manifest_matches_its_kubernetes_schema(
+    file: str, index: int, document: dict[str, Any]
+) -> None:
+    validate(document)
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "spoil"),
     [

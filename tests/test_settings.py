@@ -79,6 +79,7 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--no-worker-timeout", "SWARM_NO_WORKER_TIMEOUT_S", 30.0),
         ("--db", "SWARM_DB", "swarms.db"),
         ("--retention", "SWARM_RETENTION_S", 604800.0),
+        ("--lease-ttl", "SWARM_LEASE_TTL_S", 15.0),
         ("--worker-model", "SWARM_WORKER_MODEL", ""),
         ("--hedging", "SWARM_HEDGING", False),
         ("--hedge-max-extra", "SWARM_HEDGE_MAX_EXTRA", 0.1),

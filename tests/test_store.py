@@ -1,4 +1,4 @@
-"""The stores (in memory and SQLite) against one contract, SQLite's own promises, and the event log's
+"""The stores (in memory, SQLite and PostgreSQL) against one contract, SQLite's own promises, and the event log's
 rule that a reader sees an event only once it is durable."""
 
 from __future__ import annotations
@@ -9,29 +9,41 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from fakes.postgres import PostgresServer
 from orchestrator_service.event_log import REPLAY_PAGE, EventLog, replay
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import (
+    FIRST_EPOCH,
+    Claim,
     Cursor,
     Entry,
+    LeaseLost,
     MemoryStore,
+    PostgresStore,
+    Renewal,
     SqliteStore,
     Store,
     StoreError,
     expire,
 )
+from orchestrator_service.store._postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 S = orchestrator_pb2.SwarmState
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened: Store = (
-        MemoryStore() if request.param == "memory" else await SqliteStore.open(str(tmp_path / "s.db"))
-    )
+    opened: Store
+    if request.param == "memory":
+        opened = MemoryStore()
+    elif request.param == "sqlite":
+        opened = await SqliteStore.open(str(tmp_path / "s.db"))
+    else:
+        opened = await PostgresStore.open(request.getfixturevalue("postgres_url"))
     yield opened
     await opened.close()
 
@@ -358,9 +370,9 @@ class GatedStore(MemoryStore):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         await self.gate.wait()
-        await super().append(entries)
+        await super().append(entries, epoch=epoch)
 
 
 async def test_readers_see_an_event_only_once_the_store_has_it() -> None:
@@ -385,7 +397,7 @@ async def test_readers_see_an_event_only_once_the_store_has_it() -> None:
 
 
 class FailingStore(MemoryStore):
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         raise StoreError("cannot write to the database x.db: disk I/O error")
 
 
@@ -425,3 +437,153 @@ async def test_a_log_taken_over_from_the_store_replays_then_follows_without_gap_
     finally:
         await store.close()
     assert results == [list(range(after + 1, 40)) for after in (0, 3, 8, 9)]
+
+
+# ---------------------------------------------------------------- PostgreSQL: leases, fencing, schema
+
+
+@pytest.fixture
+async def two_replicas(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two orchestrators' stores on one database, with leases short enough to run out in a test."""
+    first = await PostgresStore.open(postgres_url, lease_ttl_s=0.3)
+    second = await PostgresStore.open(postgres_url, lease_ttl_s=0.3)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def resumed_log(store: Store, swarm_id: str, epoch: int) -> EventLog:
+    record = SwarmRecord(swarm_id)
+    async for event in replay(store, swarm_id):
+        record.apply(event)
+    return EventLog(record, store, epoch=epoch)
+
+
+async def test_postgres_refuses_an_append_under_a_stale_epoch_and_writes_nothing(
+    two_replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    old, new = two_replicas
+    stale = await write_swarm(old, "s", end="")
+    assert await new.claim() == []  # the lease is live
+    await asyncio.sleep(0.4)
+    assert await new.claim() == [Claim("s", FIRST_EPOCH + 1)]
+    lost: list[tuple[str, int]] = []
+    stale._on_lease_lost = lambda swarm_id, epoch: lost.append((swarm_id, epoch))
+    stale.append("subtask_delta", events_pb2.SubtaskDelta(subtask_id="subtask-0", text="late", attempt=1))
+    with pytest.raises(LeaseLost):
+        await stale.stored()
+    assert lost == [("s", FIRST_EPOCH)]
+    assert len(await old.events("s", after_sequence=0, limit=100)) == 8
+    assert (await old.renew({"s": FIRST_EPOCH})).lost == ["s"]
+    taken = await resumed_log(new, "s", FIRST_EPOCH + 1)
+    taken.append("swarm_failed", events_pb2.SwarmFailed(error="taken over"))
+    await taken.stored()
+    assert [e.sequence for e in await old.events("s", after_sequence=0, limit=100)] == list(range(1, 10))
+    assert await new.claim() == [] and await old.unfinished() == []
+
+
+async def test_postgres_leases_are_renewed_released_and_claimed_once(
+    two_replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    owner, other = two_replicas
+    await write_swarm(owner, "a", end="")
+    await write_swarm(owner, "b", end="")
+    # A swarm whose first append is still on its way is not lost: that append makes its lease.
+    assert await owner.renew({"not-stored-yet": FIRST_EPOCH}) == Renewal(orchestrators=1)
+    assert (await other.renew({})).orchestrators == 2, "each renewal is a sign of life"
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        assert (await owner.renew({"a": FIRST_EPOCH, "b": FIRST_EPOCH})).lost == []
+        assert await other.claim() == []
+    await owner.release({"a": FIRST_EPOCH})
+    assert (await other.renew({})).orchestrators == 1, "a replica that lets go is no longer counted"
+    claims = await asyncio.gather(other.claim(), owner.claim())
+    assert sorted(claims, key=len) == [[], [Claim("a", FIRST_EPOCH + 1)]], "one replica takes it"
+
+
+async def test_postgres_a_cancellation_asked_anywhere_reaches_the_owner(
+    two_replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    owner, other = two_replicas
+    await write_swarm(owner, "s", end="")
+    await write_swarm(owner, "done")
+    woken = asyncio.create_task(owner.wait_for_requests())
+    await other.request_cancel("s", "stop it")
+    await other.request_cancel("done", "too late")
+    await asyncio.wait_for(woken, 5)
+    renewal = await owner.renew({"s": FIRST_EPOCH, "done": FIRST_EPOCH})
+    assert renewal.cancels == {"s": "stop it"} and renewal.lost == []
+    await asyncio.sleep(0.4)  # no renewal: a replica that claims the swarm is told as well
+    assert await other.claim() == [Claim("s", FIRST_EPOCH + 1, "stop it")]
+
+
+async def test_postgres_an_append_sent_again_after_its_commit_is_stored_once(postgres_url: str) -> None:
+    store = await PostgresStore.open(postgres_url)
+    try:
+        await write_swarm(store, "s", end="")
+        stored = await store.events("s", after_sequence=0, limit=100)
+        await store.append([Entry(event, event.SerializeToString()) for event in stored[5:]])
+        summary = await store.get_swarm("s", with_subtasks=False)
+        await store.append([Entry(stored[0], stored[0].SerializeToString(), summary)])
+        assert await store.events("s", after_sequence=0, limit=100) == stored
+        gap = events_pb2.SwarmEvent(swarm_id="s", sequence=20, synthesis_delta=events_pb2.SynthesisDelta())
+        with pytest.raises(StoreError, match="event 20 is out of order"):
+            await store.append([Entry(gap, gap.SerializeToString())])
+    finally:
+        await store.close()
+
+
+async def test_postgres_a_follower_at_another_replica_sees_each_append_once_in_order(
+    two_replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    owner, other = two_replicas
+    log = await write_swarm(owner, "s", end="")
+
+    async def follow(after: int) -> list[int]:
+        return [event.sequence async for event in other.follow("s", after_sequence=after)]
+
+    followers = [asyncio.create_task(follow(after)) for after in (0, 3, 8)]
+    await asyncio.sleep(0.1)
+    for i in range(40):
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text=str(i), attempt=1))
+        if i % 5 == 0:
+            await asyncio.sleep(0.01)
+    log.append("swarm_completed", events_pb2.SwarmCompleted(result="r"))
+    # Followers get each event once the owner has stored it, whatever the notifications did.
+    results = await asyncio.wait_for(asyncio.gather(*followers), 10)
+    assert results == [list(range(after + 1, 50)) for after in (0, 3, 8)]
+
+
+async def test_postgres_migrates_a_new_database_once_even_when_replicas_start_together(
+    postgres_url: str,
+) -> None:
+    stores = await asyncio.gather(*(PostgresStore.open(postgres_url) for _ in range(3)))
+    for store in stores:
+        await store.close()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as db:
+        rows = await (await db.execute("SELECT version FROM schema_migrations ORDER BY version")).fetchall()
+        assert rows == [(version,) for version in range(1, len(POSTGRES_MIGRATIONS) + 1)]
+        await db.execute("INSERT INTO schema_migrations (version) VALUES (99)")
+        await db.commit()
+    with pytest.raises(StoreError, match=r"has schema version 99; this orchestrator knows \d+"):
+        await PostgresStore.open(postgres_url)
+
+
+async def test_postgres_refuses_a_database_it_cannot_use_and_never_shows_the_password(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as db:
+        await db.execute("CREATE TABLE notes (text text)")
+    with pytest.raises(StoreError, match="holds tables, but not an orchestrator's"):
+        await PostgresStore.open(postgres_url)
+    wrong = postgres_url.replace(postgres_server.password, "Wr0ng-Secret")
+    for url, said in [
+        (wrong, "password authentication failed"),
+        (postgres_url.rsplit("/", 1)[0] + "/no_such_database", 'database "no_such_database" does not exist'),
+        (wrong.replace(f":{postgres_server.port}/", ":1/"), "Connection refused"),
+    ]:
+        with pytest.raises(StoreError, match=said) as refused:
+            await PostgresStore.open(url)
+        message = str(refused.value)
+        assert "swarm:***@127.0.0.1" in message and "\n" not in message
+        assert "Wr0ng-Secret" not in message and postgres_server.password not in message

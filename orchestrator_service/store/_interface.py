@@ -7,15 +7,21 @@ and one status row per planned subtask, with its attempts and output), so that r
 never means replaying its events. The view rows arrive with the events that change them, in the
 same `append`, so the two never disagree.
 
-The interface leaves room for a server database shared by several orchestrator replicas: events
-are keyed by (swarm_id, sequence), so a second writer of the same sequence is refused, not merged,
-and `unfinished` is where a replica would claim swarms (with a lease) instead of taking them all.
+Several orchestrator replicas may share one store (PostgreSQL). Each unfinished swarm is then
+owned by one replica through a lease that the replica renews while it lives; a replica that stops
+renewing loses its swarms to the first replica that `claim`s them, under a higher epoch. Every
+append carries the epoch its writer holds, and the store refuses a stale one (`LeaseLost`), so an
+old owner that comes back (stopped, paused, cut off) cannot write after its lease is gone. A store
+that one orchestrator has to itself (SQLite, memory) is `OneOrchestrator`: its orchestrator owns
+every swarm, and the lease methods come down to taking all unfinished swarms once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -23,6 +29,39 @@ from swarm.v1 import events_pb2, orchestrator_pb2
 
 class StoreError(Exception):
     """The store cannot be opened, read or written; the message says which file and why."""
+
+
+class LeaseLost(StoreError):
+    """Another orchestrator took the swarm over: the epoch this append carried is no longer the
+    swarm's. Not a failure of the store: the writer stops running the swarm, and writes nothing."""
+
+
+# The epoch under which a new swarm is first stored; each takeover adds one.
+FIRST_EPOCH = 1
+TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
+# A page of events read at a time.
+EVENTS_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """An unfinished swarm now owned by the claiming orchestrator, under `epoch`."""
+
+    swarm_id: str
+    epoch: int
+    # Non-empty when a CancelSwarm asked for the swarm's end while no replica held it.
+    cancel_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a lease renewal found: swarms whose lease another replica took (stop running them), and
+    cancellations that CancelSwarm calls on other replicas asked for (swarm_id -> reason)."""
+
+    lost: list[str] = field(default_factory=list)
+    cancels: dict[str, str] = field(default_factory=dict)
+    # Orchestrators alive on the store, this one included.
+    orchestrators: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +100,16 @@ class Store(Protocol):
         """Whether swarms outlive this process (so a restart can resume them)."""
         ...
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    @property
+    def shared(self) -> bool:
+        """Whether other orchestrators may use this store at the same time (leases then matter)."""
+        ...
+
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         """Stores the entries in order; when it returns they are durable. A swarm's first entry is
-        its `accepted` event, which carries its summary."""
+        its `accepted` event, which carries its summary; its swarm is then owned by this store's
+        orchestrator under `epoch`. A shared store raises LeaseLost, storing nothing, when the
+        swarm's epoch is no longer `epoch`."""
         ...
 
     async def events(self, swarm_id: str, *, after_sequence: int, limit: int) -> list[events_pb2.SwarmEvent]:
@@ -89,6 +135,41 @@ class Store(Protocol):
         """Swarms without a terminal event, oldest first."""
         ...
 
+    async def claim(self) -> list[Claim]:
+        """Takes the unfinished swarms that no orchestrator holds a live lease on, each under a new
+        epoch, oldest first."""
+        ...
+
+    async def renew(self, held: Mapping[str, int]) -> Renewal:
+        """Extends the leases on the swarms held (swarm_id -> epoch), and this orchestrator's own
+        sign of life, which tells the others how many share the store."""
+        ...
+
+    async def release(self, held: Mapping[str, int]) -> None:
+        """Gives up the leases held (swarm_id -> epoch), so that another orchestrator takes those
+        swarms over at once rather than when the leases run out."""
+        ...
+
+    async def request_cancel(self, swarm_id: str, reason: str) -> None:
+        """Asks whichever orchestrator owns the unfinished swarm (now, or after a takeover) to
+        cancel it."""
+        ...
+
+    async def wait_for_requests(self) -> None:
+        """Returns when another orchestrator has asked this one's swarms for something (a
+        cancellation, told at the next `renew`)."""
+        ...
+
+    def follow(self, swarm_id: str, *, after_sequence: int) -> AsyncIterator[events_pb2.SwarmEvent]:
+        """The swarm's stored events after `after_sequence`, then those that any orchestrator
+        appends, until its terminal event."""
+        ...
+
+    def request_lock(self, request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while a swarm is started under `request_id`, so that two orchestrators given the
+        same request at once start one swarm."""
+        ...
+
     async def delete_finished(self, *, ended_before_ns: int, limit: int) -> int:
         """Deletes up to `limit` swarms that ended before the time, with their events; how many."""
         ...
@@ -111,3 +192,47 @@ def compose_view(
     view.update_time.FromNanoseconds(update_ns)
     view.subtasks.extend(subtasks)
     return view
+
+
+class _Readable(Protocol):
+    async def events(
+        self, swarm_id: str, *, after_sequence: int, limit: int
+    ) -> list[events_pb2.SwarmEvent]: ...
+
+    async def unfinished(self) -> list[str]: ...
+
+
+class OneOrchestrator:
+    """The lease methods of a store that one orchestrator has to itself (it keeps others out, as
+    SQLite's file lock does): that orchestrator owns every swarm, and a swarm it does not run has
+    ended, so following one is reading its stored events."""
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    async def claim(self: _Readable) -> list[Claim]:
+        return [Claim(swarm_id, FIRST_EPOCH) for swarm_id in await self.unfinished()]
+
+    async def renew(self, held: Mapping[str, int]) -> Renewal:
+        return Renewal()
+
+    async def release(self, held: Mapping[str, int]) -> None:
+        return None
+
+    async def request_cancel(self, swarm_id: str, reason: str) -> None:
+        return None
+
+    async def wait_for_requests(self) -> None:
+        await asyncio.Event().wait()  # never: no other orchestrator shares the store
+
+    async def follow(
+        self: _Readable, swarm_id: str, *, after_sequence: int
+    ) -> AsyncIterator[events_pb2.SwarmEvent]:
+        while page := await self.events(swarm_id, after_sequence=after_sequence, limit=EVENTS_PAGE):
+            for event in page:
+                yield event
+            after_sequence = page[-1].sequence
+
+    def request_lock(self, request_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()

@@ -6,7 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator_service.store._interface import Cursor, Entry, StoreError, compose_view
+from orchestrator_service.store._interface import (
+    FIRST_EPOCH,
+    Cursor,
+    Entry,
+    OneOrchestrator,
+    StoreError,
+    compose_view,
+)
 from swarm.v1 import events_pb2, orchestrator_pb2
 
 
@@ -26,7 +33,7 @@ class _Stored:
         )
 
 
-class MemoryStore:
+class MemoryStore(OneOrchestrator):
     def __init__(self) -> None:
         self._swarms: dict[str, _Stored] = {}
         self._requests: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> swarm_id
@@ -35,7 +42,7 @@ class MemoryStore:
     def persistent(self) -> bool:
         return False
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         for entry in entries:
             event = entry.event
             stored = self._swarms.get(event.swarm_id)

@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from orchestrator_service.store._interface import Cursor, Entry, StoreError, compose_view
+from orchestrator_service.store._interface import (
+    FIRST_EPOCH,
+    Cursor,
+    Entry,
+    OneOrchestrator,
+    StoreError,
+    compose_view,
+)
 from orchestrator_service.store._sqlite_writer import Writer, WriteStats
 from swarm.v1 import events_pb2, orchestrator_pb2
 
@@ -74,7 +81,7 @@ DROP INDEX swarms_by_request;
 _VIEW_COLUMNS = "view, last_sequence, update_ns"
 
 
-class SqliteStore:
+class SqliteStore(OneOrchestrator):
     """Made by `await SqliteStore.open(path)`."""
 
     def __init__(self, path: str, lock: int, writer: sqlite3.Connection, reader: sqlite3.Connection) -> None:
@@ -99,7 +106,7 @@ class SqliteStore:
     def stats(self) -> WriteStats:
         return self._writer.stats
 
-    async def append(self, entries: Sequence[Entry]) -> None:
+    async def append(self, entries: Sequence[Entry], *, epoch: int = FIRST_EPOCH) -> None:
         await self._appends.add(entries)
 
     async def delete_finished(self, *, ended_before_ns: int, limit: int) -> int:
