@@ -11,8 +11,11 @@ provider, 127.0.0.1 port 0) and stops them. The module docstrings define each fi
     memory       1e  orchestrator RSS with 1,000 subtasks in flight
     many_swarms  1f  50 concurrent clients: completion and time to first event
     ray_peer     1g  the same fan-out as Ray tasks (optional `bench` extra)
+    many_streams 1h  1,000 agents streaming at once: lag, text delivered, memory per subtask
+    watchers     1i  the orchestrator's CPU with ten watchers of a swarm against one
     bench_store      the store's own benchmark (SQLite against in-memory), when present
 
-common.py holds the process, client, /proc and statistics helpers; profiling.py the optional
-py-spy profiles (`--profile`).
+common.py holds the process, client, /proc and statistics helpers; chunks.py the streaming
+workloads and their lag; profiling.py the optional py-spy profiles (`--profile`). Every run first
+measures the raw grpc.aio floor (floor.py) and prints it with the machine.
 """

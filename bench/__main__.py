@@ -33,7 +33,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import Context, Target, load_average
+from bench.common import Context, Target, load_average, median
+from bench.floor import measure as floor_measure
+from bench.floor import start_server as floor_server
 from bench.profiling import format_summary
 
 HERE = Path(__file__).resolve().parent
@@ -58,6 +60,8 @@ BENCHMARKS = [
     Benchmark("memory", "bench.memory", "1e"),
     Benchmark("many_swarms", "bench.many_swarms", "1f"),
     Benchmark("ray", "bench.ray_peer", "1g"),
+    Benchmark("many_streams", "bench.many_streams", "1h"),
+    Benchmark("watchers", "bench.watchers", "1i"),
     Benchmark("big_swarms", "bench.big_swarms", "big"),
     Benchmark("replicas", "bench.replicas", "replicas"),
     Benchmark("observability", "bench.observability", "obs"),
@@ -176,6 +180,15 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def floor(seconds: float) -> float:
+    """The raw grpc.aio floor now (bench/floor.py): bare calls per second between two processes."""
+    server = floor_server()
+    try:
+        return asyncio.run(floor_measure(server.address, concurrency=64, seconds=seconds))
+    finally:
+        server.stop()
+
+
 def _value_text(value: Any) -> str:
     if isinstance(value, float):
         return (
@@ -230,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "machine": machine(),
         "load_average_at_start": load_average(),
+        "floor_calls_per_s_at_start": round(floor(1.0 if args.quick else 2.0), 1),
         "benchmarks": {},
     }
+    m = report["machine"]
+    console.print(
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; raw grpc.aio floor "
+        f"{report['floor_calls_per_s_at_start']:,.0f} calls/s; load {report['load_average_at_start']}"
+    )
     shown: dict[str, list[tuple[str, str]]] = {}
     failed = False
     for benchmark in chosen:
@@ -274,10 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print()
     console.print(table(report, shown))
     checks = [c["pass"] for e in report["benchmarks"].values() for c in e.get("targets", {}).values()]
-    m = report["machine"]
+    floors = [report["floor_calls_per_s_at_start"]]
+    floors += report["benchmarks"].get("dispatch", {}).get("figures", {}).get("runs_floor_calls_per_s", [])
     console.print(
         f"targets: {checks.count(True)} pass, {checks.count(False)} fail, {checks.count(None)} n/a  ·  "
         f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Python {m['python']}, grpcio {m['grpcio']}  ·  "
+        f"floor {median(floors):,.0f} calls/s ({min(floors):,.0f}-{max(floors):,.0f} in {len(floors)} windows)  ·  "
         f"load {report['load_average_at_start']} -> {report['load_average_at_end']}  ·  {report['duration_s']:g}s"
     )
     for name, summary in report.get("profiles", {}).items():

@@ -156,8 +156,8 @@ async def _swarm(agents: int) -> dict[str, Any]:
         MemoryStore(),
         default_model=MODEL,
     )
-    swarm_id = await orchestrator.start(idea=IDEA, num_agents=agents)
-    events = [event async for event in await orchestrator.watch(swarm_id)]
+    swarm_id = (await orchestrator.start(idea=IDEA, num_agents=agents)).swarm_id
+    events = [logged.event async for logged in await orchestrator.watch(swarm_id)]
     last = events[-1]
     if not last.HasField("swarm_completed"):
         raise RuntimeError(f"the {agents}-agent swarm did not complete: {last}")

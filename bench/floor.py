@@ -8,6 +8,10 @@ and starting the next. Figure: completed calls / measured seconds, after a warm-
 
 It is the ceiling of what one grpc.aio hop can do on this machine in this run; the dispatch
 benchmark's subtasks/s is compared with it.
+
+A second method, `/bench.Floor/Events`, streams a number of 100-byte events, so many to a message:
+what streaming an event to a watcher costs a grpc.aio server at the least, per message and per
+event (`events_cost`; the watchers benchmark, 1i, reports it).
 """
 
 from __future__ import annotations
@@ -22,11 +26,21 @@ from typing import Any
 
 import grpc
 
-from bench.common import ROOT, client_channel
+from bench.common import ROOT, client_channel, cpu_seconds
 from swarm_client.stack import Process, start
 
 METHOD = "/bench.Floor/Stream"
+EVENTS = "/bench.Floor/Events"
 PAYLOAD = b"x" * 32
+EVENT = b"e" * 100
+
+
+async def _events(request: bytes, context: Any) -> AsyncIterator[bytes]:
+    """`request` is "EVENTS,PER_MESSAGE" in ASCII."""
+    events, per_message = (int(part) for part in request.decode().split(","))
+    message = EVENT * per_message
+    for _ in range(events // per_message):
+        yield message
 
 
 async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
@@ -36,7 +50,11 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
 async def serve(listen: str) -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
-        "bench.Floor", {"Stream": grpc.unary_stream_rpc_method_handler(_stream)}
+        "bench.Floor",
+        {
+            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+            "Events": grpc.unary_stream_rpc_method_handler(_events),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port(listen)
@@ -85,6 +103,25 @@ async def measure(
                 task.cancel()
             await asyncio.gather(*callers, return_exceptions=True)
     return done / elapsed
+
+
+async def events_cost(target: str, pid: int, *, watchers: int, events: int, per_message: int) -> float:
+    """CPU µs of the server process (`pid`) per event per watcher, streaming `events` events to each
+    of `watchers` clients at once, `per_message` events to a message."""
+    channels = [client_channel(target) for _ in range(watchers)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 10)
+        request = f"{events},{per_message}".encode()
+
+        async def watch(channel: grpc.aio.Channel) -> None:
+            async for _ in channel.unary_stream(EVENTS)(request, timeout=60):
+                pass
+
+        before = cpu_seconds(pid)
+        await asyncio.gather(*(watch(channel) for channel in channels))
+        return 1e6 * (cpu_seconds(pid) - before) / (events * watchers)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from swarm_common.providers import PlanRequest, SimulatedProvider, SimulatedSett
 
 TITLE = "1b in-process baseline (asyncio.gather, 256 subtasks)"
 AGENTS = 256
+# Room for the whole plan in one answer, however long: only its subtasks are needed here.
+WHOLE_PLAN_TOKENS = 100_000
 NEEDS = ("dispatch",)
 TARGETS: dict[str, Any] = {}
 UNITS = {"in_process_per_s": "subtasks/s", "distributed_ratio": "ratio"}
@@ -41,7 +43,9 @@ async def _one(provider: SimulatedProvider, request: StreamRequest) -> str:
 
 async def _gather_rate(runs: int) -> list[float]:
     provider = SimulatedProvider(SimulatedSettings(latency_ms=0, chunks=1))
-    draft = await provider.plan(PlanRequest(model="bench", idea=IDEA, num_agents=AGENTS))
+    draft = await provider.plan(
+        PlanRequest(model="bench", idea=IDEA, num_agents=AGENTS, max_tokens=WHOLE_PLAN_TOKENS)
+    )
     requests = [
         StreamRequest(
             model="bench",

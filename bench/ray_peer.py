@@ -60,7 +60,10 @@ def _child(rounds: int) -> dict[str, Any]:
         return asyncio.run(collect(prompt))
 
     planner = SimulatedProvider(SimulatedSettings(latency_ms=0))
-    draft = asyncio.run(planner.plan(PlanRequest(model="bench", idea=IDEA, num_agents=AGENTS)))
+    # The whole plan in one answer, however long: only its subtasks are needed here.
+    draft = asyncio.run(
+        planner.plan(PlanRequest(model="bench", idea=IDEA, num_agents=AGENTS, max_tokens=100_000))
+    )
     prompt_list = [
         prompts.idea_block(IDEA) + prompts.worker_prompt(item["title"], item["instructions"])
         for item in json.loads(draft.text)["subtasks"]

@@ -256,13 +256,7 @@ class SwarmBudget:
 
     def _unstarted(self) -> int:
         """Subtasks neither completed nor running: the ones an attempt's share is split among."""
-        return sum(
-            1
-            for s in self.record.subtasks.values()
-            if s.usage.output_tokens == 0
-            and not self.record.running_max_tokens(s.subtask.id)
-            and not s.output
-        )
+        return len(self.record.unstarted)
 
     def plan_keep(self, num_agents: int, subtask_input: int) -> Amount:
         """What a plan must leave: every subtask's shortest answer and the synthesis of them."""

@@ -6,6 +6,12 @@ the store, and readers see it only once the store has made it durable, so no cli
 an event that a crash could take back. Appends made while the store is writing go to it together
 in the next write.
 
+Serialized once: `append` turns the event into bytes, and the store and every reader share them.
+The bytes readers get are already a whole RunSwarmResponse, which is a WatchSwarmResponse too
+(each is `SwarmEvent event = 1` and nothing else), so RunSwarm and WatchSwarm send them as they
+are, to any number of watchers, with no copy and no serializing per watcher: a watcher costs a
+write per event, nothing more.
+
 Fencing: the log writes under the epoch of the swarm's lease that its orchestrator holds. Should
 the store refuse it (another orchestrator took the swarm over), nothing more is stored or shown
 here: readers are told the swarm goes on elsewhere (LogHandedOver), and the owner is told
@@ -18,13 +24,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 from prometheus_client import Histogram
 
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import FIRST_EPOCH, Entry, LeaseLost, Store, StoreError, SubtaskRow
-from swarm.v1 import events_pb2
+from swarm.v1 import events_pb2, orchestrator_pb2
 from swarm_common import telemetry
 from swarm_common.usage import add, subtract
 
@@ -68,6 +75,42 @@ class LogHandedOver(LogSuspended):
     """Another orchestrator took the swarm over (its lease): its events go on in the store."""
 
 
+# The tag of field 1 (`event`, length-delimited) in RunSwarmResponse and WatchSwarmResponse.
+_EVENT_FIELD = b"\x0a"
+
+
+def _varint(value: int) -> bytes:
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
+
+
+@dataclass(frozen=True, slots=True)
+class Logged:
+    """An event as its readers get it: `frame` is the bytes of a RunSwarmResponse (and of a
+    WatchSwarmResponse) holding it, made once for all of them."""
+
+    sequence: int
+    frame: bytes
+    appended_at: float  # the event's time, in seconds since the epoch
+
+    @classmethod
+    def serialized(cls, data: bytes, sequence: int, appended_at: float) -> Logged:
+        """`data`: the event of this sequence, serialized."""
+        return cls(sequence, _EVENT_FIELD + _varint(len(data)) + data, appended_at)
+
+    @classmethod
+    def of(cls, event: events_pb2.SwarmEvent) -> Logged:
+        return cls.serialized(event.SerializeToString(), event.sequence, _appended_at(event))
+
+    @property
+    def event(self) -> events_pb2.SwarmEvent:
+        return orchestrator_pb2.RunSwarmResponse.FromString(self.frame).event
+
+
 class EventLog:
     def __init__(
         self,
@@ -96,7 +139,7 @@ class EventLog:
         self._spent_told = record.spent
         self._unstored_spent = events_pb2.Usage()
         self._base = record.last_sequence  # the events through here are read from the store
-        self._events: list[events_pb2.SwarmEvent] = []  # those appended since: base+1, base+2 ...
+        self._events: list[Logged] = []  # those appended since: base+1, base+2 ...
         self._durable = self._base
         self._unstored: list[Entry] = []
         self._storing: asyncio.Task[None] | None = None
@@ -123,15 +166,14 @@ class EventLog:
             add(self._unstored_spent, spent)
             subtract(self._unstored_spent, self._spent_told)
             self._spent_told = spent
-        self._events.append(event)
-        subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
-        self._unstored.append(
-            Entry(
-                event,
-                summary=self.record.to_proto(with_subtasks=False) if change.summary else None,
-                subtasks=tuple(SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks),
-            )
-        )
+        data = event.SerializeToString()
+        self._events.append(Logged.serialized(data, event.sequence, _appended_at(event)))
+        rows: tuple[SubtaskRow, ...] = ()
+        if change.subtask_ids:
+            subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
+            rows = tuple([SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks])
+        summary = self.record.to_proto(with_subtasks=False) if change.summary else None
+        self._unstored.append(Entry(event, data, summary, rows))
         if kind in TERMINAL_KINDS:
             self.closed = True
         if self._storing is None:
@@ -192,7 +234,7 @@ class EventLog:
             self._raise_if_failed()
             await self._changed.wait()
 
-    async def follow(self, after_sequence: int = 0) -> AsyncIterator[events_pb2.SwarmEvent]:
+    async def follow(self, after_sequence: int = 0) -> AsyncIterator[Logged]:
         """The events after `after_sequence`, then each new one once it is durable, until the
         terminal one. The switch from stored to live events has no gap and no duplicate: both come
         from this one numbered sequence."""
@@ -200,13 +242,13 @@ class EventLog:
         if index < self._base:
             async for event in replay(self._store, self.swarm_id, after_sequence=index, through=self._base):
                 index = event.sequence
-                yield event
+                yield Logged.of(event)
             if index < self._base:
                 raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
         joined = time.time()
         while True:
             if index < self._durable:
-                waited = time.time() - max(joined, _appended_at(self._events[index - self._base]))
+                waited = time.time() - max(joined, self._events[index - self._base].appended_at)
                 STREAM_LAG.observe(waited)
             while index < self._durable:
                 index += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import logging
 import sys
@@ -17,12 +18,12 @@ from orchestrator_service.orchestrator import Economy, Limits, Orchestrator
 from orchestrator_service.planner import Planner
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, RateLimitedProvider
 from orchestrator_service.scheduler import RetryPolicy, Scheduler
-from orchestrator_service.servicer import OrchestratorServicer
+from orchestrator_service.servicer import OrchestratorServicer, add_to_server
 from orchestrator_service.settings import OrchestratorSettings
 from orchestrator_service.store import Store, StoreError, expire_forever, open_store, redacted
 from orchestrator_service.watchdog import Bounds
 from orchestrator_service.worker_pool import WorkerPool
-from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from swarm.v1 import orchestrator_pb2
 from swarm_common import logs, telemetry
 from swarm_common.config import split_host_port
 from swarm_common.providers import ProviderConfigError, make_provider
@@ -56,8 +57,16 @@ def check_exposure(settings: OrchestratorSettings) -> None:
     )
 
 
+# The store's writer thread takes the GIL back after each statement and after each commit's fsync,
+# from an event loop that is rarely idle under load, and events are shown only once committed.
+# With 1,000 agents streaming on a loaded 2-core VM, a commit's p99 was 72, 75 and 80 ms at
+# Python's default 5 ms a wait, and 39, 43 and 164 ms at 1 ms (back-to-back pairs).
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 async def serve(settings: OrchestratorSettings) -> None:
     log = logs.setup("orchestrator", settings.log_level)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     check_exposure(settings)
     # Files that cannot be used stop the start before anything is set up.
     tls = settings.server_tls(log)
@@ -131,6 +140,7 @@ async def _serve_on(
             ),
             limiter,
             delta_window_s=settings.delta_window_ms / 1000,
+            max_delta_rate=settings.max_delta_rate,
         ),
         store,
         default_model=settings.model,
@@ -155,9 +165,7 @@ async def _serve_on(
     service = Service(
         name="orchestrator",
         service_names=[orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name],
-        register=lambda server: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
-            OrchestratorServicer(orchestrator), server
-        ),
+        register=lambda server: add_to_server(OrchestratorServicer(orchestrator), server),
         listen=settings.listen,
         log=log,
         limits=settings.call_limits(),
@@ -178,6 +186,11 @@ async def _serve_on(
         if settings.retention_s > 0:
             background.append(asyncio.create_task(expire_forever(store, settings.retention_s)))
         background.append(asyncio.create_task(_stop_on_store_failure(orchestrator, service, log)))
+        # What start-up made (modules, descriptors, recovered swarms) stays: frozen, the collector
+        # skips it, so a full collection mid-stream no longer stalls the event loop (it took
+        # about 60 ms with 1,000 agents streaming).
+        gc.collect()
+        gc.freeze()
         await service.start()
         # 5 s after the drain for the last events to reach their watchers.
         await service.run_until_stopped(

@@ -29,7 +29,7 @@ from prometheus_client import Gauge
 
 from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
-from orchestrator_service.event_log import LogHandedOver, replay
+from orchestrator_service.event_log import Logged, LogHandedOver, replay
 from orchestrator_service.planner import Planner
 from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
@@ -563,7 +563,7 @@ class Orchestrator:
 
     async def watch(
         self, swarm_id: str, after_sequence: int = 0, tenant: str = ""
-    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
+    ) -> AsyncGenerator[Logged, None]:
         """The swarm's events after `after_sequence`: live while it runs here, else from the store
         (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
         the swarm's watchers: beyond the limit, the first read raises OverLimit."""
@@ -575,24 +575,22 @@ class Orchestrator:
         if running is not None:
             return self._watched(swarm_id, self._follow(running, after_sequence))
         await self._stored(swarm_id, tenant, with_subtasks=False)
-        return self._watched(swarm_id, self.store.follow(swarm_id, after_sequence=after_sequence))
+        return self._watched(swarm_id, _logged(self.store.follow(swarm_id, after_sequence=after_sequence)))
 
-    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[events_pb2.SwarmEvent]:
+    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[Logged]:
         """The running swarm's events; should it be handed over meanwhile, on from the store."""
         index = after_sequence
         try:
-            async for event in running.log.follow(after_sequence):
-                index = event.sequence
-                yield event
+            async for logged in running.log.follow(after_sequence):
+                index = logged.sequence
+                yield logged
             return
         except LogHandedOver:
             pass
-        async for event in self.store.follow(running.id, after_sequence=index):
-            yield event
+        async for logged in _logged(self.store.follow(running.id, after_sequence=index)):
+            yield logged
 
-    async def _watched(
-        self, swarm_id: str, events: AsyncIterator[events_pb2.SwarmEvent]
-    ) -> AsyncGenerator[events_pb2.SwarmEvent, None]:
+    async def _watched(self, swarm_id: str, events: AsyncIterator[Logged]) -> AsyncGenerator[Logged, None]:
         watchers = self._watchers.get(swarm_id, 0)
         if watchers >= self.limits.max_watchers_per_swarm:
             raise OverLimit(
@@ -715,6 +713,11 @@ class Orchestrator:
             except StoreError as error:
                 log.warning(f"the leases of the unfinished swarms were not released: {error}")
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
+
+
+async def _logged(events: AsyncIterator[events_pb2.SwarmEvent]) -> AsyncIterator[Logged]:
+    async for event in events:
+        yield Logged.of(event)
 
 
 def list_view(swarm: orchestrator_pb2.Swarm, text_bytes: int) -> orchestrator_pb2.Swarm:

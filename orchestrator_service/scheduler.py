@@ -19,7 +19,8 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from orchestrator_service.budget import Grant, SwarmBudget
-from orchestrator_service.event_log import EventLog, LogClosed
+from orchestrator_service.delta_windows import DeltaWindows
+from orchestrator_service.event_log import EventLog
 from orchestrator_service.hedging import Hedger
 from orchestrator_service.rate_limits import ModelLimits, ModelRateLimiter, estimate_tokens
 from orchestrator_service.watchdog import Bounds, Overtime, Silent, watched
@@ -169,47 +170,6 @@ def _reason(failure: CallFailure, gone: bool) -> str:
     return failure.code.name.lower()
 
 
-class DeltaCoalescer:
-    """Gathers an attempt's chunks into at most one subtask_delta per window, so a client's event
-    rate stays bounded however finely the model streams, and no text is lost: what is gathered
-    goes out when the window ends, or before the attempt's next event."""
-
-    def __init__(self, log: EventLog, subtask_id: str, attempt: int, window_s: float) -> None:
-        self._log = log
-        self._subtask_id = subtask_id
-        self._attempt = attempt
-        self._window_s = window_s
-        self._parts: list[str] = []
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, text: str) -> None:
-        self._parts.append(text)
-        if self._window_s <= 0:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._window_s, self.flush)
-
-    def close(self) -> None:
-        """Sends what is gathered, unless the log no longer takes events (the swarm stopped)."""
-        with contextlib.suppress(LogClosed):
-            self.flush()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._parts:
-            text = "".join(self._parts)
-            self._parts.clear()
-            self._log.append(
-                "subtask_delta",
-                events_pb2.SubtaskDelta(subtask_id=self._subtask_id, text=text, attempt=self._attempt),
-            )
-
-
 @dataclass(slots=True)
 class SubtaskOutcome:
     output: str
@@ -259,12 +219,17 @@ class Scheduler:
         limiter: ModelRateLimiter | None = None,
         *,
         delta_window_s: float = 0.05,
+        max_delta_rate: float = 2000.0,
     ) -> None:
         self.pool = pool
         self.policy = policy or RetryPolicy()
         self.limiter = limiter or ModelRateLimiter(ModelLimits())
-        # 0 = one subtask_delta per chunk the worker sends.
-        self.delta_window_s = delta_window_s
+        # The worker sends an attempt's text once per window, and each text is one subtask_delta.
+        self.delta_windows = DeltaWindows(delta_window_s, max_delta_rate, self._set_window)
+
+    def _set_window(self, swarm_id: str, window_s: float) -> None:
+        for worker in self.pool.workers:
+            worker.session.set_window(swarm_id, window_s)
 
     async def run(
         self,
@@ -526,26 +491,31 @@ class Scheduler:
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
             chunks: list[str] = []
-            deltas = DeltaCoalescer(log, subtask.id, attempt.number, self.delta_window_s)
-            outputs = watched(
-                worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
-            )
             response: worker_pb2.ExecuteSubtaskResponse | None = None
-            try:
-                async for response in outputs:
-                    permit.answered()
-                    if not attempt.answered:
-                        FIRST_TOKEN.observe(time.monotonic() - attempt.started)
-                    attempt.answered = True
-                    if job.shared.warmed is not None:
-                        job.shared.warmed.set()
-                    if response.HasField("result"):
-                        break
-                    chunks.append(response.text)
-                    deltas.add(response.text)
-            finally:
-                await outputs.aclose()  # an unfinished subtask is cancelled on the worker
-                deltas.close()
+            with self.delta_windows.streaming(log.swarm_id) as window_s:
+                request.delta_window.FromNanoseconds(round(window_s * 1e9))
+                outputs = watched(
+                    worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
+                )
+                try:
+                    async for response in outputs:
+                        permit.answered()
+                        if not attempt.answered:
+                            FIRST_TOKEN.observe(time.monotonic() - attempt.started)
+                        attempt.answered = True
+                        if job.shared.warmed is not None:
+                            job.shared.warmed.set()
+                        if response.HasField("result"):
+                            break
+                        chunks.append(response.text)
+                        log.append(
+                            "subtask_delta",
+                            events_pb2.SubtaskDelta(
+                                subtask_id=subtask.id, text=response.text, attempt=attempt.number
+                            ),
+                        )
+                finally:
+                    await outputs.aclose()  # an unfinished subtask is cancelled on the worker
             if response is None or not response.HasField("result"):
                 raise IncompleteAttempt("the worker ended the subtask without a result")
             usage = response.result.usage

@@ -1,5 +1,9 @@
 """Translates OrchestratorService calls to and from the Orchestrator; domain errors become status codes.
-Each call is its tenant's (`current_tenant()`, set by the authentication in front of it)."""
+Each call is its tenant's (`current_tenant()`, set by the authentication in front of it).
+
+RunSwarm and WatchSwarm send each event as the bytes the event log made of it, once, for every
+reader (`event_log.Logged`): grpc is given no serializer for them (`add_to_server`), so it sends
+the bytes as they are."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import message_factory
 
 from orchestrator_service.auth import current_tenant
 from orchestrator_service.event_log import LogSuspended
@@ -22,7 +27,7 @@ from orchestrator_service.orchestrator import (
 )
 from orchestrator_service.quotas import QuotaExceeded, quotas_proto
 from orchestrator_service.store import StoreError
-from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from swarm.v1 import orchestrator_pb2
 from swarm_common.rpc_errors import bad_request, over_limit
 from swarm_common.telemetry import TRACE_HEADERS
 
@@ -77,13 +82,40 @@ def _deadline(context: Context) -> float | None:
     return None if remaining is None else time.time() + remaining
 
 
-class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
+# Methods whose handlers yield a response's bytes, not a message.
+SERIALIZED = frozenset({"RunSwarm", "WatchSwarm"})
+
+
+def add_to_server(servicer: OrchestratorServicer, server: grpc.aio.Server) -> None:
+    """Registers every method of the service, as generated code would, except that RunSwarm and
+    WatchSwarm get no response serializer: their handlers yield the bytes of each response."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        assert not method.client_streaming, "every method takes one request"
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=None if method.name in SERIALIZED else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+class OrchestratorServicer:
     def __init__(self, orchestrator: Orchestrator) -> None:
         self._orchestrator = orchestrator
 
     async def RunSwarm(
         self, request: orchestrator_pb2.RunSwarmRequest, context: Context
-    ) -> AsyncIterator[orchestrator_pb2.RunSwarmResponse]:
+    ) -> AsyncIterator[bytes]:
         tenant = current_tenant()
         try:
             started = await self._orchestrator.start(
@@ -110,8 +142,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         try:
             # Closed here, whatever ends the call, so the swarm's watcher place is free at once.
             async with contextlib.aclosing(events):
-                async for event in events:
-                    yield orchestrator_pb2.RunSwarmResponse(event=event)
+                async for logged in events:
+                    yield logged.frame  # a RunSwarmResponse
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:
@@ -125,7 +157,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def WatchSwarm(
         self, request: orchestrator_pb2.WatchSwarmRequest, context: Context
-    ) -> AsyncIterator[orchestrator_pb2.WatchSwarmResponse]:
+    ) -> AsyncIterator[bytes]:
         try:
             events = await self._orchestrator.watch(
                 request.swarm_id, request.after_sequence, tenant=current_tenant().name
@@ -138,8 +170,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
             async with contextlib.aclosing(events):
-                async for event in events:
-                    yield orchestrator_pb2.WatchSwarmResponse(event=event)
+                async for logged in events:
+                    yield logged.frame  # a WatchSwarmResponse
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:

@@ -108,8 +108,14 @@ class OrchestratorSettings(ServiceSettings):
     )
     delta_window_ms: NonNegativeFloat = setting(
         50.0,
-        "a subtask's output chunks go to clients as one `subtask_delta` per window (0 = one per chunk); "
-        "no text is lost",
+        "a subtask's output chunks go to clients as one `subtask_delta` per window, gathered by its "
+        "worker (0 = each chunk as it comes); no text is lost",
+    )
+    max_delta_rate: NonNegativeFloat = setting(
+        2000.0,
+        "`subtask_delta` events a second one swarm sends at most: while more of its subtasks stream "
+        "than this rate x the window (100 by default), each one's window widens by whole windows "
+        "(0 = never widened)",
     )
     worker_model: str = setting(
         "",

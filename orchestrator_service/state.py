@@ -83,6 +83,14 @@ class SwarmRecord:
         # what each holds at most.
         self.running: dict[str, dict[int, events_pb2.SubtaskStarted]] = {}
         self.calls: dict[str, events_pb2.CallReserved] = {}
+        # What those hold, kept as they start and end: every summary tells it, and summing the
+        # running attempts each time made a swarm's events cost the square of its subtasks.
+        self.workers_held = events_pb2.Usage()
+        self.calls_held = events_pb2.Usage()
+        self.attempts_running = 0
+        # Subtasks with no output and no attempt running: a new attempt's budget is shared among
+        # them, and counting them afresh for each attempt cost the square of the subtasks.
+        self.unstarted: set[str] = set()
         self.hedges = 0
 
     @property
@@ -111,19 +119,31 @@ class SwarmRecord:
     def held(self) -> events_pb2.Usage:
         """What the calls in flight hold at most."""
         total = events_pb2.Usage()
-        for attempts in self.running.values():
-            for started in attempts.values():
-                add(total, started.reserved)
-        for call in self.calls.values():
-            add(total, call.reserved)
+        add(total, self.workers_held)
+        add(total, self.calls_held)
         return total
 
     def running_max_tokens(self, subtask_id: str) -> list[int]:
         return [started.max_tokens for started in self.running.get(subtask_id, {}).values()]
 
     def _ended(self, subtask_id: str, attempt: int, usage: events_pb2.Usage) -> None:
-        self.running.get(subtask_id, {}).pop(attempt, None)
+        started = self.running.get(subtask_id, {}).pop(attempt, None)
+        if started is not None:
+            self.attempts_running -= 1
+            subtract(self.workers_held, started.reserved)
+            if not self.attempts_running:  # exactly nothing, not what the floats' rounding leaves
+                self.workers_held = events_pb2.Usage()
         add(self.worker_spent, usage)
+        self._recount(subtask_id)
+
+    def _recount(self, subtask_id: str) -> None:
+        record = self.subtasks.get(subtask_id)
+        if record is None:
+            return
+        if record.usage.output_tokens == 0 and not record.output and not self.running.get(subtask_id):
+            self.unstarted.add(subtask_id)
+        else:
+            self.unstarted.discard(subtask_id)
 
     def apply(self, event: events_pb2.SwarmEvent) -> Change:
         kind = event.WhichOneof("kind")
@@ -152,6 +172,7 @@ class SwarmRecord:
         self.subtasks = {
             subtask.id: SubtaskRecord(subtask, position) for position, subtask in enumerate(body.subtasks)
         }
+        self.unstarted = set(self.subtasks)
         self.state = S.SWARM_STATE_RUNNING
         return Change(summary=True, subtask_ids=tuple(self.subtasks))
 
@@ -161,7 +182,14 @@ class SwarmRecord:
         record.attempts = max(record.attempts, body.attempt)
         record.worker_id = body.worker_id
         record.error = ""
-        self.running.setdefault(body.subtask_id, {})[body.attempt] = body
+        replaced = self.running.setdefault(body.subtask_id, {}).get(body.attempt)
+        if replaced is None:
+            self.attempts_running += 1
+        else:
+            subtract(self.workers_held, replaced.reserved)
+        self.running[body.subtask_id][body.attempt] = body
+        add(self.workers_held, body.reserved)
+        self.unstarted.discard(body.subtask_id)
         self.hedges += body.hedge
         return Change(summary=True, subtask_ids=(body.subtask_id,))  # what is held changed
 
@@ -193,11 +221,19 @@ class SwarmRecord:
         return Change(summary=True)
 
     def _apply_call_reserved(self, body: events_pb2.CallReserved) -> Change:
+        replaced = self.calls.get(body.call_id)
+        if replaced is not None:
+            subtract(self.calls_held, replaced.reserved)
         self.calls[body.call_id] = body
+        add(self.calls_held, body.reserved)
         return Change(summary=True)
 
     def _apply_call_settled(self, body: events_pb2.CallSettled) -> Change:
-        self.calls.pop(body.call_id, None)
+        reserved = self.calls.pop(body.call_id, None)
+        if reserved is not None:
+            subtract(self.calls_held, reserved.reserved)
+            if not self.calls:
+                self.calls_held = events_pb2.Usage()
         add(self.plan_spent, body.usage)
         return Change(summary=True)
 
@@ -255,11 +291,8 @@ class SwarmRecord:
         plan, workers = events_pb2.Usage(), events_pb2.Usage()
         add(plan, self.plan_spent)
         add(workers, self.worker_spent)
-        for call in self.calls.values():
-            add(plan, call.reserved)
-        for attempts in self.running.values():
-            for started in attempts.values():
-                add(workers, started.reserved)
+        add(plan, self.calls_held)
+        add(workers, self.workers_held)
         if self.accepted.model == self.worker_model:
             add(plan, workers)
             return [

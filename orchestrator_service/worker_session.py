@@ -15,6 +15,7 @@ as taken (`stopping`), so a subtask sent next is not refused for want of it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import itertools
@@ -29,12 +30,35 @@ from swarm_common.status import CallFailure
 
 log = logging.getLogger("swarm.orchestrator.session")
 
-Outbox = asyncio.Queue[worker_pb2.SubtaskCall | None]
-Inbox = asyncio.Queue[worker_pb2.ExecuteSubtaskResponse | CallFailure]
+# What goes to the worker: calls, and changes of a swarm's delta window.
+Sendable = worker_pb2.SubtaskCall | worker_pb2.DeltaWindow
+Outbox = asyncio.Queue[Sendable | None]
+Reply = worker_pb2.ExecuteSubtaskResponse | CallFailure
 
 # A worker confirms a cancel within milliseconds (its model stream closes); one that does not is
 # stuck or predates the confirmation, and its slot is counted free after this long regardless.
 CANCEL_TIMEOUT_S = 5.0
+
+
+class Inbox:
+    """One subtask's replies, in order, for the one task that reads them: lighter than an
+    asyncio.Queue, which a subtask would make and feed once per reply."""
+
+    def __init__(self) -> None:
+        self._replies: collections.deque[Reply] = collections.deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiting: asyncio.Future[None] | None = None
+
+    def put(self, reply: Reply) -> None:
+        self._replies.append(reply)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
+
+    async def get(self) -> Reply:
+        while not self._replies:
+            self._waiting = self._loop.create_future()
+            await self._waiting
+        return self._replies.popleft()
 
 
 class SubtaskCallFailed(Exception):
@@ -57,7 +81,7 @@ class _Stream:
         self.ended = False
         self._on_slot_freed = on_slot_freed
 
-    def send(self, call: worker_pb2.SubtaskCall) -> None:
+    def send(self, call: Sendable) -> None:
         if not self.ended:
             self.outbox.put_nowait(call)
 
@@ -85,8 +109,16 @@ class _Stream:
         self.over(call_id)
 
     async def requests(self) -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
-        async for calls in batches(self.outbox):
-            yield worker_pb2.ExecuteSubtasksRequest(calls=calls)
+        ready: AsyncIterator[list[Sendable]] = batches(self.outbox)
+        async for batch in ready:
+            request = worker_pb2.ExecuteSubtasksRequest()
+            for item in batch:
+                if isinstance(item, worker_pb2.SubtaskCall):
+                    request.calls.append(item)
+                else:
+                    # Applied after the calls: a start made after the change carries the window too.
+                    request.delta_windows.append(item)
+            yield request
 
     async def end(self) -> None:
         """Closes the request side and stops reading; the subtasks still on it fail."""
@@ -150,13 +182,11 @@ class WorkerSession:
                         if kind != "output" or reply.output.HasField("result"):
                             stream.over(reply.call_id)
                     elif kind == "error":
-                        inbox.put_nowait(CallFailure.of_proto(reply.error))
+                        inbox.put(CallFailure.of_proto(reply.error))
                     elif kind == "cancelled":
-                        inbox.put_nowait(
-                            CallFailure(grpc.StatusCode.CANCELLED, "the worker cancelled the subtask")
-                        )
+                        inbox.put(CallFailure(grpc.StatusCode.CANCELLED, "the worker cancelled the subtask"))
                     else:
-                        inbox.put_nowait(reply.output)
+                        inbox.put(reply.output)
         except grpc.aio.AioRpcError as error:
             failure = CallFailure(error.code(), error.details() or error.code().name)
         finally:
@@ -165,7 +195,7 @@ class WorkerSession:
             if self._stream is stream:
                 self._stream = None
             for inbox in stream.inboxes.values():
-                inbox.put_nowait(failure)
+                inbox.put(failure)
             for call_id in list(stream.stopping):
                 stream.over(call_id)
 
@@ -175,7 +205,7 @@ class WorkerSession:
         """The subtask's chunks, then its result, as ExecuteSubtask would stream them; a failure
         raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker."""
         call_id = next(self._ids)
-        inbox: Inbox = asyncio.Queue()
+        inbox = Inbox()
         stream = self._open()
         stream.inboxes[call_id] = inbox
         stream.send(worker_pb2.SubtaskCall(call_id=call_id, start=request))
@@ -194,6 +224,13 @@ class WorkerSession:
             del stream.inboxes[call_id]
             if not finished:
                 stream.cancel(call_id, self._cancel_timeout_s)
+
+    def set_window(self, swarm_id: str, window_s: float) -> None:
+        """A new delta window for the swarm's subtasks running on this worker (none: no stream)."""
+        if self._stream is not None:
+            change = worker_pb2.DeltaWindow(swarm_id=swarm_id)
+            change.window.FromNanoseconds(round(window_s * 1e9))
+            self._stream.send(change)
 
     async def close(self) -> None:
         """Ends the stream; subtasks still on it fail as if the worker had gone. A subtask started

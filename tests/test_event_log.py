@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from orchestrator_service.event_log import EventLog, LogClosed
+from orchestrator_service.event_log import EventLog, LogClosed, Logged
 from orchestrator_service.state import SwarmRecord
 from orchestrator_service.store import MemoryStore
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -68,6 +68,29 @@ async def test_many_followers_see_the_same_events() -> None:
     log.append("swarm_cancelled", events_pb2.SwarmCancelled(reason="test"))
     results = await asyncio.wait_for(asyncio.gather(*followers), 2)
     assert all(r == list(range(1, 52)) for r in results)
+
+
+async def test_every_reader_shares_one_serialization_of_each_event_a_whole_response() -> None:
+    """Followers get the same bytes object for each event, not copies; the bytes are exactly a
+    RunSwarmResponse and a WatchSwarmResponse holding the event; the store keeps the same event."""
+    store = MemoryStore()
+    log = new_log(store=store)
+
+    async def collect() -> list[Logged]:
+        return [logged async for logged in log.follow()]
+
+    followers = [asyncio.create_task(collect()) for _ in range(3)]
+    log.append("accepted", events_pb2.SwarmAccepted(idea="i" * 300, num_agents=1))  # a 2-byte length
+    log.append("synthesis_delta", events_pb2.SynthesisDelta(text="x" * 20_000))  # a 3-byte one
+    log.append("swarm_completed", events_pb2.SwarmCompleted(result="r"))
+    first, *others = await asyncio.wait_for(asyncio.gather(*followers), 2)
+    stored = await store.events("s1", after_sequence=0, limit=10)
+    assert [logged.sequence for logged in first] == [1, 2, 3]
+    for index, (logged, event) in enumerate(zip(first, stored, strict=True)):
+        assert all(other[index].frame is logged.frame for other in others), "one object, shared"
+        assert logged.frame == orchestrator_pb2.RunSwarmResponse(event=event).SerializeToString()
+        assert logged.frame == orchestrator_pb2.WatchSwarmResponse(event=event).SerializeToString()
+        assert logged.event == event
 
 
 async def test_record_follows_a_swarm_with_a_retry() -> None:

@@ -1,5 +1,6 @@
 """What a caller can ask of the scheduler, through real processes: a cap on a swarm's parallel
-subtasks, a RunSwarm deadline, and output coalesced into few events without losing any text."""
+subtasks, a RunSwarm deadline, and output coalesced into few events without losing any text (and
+into fewer while many subtasks of a swarm stream at once)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,27 @@ async def test_deltas_are_coalesced_per_window_without_losing_text(window_ms: st
     assert max(per_subtask.values()) <= most_deltas
     if window_ms == "0":
         assert min(per_subtask.values()) > 100, "no window: one event per chunk"
+
+
+def deltas_per_subtask(events: list[events_pb2.SwarmEvent]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for event in events:
+        if event.HasField("subtask_delta"):
+            counts[event.subtask_delta.subtask_id] = counts.get(event.subtask_delta.subtask_id, 0) + 1
+    return counts
+
+
+async def test_many_subtasks_of_a_swarm_streaming_at_once_get_wider_windows_and_lose_no_text() -> None:
+    # Answers of 200 chunks over 1.5 s. The rate allows one subtask per 100 ms window, so four
+    # streaming at once send every 400 ms: about 4 deltas each, against 15 at the base window.
+    worker_args = ["--sim-chunks", "200", "--sim-latency-ms", "1500"]
+    orchestrator_args = ["--delta-window-ms", "100", "--max-delta-rate", "10"]
+    with stack(workers=1, worker_args=worker_args, orchestrator_args=orchestrator_args) as running:
+        async with AsyncSwarmClient(running.target) as client:
+            events = [e async for e in client.run(IDEA, 4)]
+    assert_completed(events, 4)  # every attempt's deltas join to its output: nothing lost
+    counts = deltas_per_subtask(events)
+    assert len(counts) == 4 and max(counts.values()) <= 8, counts
 
 
 async def test_an_attempt_past_the_subtask_timeout_is_retried_then_fails_the_swarm() -> None:

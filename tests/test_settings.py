@@ -67,6 +67,7 @@ CONTRACT: dict[str, list[tuple[str, str, object]]] = {
         ("--subtask-timeout", "SWARM_SUBTASK_TIMEOUT_S", 600.0),
         ("--max-attempts", "SWARM_MAX_ATTEMPTS", 3),
         ("--delta-window-ms", "SWARM_DELTA_WINDOW_MS", 50.0),
+        ("--max-delta-rate", "SWARM_MAX_DELTA_RATE", 2000.0),
         ("--no-progress-timeout", "SWARM_NO_PROGRESS_TIMEOUT_S", 120.0),
         ("--model-rpm", "SWARM_MODEL_RPM", 0),
         ("--model-input-tpm", "SWARM_MODEL_INPUT_TPM", 0),

@@ -269,11 +269,39 @@ async def test_sqlite_commits_the_appends_of_many_swarms_together(tmp_path: Path
         await store.close()
 
 
+async def test_big_appends_of_many_swarms_at_once_are_stored_whole(store: Store) -> None:
+    """More rows than one statement carries, in every table: 300 swarms appending at once, one of
+    them 300 subtasks and 700 events in a single append."""
+    big = EventLog(SwarmRecord("big"), store)
+    big.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=300))
+    subtasks = [events_pb2.Subtask(id=f"subtask-{i}", title="t") for i in range(300)]
+    big.append("plan_created", events_pb2.PlanCreated(subtasks=subtasks))
+    for subtask in subtasks:
+        big.append(
+            "subtask_started", events_pb2.SubtaskStarted(subtask_id=subtask.id, worker_id="w", attempt=1)
+        )
+    for i in range(398):
+        big.append("subtask_delta", events_pb2.SubtaskDelta(subtask_id="subtask-7", text=str(i), attempt=1))
+    small = [EventLog(SwarmRecord(f"s{i}"), store) for i in range(299)]
+    for log in small:
+        log.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=1))
+        log.append("synthesis_delta", events_pb2.SynthesisDelta(text="t", attempt=1))
+    await asyncio.wait_for(asyncio.gather(*(log.stored() for log in [big, *small])), 30)
+    stored = await store.events("big", after_sequence=0, limit=1000)
+    assert [e.sequence for e in stored] == list(range(1, 701))
+    view = await store.get_swarm("big")
+    assert view is not None and view.last_sequence == 700
+    assert [s.state for s in view.subtasks] == [orchestrator_pb2.SUBTASK_STATE_RUNNING] * 300
+    for log in small:
+        assert await store.get_swarm(log.swarm_id) == log.record.to_proto()
+
+
 async def test_a_failing_append_fails_alone_and_the_rest_of_its_batch_commits(tmp_path: Path) -> None:
     store = await SqliteStore.open(str(tmp_path / "s.db"))
     try:
         log = await write_swarm(store, "a", end="")
-        duplicate = Entry((await store.events("a", after_sequence=0, limit=1))[0])
+        first = (await store.events("a", after_sequence=0, limit=1))[0]
+        duplicate = Entry(first, first.SerializeToString())
         # The writer is held busy, so that the two appends below queue up and share one batch.
         gate = threading.Event()
         held = store._writer.submit(lambda db: gate.wait(5))
@@ -494,12 +522,13 @@ async def test_postgres_an_append_sent_again_after_its_commit_is_stored_once(pos
     try:
         await write_swarm(store, "s", end="")
         stored = await store.events("s", after_sequence=0, limit=100)
-        await store.append([Entry(event) for event in stored[5:]])
-        await store.append([Entry(stored[0], summary=await store.get_swarm("s", with_subtasks=False))])
+        await store.append([Entry(event, event.SerializeToString()) for event in stored[5:]])
+        summary = await store.get_swarm("s", with_subtasks=False)
+        await store.append([Entry(stored[0], stored[0].SerializeToString(), summary)])
         assert await store.events("s", after_sequence=0, limit=100) == stored
         gap = events_pb2.SwarmEvent(swarm_id="s", sequence=20, synthesis_delta=events_pb2.SynthesisDelta())
         with pytest.raises(StoreError, match="event 20 is out of order"):
-            await store.append([Entry(gap)])
+            await store.append([Entry(gap, gap.SerializeToString())])
     finally:
         await store.close()
 

@@ -160,7 +160,8 @@ async def test_direct_callers_cannot_take_the_orchestrators_slots_nor_skip_its_l
                 subtask={"id": "long", "title": "t", "instructions": "i" * 2000}
             )
             other_model = stub.ExecuteSubtask(subtask("pricey", model="claude-opus-9-unpriced"))
-            calls = (too_big, stub.ExecuteSubtask(too_long), other_model)
+            negative = worker_pb2.ExecuteSubtaskRequest(subtask={"id": "negative"}, max_tokens=-61)
+            calls = (too_big, stub.ExecuteSubtask(too_long), other_model, stub.ExecuteSubtask(negative))
             bad = [await asyncio.gather(c.read(), return_exceptions=True) for c in calls]
             for call in direct:
                 call.cancel()
@@ -168,11 +169,11 @@ async def test_direct_callers_cannot_take_the_orchestrators_slots_nor_skip_its_l
     assert all(("swarm-error-kind", WORKER_BUSY) in tuple(r.trailing_metadata() or ()) for r in refused)
     assert_completed(events, 4)
     assert not [e for e in events if e.HasField("subtask_failed")], "no attempt was refused"
-    (too_big_error,), (too_long_error,), (model_error,) = bad
-    assert all(isinstance(e, grpc.aio.AioRpcError) for e in (too_big_error, too_long_error, model_error))
-    assert {e.code() for e in (too_big_error, too_long_error, model_error)} == {
-        grpc.StatusCode.INVALID_ARGUMENT
-    }
+    (too_big_error,), (too_long_error,), (model_error,), (negative_error,) = bad
+    errors = (too_big_error, too_long_error, model_error, negative_error)
+    assert all(isinstance(e, grpc.aio.AioRpcError) for e in errors)
+    assert {e.code() for e in errors} == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert negative_error.details() == "max_tokens must not be negative"
     assert "the idea is over this worker's limit of 1000 bytes" in (too_big_error.details() or "")
     assert "title and instructions are over this worker's limit of 2000 bytes" in (
         too_long_error.details() or ""

@@ -16,9 +16,15 @@ from swarm_common.batches import batches
 from swarm_common.status import WORKER_BUSY
 
 
-def start_call(call_id: int, subtask_id: str) -> worker_pb2.SubtaskCall:
+def subtask(subtask_id: str, window_s: float | None = None) -> worker_pb2.ExecuteSubtaskRequest:
     request = worker_pb2.ExecuteSubtaskRequest(swarm_id="s", subtask={"id": subtask_id, "title": subtask_id})
-    return worker_pb2.SubtaskCall(call_id=call_id, start=request)
+    if window_s is not None:
+        request.delta_window.FromMilliseconds(round(window_s * 1000))
+    return request
+
+
+def start_call(call_id: int, subtask_id: str, window_s: float | None = None) -> worker_pb2.SubtaskCall:
+    return worker_pb2.SubtaskCall(call_id=call_id, start=subtask(subtask_id, window_s))
 
 
 def open_stream(
@@ -135,3 +141,51 @@ async def test_a_cancel_is_answered_once_the_model_stream_is_closed_and_its_slot
     assert [r.WhichOneof("kind") for r in replies[1]][-1] == "cancelled"
     assert in_flight_when_answered == 0, "the slot was free when the cancel was answered"
     assert replies[2][0].HasField("output"), f"the next subtask took the slot: {replies[2][0]}"
+
+
+async def test_a_delta_window_gathers_the_text_of_each_subtask_and_of_the_stream_on_both_paths() -> None:
+    """Answers of 100 chunks over a second, sent with a 100 ms window: on the stream, each subtask
+    sends its text in about ten pieces, the two subtasks share messages, and each text is the
+    model's, whole and in order, as the same subtask gives it with no window; ExecuteSubtask
+    gathers the same way."""
+    worker = start(
+        "worker",
+        "swarm-worker",
+        ["--provider", "simulated", "--sim-latency-ms", "1000", "--sim-chunks", "100", "--worker-id", "w"],
+    )
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerServiceStub(channel)
+            call, send = open_stream(stub)
+            send(start_call(1, "first", 0.1), start_call(2, "second", 0.1))
+            texts: dict[int, list[str]] = defaultdict(list)
+            results: set[int] = set()
+            messages = 0
+            async with asyncio.timeout(20):
+                async for response in call:
+                    messages += 1
+                    for reply in response.replies:
+                        assert reply.call_id not in results, "nothing after the result"
+                        if reply.output.HasField("result"):
+                            results.add(reply.call_id)
+                        elif reply.output.text:
+                            texts[reply.call_id].append(reply.output.text)
+                    if results == {1, 2}:
+                        break
+            call.cancel()
+
+            async def unary(request: worker_pb2.ExecuteSubtaskRequest) -> list[str]:
+                responses = [r async for r in stub.ExecuteSubtask(request, timeout=20)]
+                assert responses[-1].HasField("result")
+                return [r.text for r in responses[:-1]]
+
+            gathered, chunked = await asyncio.gather(unary(subtask("first", 0.1)), unary(subtask("first")))
+    finally:
+        worker.stop()
+    assert "".join(texts[1]) == "".join(gathered) == "".join(chunked)
+    assert "".join(texts[1]).startswith("[simulated] Subtask: first")
+    assert "".join(texts[2]).startswith("[simulated] Subtask: second")
+    assert len(chunked) > 50, "no window: each chunk as it comes"
+    # About ten a second; a loaded machine stretches the answer, never shortens a window.
+    assert all(len(pieces) <= 30 for pieces in (texts[1], texts[2], gathered))
+    assert messages < len(texts[1]) + len(texts[2]), "the two subtasks' text shares messages"

@@ -1,8 +1,9 @@
 """Translates WorkerService calls to and from the Worker. A subtask is admitted in one place
-(`_admit`) and its outputs come from one place (`_outputs`); ExecuteSubtask streams them as a call
-of their own, ExecuteSubtasks as messages on a stream shared with other subtasks. Whatever a
-subtask ends in, its caller is told: an error the worker did not expect ends it as INTERNAL, with
-an error id that the worker's log line carries too, and nothing else about it."""
+(`_admit`), its outputs come from one place (`_outputs`), and they leave through an Outbox, which
+holds its text to the caller's delta window (`outbox.py`); ExecuteSubtask streams them as a call of
+their own, ExecuteSubtasks as messages on a stream shared with other subtasks. Whatever a subtask
+ends in, its caller is told: an error the worker did not expect ends it as INTERNAL, with an error
+id that the worker's log line carries too, and nothing else about it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from swarm.v1 import events_pb2, worker_pb2, worker_pb2_grpc
-from swarm_common.batches import batches
 from swarm_common.errors import ProviderError
 from swarm_common.logs import Throttle
 from swarm_common.providers import DEFAULT_ANSWER_MAX_TOKENS
@@ -23,6 +23,7 @@ from swarm_common.rpc_errors import internal_message, new_error_id
 from swarm_common.status import WORKER_BUSY, CallFailure
 from swarm_common.telemetry import TRACE_HEADERS
 from swarm_common.usage import usage_proto
+from worker_service.outbox import Outbox
 from worker_service.worker import Assignment, RefusedAssignment, Slot, Worker, WorkerBusy, executing
 
 log = logging.getLogger("swarm.worker")
@@ -39,6 +40,11 @@ class CallFailed(Exception):
 
 class DuplicateCall(Exception):
     """A start reused the id of a call still running on the stream: the caller has lost track."""
+
+
+def _window_s(request: worker_pb2.ExecuteSubtaskRequest) -> float:
+    """The caller's delta window, in seconds; 0 = each chunk as it comes."""
+    return request.delta_window.ToNanoseconds() / 1e9 if request.HasField("delta_window") else 0.0
 
 
 def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | None = None) -> Assignment:
@@ -80,6 +86,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
+        if request.max_tokens < 0:
+            raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must not be negative"))
         assignment = _assignment(request, context)
         try:
             return assignment, self._worker.claim(assignment, direct=direct)
@@ -92,16 +100,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _outputs(
         self, assignment: Assignment, slot: Slot
-    ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
+    ) -> AsyncIterator[str | worker_pb2.ExecuteSubtaskResponse]:
         """An admitted subtask's chunks, then its result once its slot is free again; a failure
         raises CallFailed."""
-        worker_id = self._worker.worker_id
         usage: events_pb2.Usage | None = None
         stop_reason = ""
         try:
             async for item in self._worker.execute(assignment, slot):
                 if isinstance(item, str):
-                    yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, text=item)
+                    yield item
                 else:
                     usage = usage_proto(item)
                     stop_reason = item.stop_reason
@@ -113,7 +120,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             result = worker_pb2.SubtaskResult(
                 usage=usage, model=assignment.model or self._worker.default_model, stop_reason=stop_reason
             )
-            yield worker_pb2.ExecuteSubtaskResponse(worker_id=worker_id, result=result)
+            yield worker_pb2.ExecuteSubtaskResponse(worker_id=self._worker.worker_id, result=result)
+
+    async def _run(self, outbox: Outbox, call_id: int, assignment: Assignment, slot: Slot) -> None:
+        """One call from its start to its last reply, a result or an error, sent through `outbox`;
+        in a task of its own, which is the assignment's span."""
+        try:
+            with executing(assignment):
+                async for item in self._outputs(assignment, slot):
+                    if isinstance(item, str):
+                        await outbox.text(call_id, item)
+                    else:
+                        await outbox.reply(worker_pb2.SubtaskReply(call_id=call_id, output=item))
+        except CallFailed as failed:
+            await outbox.reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
 
     def _unexpected_failure(self, error: Exception, assignment: Assignment) -> CallFailure:
         error_id = new_error_id()
@@ -136,56 +156,52 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[worker_pb2.ExecuteSubtaskResponse]:
         try:
             assignment, slot = self._admit(request, direct=True, context=context)
-            try:
-                with executing(assignment):  # this call's own task
-                    async for response in self._outputs(assignment, slot):
-                        yield response
-            finally:
-                slot.release()
-        except CallFailed as failed:
-            context.set_trailing_metadata(failed.failure.trailers())
-            await context.abort(failed.failure.code, failed.failure.message)
+        except CallFailed as refused:
+            await self._abort(refused.failure, context)
+        outbox = Outbox(self._worker.worker_id, self._stream_queue)
+        outbox.open(0, request.swarm_id, _window_s(request))
+        running = asyncio.create_task(self._run(outbox, 0, assignment, slot))
+        running.add_done_callback(lambda _: outbox.finish())
+        try:
+            async for replies in outbox.messages():
+                for reply in replies:
+                    if reply.HasField("error"):
+                        await self._abort(CallFailure.of_proto(reply.error), context)
+                    yield reply.output
+            running.result()  # an error of the outbox's own, were there one
+        finally:
+            running.cancel()
+            slot.release()
+
+    @staticmethod
+    async def _abort(failure: CallFailure, context: Context) -> NoReturn:
+        context.set_trailing_metadata(failure.trailers())
+        await context.abort(failure.code, failure.message)
+        raise AssertionError("abort returns only by raising")
 
     async def ExecuteSubtasks(
         self, requests: AsyncIterator[worker_pb2.ExecuteSubtasksRequest], context: Context
     ) -> AsyncIterator[worker_pb2.ExecuteSubtasksResponse]:
         """Runs each admitted subtask as a task of its own; their replies share this stream, sent
-        together when several are ready.
+        together when several are ready, each subtask's text held to its delta window.
 
         What a stream may hold is bounded. Its running calls hold the worker's slots, so a start
-        beyond them is answered worker_busy at once, without a task. Replies wait in a queue of
-        `stream_queue`: when it is full, the subtasks wait to add theirs and the stream reads no
-        more requests, so HTTP/2 flow control holds the caller back. (A cancel's answer does not
-        wait: there is at most one per running call.) A start that reuses the id of a running call
-        ends the stream (INVALID_ARGUMENT): replies to the two could not be told apart, and the
-        first would run on unseen."""
-        outbox: asyncio.Queue[worker_pb2.SubtaskReply | None] = asyncio.Queue()
-        room = asyncio.Semaphore(self._stream_queue)  # replies queued and not yet taken to be sent
+        beyond them is answered worker_busy at once, without a task. Replies and held text take
+        places in the outbox, `stream_queue` of them: when every place is taken, the subtasks wait
+        to add theirs and the stream reads no more requests, so HTTP/2 flow control holds the
+        caller back. A start that reuses the id of a running call ends the stream
+        (INVALID_ARGUMENT): replies to the two could not be told apart, and the first would run on
+        unseen."""
+        outbox = Outbox(self._worker.worker_id, self._stream_queue)
         running: dict[int, asyncio.Task[None]] = {}
-
-        async def reply(message: worker_pb2.SubtaskReply) -> None:
-            await room.acquire()
-            outbox.put_nowait(message)
-
-        async def run(call_id: int, assignment: Assignment, slot: Slot) -> None:
-            """One call from its start to its last reply: a result or an error."""
-            try:
-                with executing(assignment):
-                    async for output in self._outputs(assignment, slot):
-                        await reply(worker_pb2.SubtaskReply(call_id=call_id, output=output))
-            except CallFailed as failed:
-                await reply(worker_pb2.SubtaskReply(call_id=call_id, error=failed.failure.to_proto()))
 
         def ended(call_id: int, slot: Slot, task: asyncio.Task[None]) -> None:
             slot.release()  # a call cancelled before it began never reached `execute`
             if running.get(call_id) is task:
                 del running[call_id]
-            if task.cancelled():
-                # The model call's cleanup is over (or the subtask never began): only now is its
-                # slot free, and the caller counts it taken until told so.
-                outbox.put_nowait(
-                    worker_pb2.SubtaskReply(call_id=call_id, cancelled=worker_pb2.SubtaskCancelled())
-                )
+                # A cancelled call's cleanup is over (or it never began): only now is its slot
+                # free, and the caller counts it taken until told so.
+                outbox.close(call_id, cancelled=task.cancelled())
 
         async def read() -> None:
             try:
@@ -200,22 +216,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                 assignment, slot = self._admit(call.start, direct=False)
                             except CallFailed as refused:
                                 error = refused.failure.to_proto()
-                                await reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
+                                await outbox.reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
                                 continue
-                            started = asyncio.create_task(run(call.call_id, assignment, slot))
+                            outbox.open(call.call_id, call.start.swarm_id, _window_s(call.start))
+                            started = asyncio.create_task(self._run(outbox, call.call_id, assignment, slot))
                             running[call.call_id] = started
                             started.add_done_callback(functools.partial(ended, call.call_id, slot))
                         elif (task := running.get(call.call_id)) is not None:
                             task.cancel()
+                    for window in request.delta_windows:
+                        outbox.set_window(window.swarm_id, window.window.ToNanoseconds() / 1e9)
             finally:
-                outbox.put_nowait(None)  # the caller closed the stream: nothing more is wanted
+                outbox.finish()  # the caller closed the stream: nothing more is wanted
 
         reader = asyncio.create_task(read())
         try:
-            async for replies in batches(outbox):
-                for sent in replies:
-                    if not sent.HasField("cancelled"):
-                        room.release()
+            async for replies in outbox.messages():
                 yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
             if isinstance(failure, DuplicateCall):

@@ -75,6 +75,8 @@ class Entry:
     """One event to store, with the parts of the swarm's view that it changed."""
 
     event: events_pb2.SwarmEvent
+    # The event serialized: made once, for the store and every reader alike.
+    data: bytes
     # The swarm's view without subtasks, when the event changed more than its sequence and time.
     summary: orchestrator_pb2.Swarm | None = None
     subtasks: tuple[SubtaskRow, ...] = ()

@@ -566,7 +566,7 @@ def _append_call(entries: list[Entry], epoch: int, owner: str, lease_s: float) -
         "owner": owner,
         "lease_s": lease_s,
         "sequences": [entry.event.sequence for entry in entries],
-        "events": [entry.event.SerializeToString() for entry in entries],
+        "events": [entry.data for entry in entries],
         "update_ns": last.time.ToNanoseconds(),
         "view": summary.SerializeToString() if summary is not None else None,
         "tenant": summary.tenant if summary is not None else None,
