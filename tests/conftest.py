@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,13 @@ import secrets_watch
 
 from fakes.postgres import PostgresServer
 from stack import OUTPUT_WATCHERS, Stack, stack
+
+# The tests press Ctrl-C (SIGINT) on the CLIs they start. A suite started in the background by a
+# shell without job control (`make test &`) inherits SIGINT ignored, and so would every child,
+# which would then never see that Ctrl-C: a handler of this process's own becomes the default again
+# in each child it starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Every service's output is read for secrets once it has ended.
 OUTPUT_WATCHERS.append(
