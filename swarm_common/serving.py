@@ -34,9 +34,15 @@ class CallLimits:
     # a call may bring; beyond, it is refused RESOURCE_EXHAUSTED before any handler sees it.
     max_message_bytes: int = 4 * 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
+    # Whether grpc may grow a connection's and a stream's receive windows past their first 64 KiB
+    # (by BDP probing, which doubles them while a sender keeps them full). A server whose handler
+    # stops reading a request stream to hold its sender back needs them fixed: grown, they let one
+    # sender into a shut stream park 16 MB and more in the server's memory before it was held.
+    grow_receive_window: bool = True
 
     def options(self) -> list[tuple[str, int]]:
         return [
+            ("grpc.http2.bdp_probe", int(self.grow_receive_window)),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_metadata_size", self.max_metadata_bytes),
             ("grpc.absolute_max_metadata_size", self.max_metadata_bytes),

@@ -6,6 +6,7 @@ stays down past the resume window gets a clear error naming the swarm and its la
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
+import grpc
 import pytest
 from tcp_proxy import TcpProxy
 from test_cli import SWARM, swarm
@@ -333,6 +335,35 @@ def test_the_sync_client_watches_on_through_a_cut_connection() -> None:
                     proxy.cut()
     assert_completed(watched, AGENTS)
     assert proxy.cuts == 1 and proxy.accepted == 2
+
+
+def test_the_sync_client_leaves_no_call_to_the_garbage_collector_after_resuming() -> None:
+    """`swarm run --json` could hang after printing its last event when it had resumed: its calls
+    were kept by reference cycles (a sync call is its own exception, and its traceback held the
+    calls after it), so the collector freed them at interpreter exit, where the last call's __del__
+    waited for good for a lock that grpc's channel thread held when the exit stopped it. Freed as
+    they end, no call is left to the collector."""
+
+    def calls() -> set[int]:
+        return {id(o) for o in gc.get_objects() if isinstance(o, grpc.Call)}
+
+    gc.collect()
+    before = calls()
+    gc.disable()  # what only the collector would free stays to be counted
+    try:
+        with slow_stack() as running, TcpProxy(running.target) as proxy:
+            with SwarmClient(proxy.address) as client:
+                seen: list[SwarmEvent] = []
+                for event in client.run(IDEA, AGENTS, detach=True):
+                    seen.append(event)
+                    if proxy.cuts == 0 and mid_dispatch(event):
+                        proxy.cut()
+            left = calls() - before
+    finally:
+        gc.enable()
+    assert_completed(seen, AGENTS)
+    assert proxy.cuts == 1
+    assert not left, f"{len(left)} grpc calls were left to the garbage collector"
 
 
 async def test_an_attached_run_whose_connection_is_cut_reports_the_cancellation_it_caused() -> None:

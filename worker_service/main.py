@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import sys
+from dataclasses import replace
 
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common import logs, telemetry
@@ -55,7 +56,8 @@ async def _serve(settings: WorkerSettings, log: logging.Logger) -> None:
         ),
         listen=settings.listen,
         log=log,
-        limits=settings.call_limits(),
+        # The worker holds back an ExecuteSubtasks sender by no longer reading its stream.
+        limits=replace(settings.call_limits(), grow_receive_window=False),
         tls=tls,
     )
     worker.worker_id = settings.worker_id or f"{socket.gethostname()}:{service.port}"

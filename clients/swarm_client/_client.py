@@ -427,6 +427,12 @@ class SwarmClient:
                         return
                     cause = ENDED_EARLY
                 except grpc.RpcError as error:
+                    # A sync call is its own exception, and its traceback holds this frame, whose
+                    # locals hold the calls after it: they were freed only by the garbage collector.
+                    # At interpreter exit that could hang for good: the collector, in the last
+                    # call's __del__, waited for the call's lock, which grpc's channel thread held
+                    # when the exit stopped it.
+                    error.__traceback__ = None
                     cause = place.cause_of(error)
                 except Unavailable as error:  # the GetSwarm above
                     cause = error.message
