@@ -20,6 +20,7 @@ from typing import Any, Literal
 import grpc
 
 from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from swarm_client._resume import EVENTS_PER_MESSAGE, events_in
 from swarm_client.stack import Stack
 from swarm_client.stack import stack as service_stack
 
@@ -216,12 +217,16 @@ async def run_swarm(
     event with its receive time. Cancelling the task cancels the call, and with it the swarm."""
     trace = trace or SwarmTrace(started=time.time())
     trace.started = time.time()
-    call = stub.RunSwarm(orchestrator_pb2.RunSwarmRequest(idea=idea, num_agents=agents), timeout=timeout_s)
+    request = orchestrator_pb2.RunSwarmRequest(
+        idea=idea, num_agents=agents, max_events_per_message=EVENTS_PER_MESSAGE
+    )
+    call = stub.RunSwarm(request, timeout=timeout_s)
     received = trace.received
     now = time.time
     try:
         async for response in call:
-            received.append((now(), response.event))
+            at = now()
+            received.extend((at, event) for event in events_in(response))
     except grpc.aio.AioRpcError as error:
         trace.error = f"{error.code().name}: {error.details()}"
     finally:

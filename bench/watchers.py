@@ -6,7 +6,8 @@ characters, `bench/chunks.py`); the orchestrator plans and synthesizes with 0 ms
 its default delta window. A swarm of 100 agents, started by this process with RunSwarm: that call
 is the one watcher. With ten, nine more clients, each on a channel of its own (its own
 connection), call WatchSwarm from the start as soon as the swarm is accepted, and read every event
-to the end (as bytes: a client's parsing is not the orchestrator's cost).
+to the end, asking for up to 64 events a message as the Python client does
+(`max_events_per_message`).
 
     cpu_one, cpu_ten  the orchestrator's CPU seconds (utime + stime, /proc/PID/stat) from the
                       RunSwarm call to the end of the last watcher's stream
@@ -20,8 +21,7 @@ event of the swarm.
 
 What a watcher costs at the least, in the same run: a bare grpc.aio server (`bench/floor.py`)
 streaming 100-byte events to ten clients at once, one event to a message and then ten
-(`raw_us_per_event_1`, `raw_us_per_event_10`: its CPU µs per event per watcher). The API sends
-one event to a message.
+(`raw_us_per_event_1`, `raw_us_per_event_10`: its CPU µs per event per watcher).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from bench.common import (
 from bench.floor import events_cost, start_server
 from bench.profiling import maybe_profile
 from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from swarm_client._resume import EVENTS_PER_MESSAGE, events_in
 
 TITLE = "1i watchers (one swarm of 100 streaming agents, 10 watchers vs 1)"
 AGENTS = 100
@@ -53,7 +54,6 @@ CHUNKS = 200
 CHUNKS_PER_S = 50
 LATENCY_S = CHUNKS / CHUNKS_PER_S
 WATCHERS = 10
-WATCH = "/swarm.v1.OrchestratorService/WatchSwarm"
 TARGETS = {"ratio": Target("<=", 1.5)}
 UNITS = {
     "cpu_one_s": "CPU s",
@@ -68,15 +68,14 @@ UNITS = {
 RAW_EVENTS = 20_000
 
 
-async def _watch_bytes(target: str, swarm_id: str) -> int:
-    """Every event of the swarm, as bytes, from the first; how many."""
+async def _watch(target: str, swarm_id: str) -> int:
+    """Every event of the swarm from the first, as the Python client asks for them; how many."""
     async with client_channel(target) as channel:
-        watch = channel.unary_stream(
-            WATCH, request_serializer=orchestrator_pb2.WatchSwarmRequest.SerializeToString
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.WatchSwarmRequest(
+            swarm_id=swarm_id, max_events_per_message=EVENTS_PER_MESSAGE
         )
-        return sum(
-            [1 async for _ in watch(orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id), timeout=120)]
-        )
+        return sum([len(events_in(response)) async for response in stub.WatchSwarm(request, timeout=120)])
 
 
 async def _swarm(target: str, pid: int, watchers: int) -> tuple[float, int]:
@@ -94,7 +93,7 @@ async def _swarm(target: str, pid: int, watchers: int) -> tuple[float, int]:
             ):
                 raise RuntimeError("the swarm sent no event within 30 s")
             swarm_id = trace.received[0][1].swarm_id
-            others = [asyncio.create_task(_watch_bytes(target, swarm_id)) for _ in range(watchers - 1)]
+            others = [asyncio.create_task(_watch(target, swarm_id)) for _ in range(watchers - 1)]
         await run
         counts = await asyncio.gather(*others)
         cpu = cpu_seconds(pid) - before

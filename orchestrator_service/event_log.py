@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -109,6 +109,33 @@ class Logged:
     @property
     def event(self) -> events_pb2.SwarmEvent:
         return orchestrator_pb2.RunSwarmResponse.FromString(self.frame).event
+
+
+# The tag of field 2 (`more_events`, repeated, length-delimited) in both responses.
+_MORE_EVENTS_FIELD = b"\x12"
+# A response of several events stays well within a client's default limit (4 MiB) for one message.
+BATCH_BYTES = 1 << 20
+
+
+def responses(batch: list[Logged], most: int) -> Iterator[bytes]:
+    """The batch as responses (RunSwarmResponse or WatchSwarmResponse) of at most `most` events
+    each, the first in `event` and the rest in `more_events`; one event to a response for
+    `most` <= 1. An event's bytes become a `more_events` entry by their tag alone: the length that
+    follows it is the same."""
+    if most <= 1:
+        for logged in batch:
+            yield logged.frame
+        return
+    parts: list[bytes] = []
+    size = 0
+    for logged in batch:
+        if parts and (len(parts) >= most or size + len(logged.frame) > BATCH_BYTES):
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(logged.frame if not parts else _MORE_EVENTS_FIELD + logged.frame[1:])
+        size += len(logged.frame)
+    if parts:
+        yield b"".join(parts)
 
 
 class EventLog:
@@ -238,11 +265,20 @@ class EventLog:
         """The events after `after_sequence`, then each new one once it is durable, until the
         terminal one. The switch from stored to live events has no gap and no duplicate: both come
         from this one numbered sequence."""
+        async for batch in self.follow_batches(after_sequence):
+            for logged in batch:
+                yield logged
+
+    async def follow_batches(self, after_sequence: int = 0) -> AsyncIterator[list[Logged]]:
+        """As `follow`, in batches: a page of stored events, or all that became durable since the
+        reader last looked, so that a reader can send them in one message."""
         index = after_sequence
         if index < self._base:
-            async for event in replay(self._store, self.swarm_id, after_sequence=index, through=self._base):
-                index = event.sequence
-                yield Logged.of(event)
+            async for page in replay_pages(
+                self._store, self.swarm_id, after_sequence=index, through=self._base
+            ):
+                index = page[-1].sequence
+                yield [Logged.of(event) for event in page]
             if index < self._base:
                 raise StoreError(f"swarm {self.swarm_id}: events {index + 1}..{self._base} are missing")
         joined = time.time()
@@ -250,9 +286,11 @@ class EventLog:
             if index < self._durable:
                 waited = time.time() - max(joined, self._events[index - self._base].appended_at)
                 STREAM_LAG.observe(waited)
-            while index < self._durable:
-                index += 1
-                yield self._events[index - self._base - 1]
+                durable = self._durable
+                batch = self._events[index - self._base : durable - self._base]
+                index = durable
+                yield batch
+                continue
             if self.closed and self._durable == self.last_sequence:
                 return  # everything through the terminal event is out
             if self._lost:
@@ -281,13 +319,22 @@ class EventLog:
 async def replay(
     store: Store, swarm_id: str, *, after_sequence: int = 0, through: int | None = None
 ) -> AsyncIterator[events_pb2.SwarmEvent]:
+    """A swarm's stored events after `after_sequence` (through `through`, or all)."""
+    async for page in replay_pages(store, swarm_id, after_sequence=after_sequence, through=through):
+        for event in page:
+            yield event
+
+
+async def replay_pages(
+    store: Store, swarm_id: str, *, after_sequence: int = 0, through: int | None = None
+) -> AsyncIterator[list[events_pb2.SwarmEvent]]:
     """A swarm's stored events after `after_sequence` (through `through`, or all), page by page."""
     index = after_sequence
     while through is None or index < through:
         limit = REPLAY_PAGE if through is None else min(REPLAY_PAGE, through - index)
         page = await store.events(swarm_id, after_sequence=index, limit=limit)
-        for event in page:
-            yield event
+        if page:
+            yield page
         if len(page) < limit:
             return
         index = page[-1].sequence

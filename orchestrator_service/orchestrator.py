@@ -29,7 +29,7 @@ from prometheus_client import Gauge
 
 from orchestrator_service.auth import ANONYMOUS, Tenant
 from orchestrator_service.estimate import estimate_swarm
-from orchestrator_service.event_log import Logged, LogHandedOver, replay
+from orchestrator_service.event_log import TERMINAL_KINDS, Logged, LogHandedOver, replay, replay_pages
 from orchestrator_service.planner import Planner
 from orchestrator_service.quotas import QuotaKeeper, Spent
 from orchestrator_service.scheduler import Scheduler
@@ -563,10 +563,11 @@ class Orchestrator:
 
     async def watch(
         self, swarm_id: str, after_sequence: int = 0, tenant: str = ""
-    ) -> AsyncGenerator[Logged, None]:
-        """The swarm's events after `after_sequence`: live while it runs here, else from the store
-        (a finished swarm is stored whole before it leaves memory). Reading them counts as one of
-        the swarm's watchers: beyond the limit, the first read raises OverLimit."""
+    ) -> AsyncGenerator[list[Logged], None]:
+        """The swarm's events after `after_sequence`, in batches of those ready together: live
+        while it runs here, else from the store (a finished swarm is stored whole before it leaves
+        memory). Reading them counts as one of the swarm's watchers: beyond the limit, the first
+        read raises OverLimit."""
         if after_sequence > MAX_STORED_INT:
             raise InvalidRequest(
                 [("after_sequence", f"must be at most {MAX_STORED_INT}, a sequence that can exist")]
@@ -575,22 +576,36 @@ class Orchestrator:
         if running is not None:
             return self._watched(swarm_id, self._follow(running, after_sequence))
         await self._stored(swarm_id, tenant, with_subtasks=False)
-        return self._watched(swarm_id, _logged(self.store.follow(swarm_id, after_sequence=after_sequence)))
+        return self._watched(swarm_id, self._from_store(swarm_id, after_sequence))
 
-    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[Logged]:
+    async def _follow(self, running: Swarm, after_sequence: int) -> AsyncIterator[list[Logged]]:
         """The running swarm's events; should it be handed over meanwhile, on from the store."""
         index = after_sequence
         try:
-            async for logged in running.log.follow(after_sequence):
-                index = logged.sequence
-                yield logged
+            async for batch in running.log.follow_batches(after_sequence):
+                index = batch[-1].sequence
+                yield batch
             return
         except LogHandedOver:
             pass
-        async for logged in _logged(self.store.follow(running.id, after_sequence=index)):
-            yield logged
+        async for batch in self._from_store(running.id, index):
+            yield batch
 
-    async def _watched(self, swarm_id: str, events: AsyncIterator[Logged]) -> AsyncGenerator[Logged, None]:
+    async def _from_store(self, swarm_id: str, after_sequence: int) -> AsyncIterator[list[Logged]]:
+        """The swarm's stored events, a page at a time; then, while another orchestrator runs it,
+        each one that it appends."""
+        index = after_sequence
+        async for page in replay_pages(self.store, swarm_id, after_sequence=index):
+            index = page[-1].sequence
+            yield [Logged.of(event) for event in page]
+            if page[-1].WhichOneof("kind") in TERMINAL_KINDS:
+                return
+        async for event in self.store.follow(swarm_id, after_sequence=index):
+            yield [Logged.of(event)]
+
+    async def _watched(
+        self, swarm_id: str, events: AsyncIterator[list[Logged]]
+    ) -> AsyncGenerator[list[Logged], None]:
         watchers = self._watchers.get(swarm_id, 0)
         if watchers >= self.limits.max_watchers_per_swarm:
             raise OverLimit(
@@ -599,8 +614,8 @@ class Orchestrator:
             )
         self._watchers[swarm_id] = watchers + 1
         try:
-            async for event in events:
-                yield event
+            async for batch in events:
+                yield batch
         finally:
             self._watchers[swarm_id] -= 1
             if not self._watchers[swarm_id]:
@@ -713,11 +728,6 @@ class Orchestrator:
             except StoreError as error:
                 log.warning(f"the leases of the unfinished swarms were not released: {error}")
             log.info(f"{len(self._swarms)} unfinished swarm(s) left to resume at the next start")
-
-
-async def _logged(events: AsyncIterator[events_pb2.SwarmEvent]) -> AsyncIterator[Logged]:
-    async for event in events:
-        yield Logged.of(event)
 
 
 def list_view(swarm: orchestrator_pb2.Swarm, text_bytes: int) -> orchestrator_pb2.Swarm:

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import message_factory
 
 from orchestrator_service.auth import current_tenant
-from orchestrator_service.event_log import LogSuspended
+from orchestrator_service.event_log import LogSuspended, responses
 from orchestrator_service.orchestrator import (
     InvalidRequest,
     Orchestrator,
@@ -142,8 +142,9 @@ class OrchestratorServicer:
         try:
             # Closed here, whatever ends the call, so the swarm's watcher place is free at once.
             async with contextlib.aclosing(events):
-                async for logged in events:
-                    yield logged.frame  # a RunSwarmResponse
+                async for batch in events:
+                    for response in responses(batch, request.max_events_per_message):
+                        yield response  # a RunSwarmResponse
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:
@@ -170,8 +171,9 @@ class OrchestratorServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         try:
             async with contextlib.aclosing(events):
-                async for logged in events:
-                    yield logged.frame  # a WatchSwarmResponse
+                async for batch in events:
+                    for response in responses(batch, request.max_events_per_message):
+                        yield response  # a WatchSwarmResponse
         except OverLimit as error:
             await abort_over_limit(context, error)
         except CUT_OFF as error:

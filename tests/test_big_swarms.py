@@ -300,7 +300,7 @@ async def completed_swarm(store: Store, agents: int, output_tokens: int, model: 
 
 async def finish(orchestrator: Orchestrator, swarm_id: str, within_s: float = 60) -> list[Event]:
     async def run() -> list[Event]:
-        return [e.event async for e in await orchestrator.watch(swarm_id)]
+        return [e.event async for batch in await orchestrator.watch(swarm_id) for e in batch]
 
     return await asyncio.wait_for(run(), within_s)
 

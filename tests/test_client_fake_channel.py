@@ -35,6 +35,7 @@ from swarm_client import (
     Unavailable,
     cli,
 )
+from swarm_client._resume import EVENTS_PER_MESSAGE
 
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 RUN, WATCH, GET, LIST, CANCEL = (
@@ -452,6 +453,7 @@ def test_run_sends_every_option_and_no_metadata_of_its_own(server: FakeOrchestra
         request_id="r-1",
         max_parallel=2,
         answer_max_tokens=900,
+        max_events_per_message=EVENTS_PER_MESSAGE,
     )
     assert own_metadata(metadata) == []
 
@@ -553,13 +555,19 @@ def test_cli_run_follows_the_swarm_to_its_result(
         "run", "an idea", "-n", "1", "--model", "claude-x", "--request-id", "r-1", "--max-parallel", "1"
     )
     _, request, rpc = server.take(RUN)
-    for response in [*FIRST_EVENTS, COMPLETED]:
-        rpc.send_response(response)
+    # The events after the first come together, in one response, as the client asks.
+    first, *rest = [response.event for response in [*FIRST_EVENTS, COMPLETED]]
+    rpc.send_response(orchestrator_pb2.RunSwarmResponse(event=first, more_events=rest))
     rpc.terminate(NO_METADATA, grpc.StatusCode.OK, OK_DETAILS)
 
     assert pending.result() == 0
     assert request == orchestrator_pb2.RunSwarmRequest(
-        idea="an idea", num_agents=1, model="claude-x", request_id="r-1", max_parallel=1
+        idea="an idea",
+        num_agents=1,
+        model="claude-x",
+        request_id="r-1",
+        max_parallel=1,
+        max_events_per_message=EVENTS_PER_MESSAGE,
     )
     assert "done" in capsys.readouterr().out
 

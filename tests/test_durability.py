@@ -173,7 +173,7 @@ async def resume_all(
 ) -> tuple[list[Event], orchestrator_pb2.Swarm]:
     orchestrator = orchestrator_on(store, scheduler)
     assert await orchestrator.recover() == ["crashed"]
-    events = [e.event async for e in await orchestrator.watch("crashed")]
+    events = [e.event async for batch in await orchestrator.watch("crashed") for e in batch]
     return events, await orchestrator.get("crashed")
 
 
@@ -264,7 +264,7 @@ async def test_finished_swarms_leave_memory_and_are_served_from_the_store() -> N
     store, scheduler = MemoryStore(), ScriptedScheduler()
     orchestrator = orchestrator_on(store, scheduler)
     swarm_id = (await orchestrator.start(idea=IDEA, num_agents=3, request_id="once")).swarm_id
-    events = [e.event async for e in await orchestrator.watch(swarm_id)]
+    events = [e.event async for batch in await orchestrator.watch(swarm_id) for e in batch]
     assert kinds(events)[-1] == "swarm_completed"
     for _ in range(100):
         if not orchestrator._swarms:
@@ -273,7 +273,7 @@ async def test_finished_swarms_leave_memory_and_are_served_from_the_store() -> N
     assert not orchestrator._swarms, "a finished swarm is not kept in memory"
     again = await orchestrator.start(idea=IDEA, num_agents=3, request_id="once")
     assert (again.swarm_id, again.new) == (swarm_id, False)
-    assert [e.event async for e in await orchestrator.watch(swarm_id, 5)] == events[5:]
+    assert [e.event async for batch in await orchestrator.watch(swarm_id, 5) for e in batch] == events[5:]
     view = await orchestrator.get(swarm_id)
     assert view == await store.get_swarm(swarm_id) and view.last_sequence == len(events)
     assert await orchestrator.recover() == []
@@ -293,8 +293,8 @@ async def test_an_orchestrator_whose_store_fails_shows_nothing_unstored_and_repo
     swarm_id = (await orchestrator.start(idea=IDEA, num_agents=2)).swarm_id
     seen: list[Event] = []
     with pytest.raises(StoreError, match="disk is full"):
-        async for logged in await orchestrator.watch(swarm_id):
-            seen.append(logged.event)
+        async for batch in await orchestrator.watch(swarm_id):
+            seen.extend(logged.event for logged in batch)
     assert kinds(seen) == ["accepted"]
     await asyncio.wait_for(orchestrator.store_failed.wait(), 5)
     assert "disk is full" in str(orchestrator.store_failure)

@@ -362,7 +362,7 @@ async def test_a_resumed_swarm_charges_what_its_interrupted_calls_held_and_keeps
     planner = Planner(SimulatedProvider(SimulatedSettings(latency_ms=0)))
     orchestrator = Orchestrator(planner, OneShotScheduler(), store, default_model="m")  # type: ignore[arg-type]
     assert await orchestrator.recover() == ["crashed"]
-    events = [e.event async for e in await orchestrator.watch("crashed")]
+    events = [e.event async for batch in await orchestrator.watch("crashed") for e in batch]
     view = await orchestrator.get("crashed")
     restarted = of(events, "subtask_failed")[0].subtask_failed
     assert restarted.usage == held, "the interrupted attempt is charged what it held"

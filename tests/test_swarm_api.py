@@ -14,9 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from stack import BIN, Stack, stack
-from swarm.v1 import orchestrator_pb2, worker_pb2, worker_pb2_grpc
+from swarm.v1 import orchestrator_pb2, orchestrator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from swarm_checks import assert_completed, assert_well_formed, kinds
 from swarm_client import AsyncSwarmClient, InvalidArgument, NotFound, SwarmClient, Unavailable
+from swarm_client._resume import events_in
 
 IDEA = "Open a neighbourhood tool library"
 
@@ -114,6 +115,36 @@ async def test_watchers_replay_after_a_sequence_and_see_the_same_events(swarm_st
     async with AsyncSwarmClient(swarm_stack.target) as client:
         replay = await _collect(client.watch(first.swarm_id, len(events) - 1))
     assert replay == events[-1:], "a finished swarm replays and ends"
+
+
+async def test_a_watcher_that_asks_for_batches_gets_the_same_events_in_fewer_messages(
+    swarm_stack: Stack,
+) -> None:
+    """What is ready together comes in one response (`event`, then `more_events`) to a caller that
+    asks for it; a caller that does not, as every client before the field, gets one a response."""
+    async with grpc.aio.insecure_channel(swarm_stack.target) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.RunSwarmRequest(idea=IDEA, num_agents=6, max_events_per_message=4)
+        run = [response async for response in stub.RunSwarm(request, timeout=60)]
+        swarm_id = run[0].event.swarm_id
+        single = [
+            response
+            async for response in stub.WatchSwarm(
+                orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id), timeout=60
+            )
+        ]
+        batched = [
+            response
+            async for response in stub.WatchSwarm(
+                orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id, max_events_per_message=1000), timeout=60
+            )
+        ]
+    events = [event for response in run for event in events_in(response)]
+    assert_completed(events, 6)
+    assert max(len(events_in(response)) for response in run) <= 4 and len(run) < len(events)
+    assert [r.event for r in single] == events and not any(r.more_events for r in single)
+    assert [event for response in batched for event in events_in(response)] == events
+    assert len(batched) < len(events), "a finished swarm's stored events come a page to a response"
 
 
 async def _collect(events) -> list:  # type: ignore[no-untyped-def]

@@ -28,9 +28,11 @@ from swarm_client._errors import SwarmError, Unavailable, from_rpc_error
 from swarm_client._resume import (
     DEFAULT_RESUME_WITHIN_S,
     ENDED_EARLY,
+    EVENTS_PER_MESSAGE,
     MAX_DELAY_S,
     Reconnecting,
     Resumption,
+    events_in,
 )
 from swarm_client._tls import ClientTls, token_from_environment
 
@@ -81,6 +83,7 @@ def _run_request(
         worker_model=spending.worker_model,
         hedging=hedging,  # type: ignore[arg-type]
         hedge_max_extra=spending.hedge_max_extra,
+        max_events_per_message=EVENTS_PER_MESSAGE,
     )
 
 
@@ -229,10 +232,11 @@ class AsyncSwarmClient:
             while True:
                 try:
                     async for response in call:
-                        if place.admit(response.event):
-                            yield response.event
-                            if place.ended:
-                                return
+                        for event in events_in(response):
+                            if place.admit(event):
+                                yield event
+                                if place.ended:
+                                    return
                     if not place.can_resume() or place.has_all_of(await self.get(place.swarm_id)):
                         return
                     cause = ENDED_EARLY
@@ -419,10 +423,11 @@ class SwarmClient:
             while True:
                 try:
                     for response in call:
-                        if place.admit(response.event):
-                            yield response.event
-                            if place.ended:
-                                return
+                        for event in events_in(response):
+                            if place.admit(event):
+                                yield event
+                                if place.ended:
+                                    return
                     if not place.can_resume() or place.has_all_of(self.get(place.swarm_id)):
                         return
                     cause = ENDED_EARLY

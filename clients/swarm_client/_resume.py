@@ -33,6 +33,9 @@ DEFAULT_RESUME_WITHIN_S = 60.0
 FIRST_DELAY_S = 0.2
 MAX_DELAY_S = 5.0
 TERMINAL_KINDS = frozenset({"swarm_completed", "swarm_failed", "swarm_cancelled"})
+# The most events a RunSwarm or WatchSwarm response may carry for this client: what is ready at
+# once comes in one message, which costs the orchestrator far less than a message each.
+EVENTS_PER_MESSAGE = 64
 FINISHED_STATES = frozenset(
     {
         orchestrator_pb2.SWARM_STATE_COMPLETED,
@@ -41,6 +44,13 @@ FINISHED_STATES = frozenset(
     }
 )
 ENDED_EARLY = "the stream ended before the swarm did"
+
+
+def events_in(
+    response: orchestrator_pb2.RunSwarmResponse | orchestrator_pb2.WatchSwarmResponse,
+) -> list[events_pb2.SwarmEvent]:
+    """A response's events, in order: `event`, then `more_events`."""
+    return [response.event, *response.more_events]
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,11 @@ class Resumption:
         )
 
     def watch_request(self) -> orchestrator_pb2.WatchSwarmRequest:
-        return orchestrator_pb2.WatchSwarmRequest(swarm_id=self.swarm_id, after_sequence=self.last_sequence)
+        return orchestrator_pb2.WatchSwarmRequest(
+            swarm_id=self.swarm_id,
+            after_sequence=self.last_sequence,
+            max_events_per_message=EVENTS_PER_MESSAGE,
+        )
 
     def _give_up(self, cause: str) -> str:
         how = (
