@@ -157,7 +157,7 @@ async def _swarm(agents: int) -> dict[str, Any]:
         default_model=MODEL,
     )
     swarm_id = (await orchestrator.start(idea=IDEA, num_agents=agents)).swarm_id
-    events = [logged.event async for logged in await orchestrator.watch(swarm_id)]
+    events = [logged.event async for batch in await orchestrator.watch(swarm_id) for logged in batch]
     last = events[-1]
     if not last.HasField("swarm_completed"):
         raise RuntimeError(f"the {agents}-agent swarm did not complete: {last}")
