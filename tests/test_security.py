@@ -32,7 +32,7 @@ from test_polyglot import NODE_DIR, RUN_SWARM, json_documents, require_buf, requ
 from fakes.messages_api import FakeMessagesAPI
 from stack import BIN, Stack, stack, start
 from swarm.v1 import events_pb2, orchestrator_pb2, orchestrator_pb2_grpc
-from swarm_client import AsyncSwarmClient, ClientTls, NotFound, TlsFailed, Unauthenticated
+from swarm_client import AsyncSwarmClient, ClientTls, NotFound, SwarmClient, TlsFailed, Unauthenticated
 from swarm_client._certs import write_development_certificates
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -462,6 +462,9 @@ async def test_the_python_client_runs_a_swarm_and_is_refused_without_credentials
         events = [event async for event in client.run("a Python idea", 2)]
         note_received("the Python client", [str(event) for event in events])
         assert events[-1].WhichOneof("kind") == "swarm_completed"
+        assert (await client.estimate("a Python idea", 2)).total.high_tokens > 0
+    with SwarmClient(secure.target, tls=creds.client_tls, token=creds.tokens["bolt"]) as sync_client:
+        assert sync_client.estimate("a Python idea", 2).total.high_tokens > 0
     async with AsyncSwarmClient(secure.target, tls=creds.client_tls, token="") as client:
         with pytest.raises(Unauthenticated, match="no token"):
             await client.list()

@@ -308,7 +308,9 @@ class AsyncSwarmClient:
         run = _run_request(idea, agents, model, False, "", 0, answer_max_tokens, spending)
         try:
             return await self._stub.EstimateSwarm(
-                orchestrator_pb2.EstimateSwarmRequest(request=run), timeout=self.timeout
+                orchestrator_pb2.EstimateSwarmRequest(request=run),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error) from None
@@ -503,7 +505,9 @@ class SwarmClient:
         run = _run_request(idea, agents, model, False, "", 0, answer_max_tokens, spending)
         try:
             return self._stub.EstimateSwarm(
-                orchestrator_pb2.EstimateSwarmRequest(request=run), timeout=self.timeout
+                orchestrator_pb2.EstimateSwarmRequest(request=run),
+                timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
