@@ -261,17 +261,11 @@ class EventLog:
             self._raise_if_failed()
             await self._changed.wait()
 
-    async def follow(self, after_sequence: int = 0) -> AsyncIterator[Logged]:
+    async def follow(self, after_sequence: int = 0) -> AsyncIterator[list[Logged]]:
         """The events after `after_sequence`, then each new one once it is durable, until the
         terminal one. The switch from stored to live events has no gap and no duplicate: both come
-        from this one numbered sequence."""
-        async for batch in self.follow_batches(after_sequence):
-            for logged in batch:
-                yield logged
-
-    async def follow_batches(self, after_sequence: int = 0) -> AsyncIterator[list[Logged]]:
-        """As `follow`, in batches: a page of stored events, or all that became durable since the
-        reader last looked, so that a reader can send them in one message."""
+        from this one numbered sequence. They come in batches, a page of stored events or all that
+        became durable since the reader last looked, so that a reader can send them in one message."""
         index = after_sequence
         if index < self._base:
             async for page in replay_pages(

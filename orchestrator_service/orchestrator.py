@@ -582,7 +582,7 @@ class Orchestrator:
         """The running swarm's events; should it be handed over meanwhile, on from the store."""
         index = after_sequence
         try:
-            async for batch in running.log.follow_batches(after_sequence):
+            async for batch in running.log.follow(after_sequence):
                 index = batch[-1].sequence
                 yield batch
             return

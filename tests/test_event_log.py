@@ -42,8 +42,8 @@ async def test_follow_replays_after_a_sequence_then_goes_live_to_the_end() -> No
     seen: list[int] = []
 
     async def watch() -> None:
-        async for event in log.follow(after_sequence=1):
-            seen.append(event.sequence)
+        async for batch in log.follow(after_sequence=1):
+            seen.extend(event.sequence for event in batch)
 
     watcher = asyncio.create_task(watch())
     await asyncio.sleep(0.01)
@@ -58,7 +58,7 @@ async def test_many_followers_see_the_same_events() -> None:
     log = new_log()
 
     async def collect() -> list[int]:
-        return [event.sequence async for event in log.follow()]
+        return [event.sequence async for batch in log.follow() for event in batch]
 
     followers = [asyncio.create_task(collect()) for _ in range(5)]
     for i in range(50):
@@ -77,7 +77,7 @@ async def test_every_reader_shares_one_serialization_of_each_event_a_whole_respo
     log = new_log(store=store)
 
     async def collect() -> list[Logged]:
-        return [logged async for logged in log.follow()]
+        return [logged async for batch in log.follow() for logged in batch]
 
     followers = [asyncio.create_task(collect()) for _ in range(3)]
     log.append("accepted", events_pb2.SwarmAccepted(idea="i" * 300, num_agents=1))  # a 2-byte length

@@ -381,8 +381,8 @@ async def test_readers_see_an_event_only_once_the_store_has_it() -> None:
     seen: list[int] = []
 
     async def follow() -> None:
-        async for event in log.follow():
-            seen.append(event.sequence)
+        async for batch in log.follow():
+            seen.extend(event.sequence for event in batch)
 
     follower = asyncio.create_task(follow())
     log.append("accepted", events_pb2.SwarmAccepted(idea="i", num_agents=1))
@@ -425,7 +425,7 @@ async def test_a_log_taken_over_from_the_store_replays_then_follows_without_gap_
         log = EventLog(record, store)
 
         async def collect(after: int) -> list[int]:
-            return [event.sequence async for event in log.follow(after)]
+            return [event.sequence async for batch in log.follow(after) for event in batch]
 
         followers = [asyncio.create_task(collect(after)) for after in (0, 3, 8, 9)]
         for i in range(30):
