@@ -83,6 +83,31 @@ async def test_each_subtask_sends_at_most_once_a_window_and_loses_or_reorders_no
     assert len(shared) >= len(received.messages) / 2, "the subtasks of a stream share its messages"
 
 
+async def test_subtasks_that_always_hold_text_all_go_in_every_message() -> None:
+    """Many subtasks streaming on one stream: each window's message takes every one of them. A
+    subtask left out of one waits a second window, and its text reaches the client twice as late."""
+    calls = range(1, 301)
+    window_s = 0.02
+    outbox = Outbox("w", limit=len(calls) * 2)
+    for call_id in calls:
+        outbox.open(call_id, "swarm", window_s)
+    received = Received(outbox)
+    reading = asyncio.create_task(received.rest(within_s=30))
+    for tick in range(150):  # every call holds text at every flush: it gets some each 5 ms
+        for call_id in calls:
+            await outbox.text(call_id, f"<{call_id}.{tick}>")
+        await asyncio.sleep(0.005)
+    for call_id in calls:
+        await outbox.reply(result(call_id))
+    outbox.finish()
+    await reading
+    texts = [{r.call_id for r in replies if r.output.text} for _, replies in received.messages]
+    held = [sent for sent in texts[1:] if sent]  # the first took the one call holding text then
+    assert len(held) >= 10
+    partial = [len(sent) for sent in held[:-1] if len(sent) != len(calls)]  # the last: the results
+    assert not partial, f"{len(partial)} of {len(held) - 1} messages left subtasks out: {partial}"
+
+
 async def test_text_after_a_quiet_window_and_a_result_go_at_once() -> None:
     outbox = Outbox("w", limit=8)
     outbox.open(1, "swarm", QUIET_WINDOW_S)

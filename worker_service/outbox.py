@@ -159,7 +159,7 @@ class Outbox:
         for what is still held."""
         now = self._loop.time()
         replies = [
-            self._text_reply(call_id, call)
+            self._text_reply(call_id, call, sent_at=now)
             for call_id, call in self._holding.items()
             if everything or call.due <= now + _EARLY_S
         ]
@@ -174,10 +174,14 @@ class Outbox:
             self._wake_by(min(self._sendable_at(call) for call in self._holding.values()))
         return replies
 
-    def _text_reply(self, call_id: int, call: _Call, text: str = "") -> worker_pb2.SubtaskReply:
-        """A reply of the call's held text, and `text` after it."""
+    def _text_reply(
+        self, call_id: int, call: _Call, text: str = "", *, sent_at: float | None = None
+    ) -> worker_pb2.SubtaskReply:
+        """A reply of the call's held text, and `text` after it. The calls sent together share
+        one `sent_at`: stamped one by one, each would be due a little after the stream's next
+        flush, miss it, and wait a whole window more."""
         text = "".join(call.held) + text
         call.held.clear()
-        call.sent_at = self._loop.time()
+        call.sent_at = self._loop.time() if sent_at is None else sent_at
         output = worker_pb2.ExecuteSubtaskResponse(worker_id=self._worker_id, text=text)
         return worker_pb2.SubtaskReply(call_id=call_id, output=output)
