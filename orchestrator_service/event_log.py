@@ -164,11 +164,13 @@ class EventLog:
         self._on_spent = on_spent
         # The record's spending as last reported, and what the unstored events spent since.
         self._spent_told = record.spent
-        self._unstored_spent = events_pb2.Usage()
         self._base = record.last_sequence  # the events through here are read from the store
         self._events: list[Logged] = []  # those appended since: base+1, base+2 ...
         self._durable = self._base
         self._unstored: list[Entry] = []
+        # What the unstored events changed of the swarm's view: its summary, and which subtasks.
+        self._summary_changed = False
+        self._subtasks_changed: dict[str, None] = {}  # in the order they changed
         self._storing: asyncio.Task[None] | None = None
         self._failure: StoreError | None = None
         self._suspended = False
@@ -188,19 +190,12 @@ class EventLog:
         if self._lost:
             return event  # the swarm's new owner writes its events; the run here is being stopped
         change = self.record.apply(event)
-        if change.summary and self._on_spent is not None:  # only such events change what is spent
-            spent = self.record.spent
-            add(self._unstored_spent, spent)
-            subtract(self._unstored_spent, self._spent_told)
-            self._spent_told = spent
+        self._summary_changed |= change.summary
+        for subtask_id in change.subtask_ids:
+            self._subtasks_changed[subtask_id] = None
         data = event.SerializeToString()
         self._events.append(Logged.serialized(data, event.sequence, _appended_at(event)))
-        rows: tuple[SubtaskRow, ...] = ()
-        if change.subtask_ids:
-            subtasks = [self.record.subtasks[subtask_id] for subtask_id in change.subtask_ids]
-            rows = tuple([SubtaskRow(subtask.position, subtask.to_proto()) for subtask in subtasks])
-        summary = self.record.to_proto(with_subtasks=False) if change.summary else None
-        self._unstored.append(Entry(event, data, summary, rows))
+        self._unstored.append(Entry(event, data))
         if kind in TERMINAL_KINDS:
             self.closed = True
         if self._storing is None:
@@ -211,8 +206,7 @@ class EventLog:
         """Stores what was appended, batch after batch, and publishes each batch once it is durable."""
         try:
             while self._unstored and self._failure is None:
-                batch, self._unstored = self._unstored, []
-                spent, self._unstored_spent = self._unstored_spent, events_pb2.Usage()
+                batch, spent = self._take_unstored()
                 handed_over = time.monotonic()
                 try:
                     await self._store.append(batch, epoch=self.epoch)
@@ -241,11 +235,39 @@ class EventLog:
         finally:
             self._storing = None
 
+    def _take_unstored(self) -> tuple[list[Entry], events_pb2.Usage]:
+        """The events to store next, and what they spent. The parts of the swarm's view that they
+        changed are made once for the write, as they stand after the last event, and go with the
+        first (where a store learns of a new swarm). A store keeps only a swarm's latest summary and
+        each subtask's latest status, so views made for each event, most of them overwritten in the
+        same write, were a large part of an event's cost."""
+        batch, self._unstored = self._unstored, []
+        summary: orchestrator_pb2.Swarm | None = None
+        spent = events_pb2.Usage()
+        if self._summary_changed:
+            summary = self.record.to_proto(with_subtasks=False)
+            if self._on_spent is not None:  # only events that change the summary change what is spent
+                now = self.record.spent
+                add(spent, now)
+                subtract(spent, self._spent_told)
+                self._spent_told = now
+        subtasks = self.record.subtasks
+        rows = tuple(
+            [SubtaskRow(subtasks[i].position, subtasks[i].to_proto()) for i in self._subtasks_changed]
+        )
+        self._summary_changed, self._subtasks_changed = False, {}
+        if summary is not None or rows:
+            first = batch[0]
+            batch[0] = Entry(first.event, first.data, summary, rows)
+        return batch, spent
+
     def hand_over(self) -> None:
         """Another orchestrator owns the swarm now: nothing more is stored or shown here, and
         readers, once they have every stored event, get LogHandedOver."""
         self._lost = True
         self._unstored = []
+        self._summary_changed = False
+        self._subtasks_changed = {}
         self._wake()
 
     def suspend(self) -> None:
