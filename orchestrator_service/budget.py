@@ -114,6 +114,7 @@ class SwarmBudget:
         self.ledger.charge(Amount(record.spent.cost_usd, _tokens(record.spent)))
         self._settled = asyncio.Event()
         self._settles = 0
+        self._prefix: tuple[str, int] | None = None  # a plan context, and its attempts' prefix bytes
 
     @property
     def limited(self) -> bool:
@@ -208,13 +209,17 @@ class SwarmBudget:
         return Amount(usd, tokens + SYNTHESIS_MAX_TOKENS)
 
     def attempt_input(self, subtask: events_pb2.Subtask, context: str) -> int:
-        idea = self.record.accepted.idea
-        return input_bound(
-            prompts.SWARM_SYSTEM
-            + prompts.idea_block(idea)
-            + context
-            + prompts.worker_prompt(subtask.title, subtask.instructions)
+        return self._prefix_bytes(context) + input_bound(
+            prompts.worker_prompt(subtask.title, subtask.instructions)
         )
+
+    def _prefix_bytes(self, context: str) -> int:
+        """The bytes of what every attempt's prompt starts with: the same for all of a swarm's
+        subtasks, and with the whole plan in it, long; so measured once."""
+        if self._prefix is None or self._prefix[0] is not context:
+            prefix = prompts.SWARM_SYSTEM + prompts.idea_block(self.record.accepted.idea) + context
+            self._prefix = (context, len(prefix.encode()))
+        return self._prefix[1]
 
     async def grant_attempt(self, subtask: events_pb2.Subtask, context: str) -> Grant:
         """An attempt's grant: its fair share of what is left. When that is too little while calls

@@ -309,14 +309,13 @@ class Scheduler:
         first to complete wins and the other is cancelled (attempt_superseded). A failure of one
         while the other runs is told at once (will_retry: the subtask goes on)."""
         hedger = job.shared.hedger
+        if hedger is None:
+            return await self._try(job, primary)  # nothing to race: no task of its own to pay for
         tasks: dict[asyncio.Task[SubtaskOutcome | Failed], Attempt] = {
             asyncio.create_task(self._try(job, primary)): primary
         }
-        signal = hedger.started(job.subtask.id) if hedger is not None else None
         hedging: asyncio.Task[Attempt | None] | None = None
-        waiting: asyncio.Task[bool] | None = (
-            asyncio.create_task(signal.wait()) if signal is not None else None
-        )
+        waiting: asyncio.Task[bool] | None = asyncio.create_task(hedger.started(job.subtask.id).wait())
         try:
             while True:
                 pending: set[asyncio.Task[Any]] = {*tasks, *(t for t in (waiting, hedging) if t is not None)}
@@ -333,8 +332,7 @@ class Scheduler:
                     attempt = tasks.pop(task)
                     outcome = task.result()
                     if isinstance(outcome, SubtaskOutcome):
-                        if hedger is not None:
-                            hedger.completed(job.subtask.id, time.monotonic() - attempt.started)
+                        hedger.completed(job.subtask.id, time.monotonic() - attempt.started)
                         await self._supersede(job, tasks, winner=attempt)
                         return outcome
                     if not tasks:
