@@ -483,7 +483,6 @@ class Scheduler:
                 attempt=attempt.number,
                 idea=job.idea,
                 max_tokens=max_tokens,
-                plan_context=job.shared.plan_context,
                 cache_shared_prefix=job.shared.cache,
                 trace_context=telemetry.carrier(),  # the worker's span continues this attempt's
             )
@@ -493,7 +492,8 @@ class Scheduler:
             with self.delta_windows.streaming(log.swarm_id) as window_s:
                 request.delta_window.FromNanoseconds(round(window_s * 1e9))
                 outputs = watched(
-                    worker.session.execute(request), Bounds(timeout, self.policy.no_progress_timeout_s)
+                    worker.session.execute(request, plan_context=job.shared.plan_context),
+                    Bounds(timeout, self.policy.no_progress_timeout_s),
                 )
                 try:
                     async for response in outputs:

@@ -7,6 +7,11 @@ id, and each message carrying whatever was ready to send. The stream opens on fi
 after it breaks; a break fails every subtask on it, as if each had been a call of its own to a
 worker that went away.
 
+A swarm's plan context (every subtask's title) is in all of its subtasks' prompts, and grows with
+the swarm: carried by each start, a swarm of N sent N times its plan, the most bytes of any part of
+a start. So it goes to the worker once, under a key that the starts name, for as long as calls on
+the stream use it.
+
 A subtask left before its end is cancelled on the worker, which frees its slot only once the model
 call's cleanup is done, and says so. Until then, or for at most `cancel_timeout_s`, the slot counts
 as taken (`stopping`), so a subtask sent next is not refused for want of it.
@@ -21,6 +26,7 @@ import contextvars
 import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -30,8 +36,25 @@ from swarm_common.status import CallFailure
 
 log = logging.getLogger("swarm.orchestrator.session")
 
-# What goes to the worker: calls, and changes of a swarm's delta window.
-Sendable = worker_pb2.SubtaskCall | worker_pb2.DeltaWindow
+
+@dataclass(frozen=True, slots=True)
+class _Forget:
+    """No start names this plan context key any more."""
+
+    key: str
+
+
+@dataclass(slots=True)
+class _HeldContext:
+    """A plan context the worker holds for a stream: its key, and the calls using it."""
+
+    key: str
+    users: int = 0
+
+
+# What goes to the worker: calls, changes of a swarm's delta window, and the plan contexts the
+# starts name.
+Sendable = worker_pb2.SubtaskCall | worker_pb2.DeltaWindow | worker_pb2.PlanContext | _Forget
 Outbox = asyncio.Queue[Sendable | None]
 Reply = worker_pb2.ExecuteSubtaskResponse | CallFailure
 
@@ -80,6 +103,27 @@ class _Stream:
         self.reader: asyncio.Task[None] | None = None
         self.ended = False
         self._on_slot_freed = on_slot_freed
+        # The plan contexts the worker holds for this stream, by text.
+        self._contexts: dict[str, _HeldContext] = {}
+        self._context_keys = itertools.count(1)
+
+    def use_context(self, text: str) -> str:
+        """The key a start names `text` by; sent to the worker first if it does not hold it."""
+        held = self._contexts.get(text)
+        if held is None:
+            held = self._contexts[text] = _HeldContext(str(next(self._context_keys)))
+            self.send(worker_pb2.PlanContext(key=held.key, text=text))
+        held.users += 1
+        return held.key
+
+    def release_context(self, text: str) -> None:
+        """A call that used `text` is over: the worker lets it go once no call uses it. A later
+        start sends it again, under a new key."""
+        held = self._contexts[text]
+        held.users -= 1
+        if not held.users:
+            del self._contexts[text]
+            self.send(_Forget(held.key))
 
     def send(self, call: Sendable) -> None:
         if not self.ended:
@@ -115,9 +159,13 @@ class _Stream:
             for item in batch:
                 if isinstance(item, worker_pb2.SubtaskCall):
                     request.calls.append(item)
-                else:
+                elif isinstance(item, worker_pb2.DeltaWindow):
                     # Applied after the calls: a start made after the change carries the window too.
                     request.delta_windows.append(item)
+                elif isinstance(item, worker_pb2.PlanContext):
+                    request.plan_contexts.append(item)  # taken before the calls that name it
+                else:
+                    request.forget_plan_contexts.append(item.key)  # after the calls, whose ended it
             yield request
 
     async def end(self) -> None:
@@ -200,14 +248,17 @@ class WorkerSession:
                 stream.over(call_id)
 
     async def execute(
-        self, request: worker_pb2.ExecuteSubtaskRequest
+        self, request: worker_pb2.ExecuteSubtaskRequest, *, plan_context: str = ""
     ) -> AsyncGenerator[worker_pb2.ExecuteSubtaskResponse, None]:
         """The subtask's chunks, then its result, as ExecuteSubtask would stream them; a failure
-        raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker."""
+        raises SubtaskCallFailed. Leaving before the result cancels the subtask on the worker.
+        `plan_context` goes to the worker once for all the calls on the stream that share it."""
         call_id = next(self._ids)
         inbox = Inbox()
         stream = self._open()
         stream.inboxes[call_id] = inbox
+        if plan_context:
+            request.plan_context_key = stream.use_context(plan_context)
         stream.send(worker_pb2.SubtaskCall(call_id=call_id, start=request))
         # The worker is done with the call once it sent its result or its error, whether or not
         # the caller reads on after the result.
@@ -224,6 +275,8 @@ class WorkerSession:
             del stream.inboxes[call_id]
             if not finished:
                 stream.cancel(call_id, self._cancel_timeout_s)
+            if plan_context:
+                stream.release_context(plan_context)
 
     def set_window(self, swarm_id: str, window_s: float) -> None:
         """A new delta window for the swarm's subtasks running on this worker (none: no stream)."""

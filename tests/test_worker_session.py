@@ -30,7 +30,11 @@ class RecordingServicer(WorkerServicer):
 
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
-        self.calls: list[worker_pb2.SubtaskCall] = []
+        self.requests: list[worker_pb2.ExecuteSubtasksRequest] = []
+
+    @property
+    def calls(self) -> list[worker_pb2.SubtaskCall]:
+        return [call for request in self.requests for call in request.calls]
 
     @property
     def cancels(self) -> list[int]:
@@ -41,7 +45,7 @@ class RecordingServicer(WorkerServicer):
     ) -> AsyncIterator[worker_pb2.ExecuteSubtasksResponse]:
         async def recorded() -> AsyncIterator[worker_pb2.ExecuteSubtasksRequest]:
             async for request in requests:
-                self.calls.extend(request.calls)
+                self.requests.append(request)
                 yield request
 
         async for response in super().ExecuteSubtasks(recorded(), context):
@@ -65,6 +69,19 @@ class SlowToClose(SimulatedProvider):
         finally:
             if not finished:
                 await (asyncio.sleep(self.close_s) if self.close_s is not None else asyncio.Event().wait())
+
+
+class RecordingPrompts(SimulatedProvider):
+    """The simulated model, keeping the whole prompt of every call it is given."""
+
+    def __init__(self, settings: SimulatedSettings) -> None:
+        super().__init__(settings)
+        self.prompts: list[str] = []
+
+    async def stream(self, request: StreamRequest) -> AsyncIterator[str | Usage]:
+        self.prompts.append(request.text)
+        async for item in super().stream(request):
+            yield item
 
 
 @asynccontextmanager
@@ -131,6 +148,42 @@ async def test_a_subtask_read_to_its_result_is_not_cancelled_on_the_worker() -> 
             await asyncio.sleep(0.01)
     print(f"cancels the worker received: {len(servicer.cancels)} for 5 completed subtasks and 1 left early")
     assert servicer.cancels == [6], "only the subtask left before its result is cancelled"
+
+
+async def run_to_result(session: WorkerSession, subtask_id: str, plan: str) -> str:
+    text = ""
+    async for response in session.execute(request(subtask_id), plan_context=plan):
+        text += response.text
+    return text
+
+
+async def test_a_plan_goes_to_the_worker_once_for_the_calls_that_share_it_and_is_in_every_prompt() -> None:
+    plan = "The plan: " + " ".join(f"{i}. subtask {i}" for i in range(2_000))  # a big swarm's, ~25 KB
+    other = "The plan: 1. another swarm's only subtask"
+    provider = RecordingPrompts(SimulatedSettings(latency_ms=50, chunks=4))
+    async with (
+        worker_server(provider, capacity=8) as (address, servicer),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        session = WorkerSession(worker_pb2_grpc.WorkerServiceStub(channel))
+        try:
+            together = [run_to_result(session, f"t{i}", plan) for i in range(6)]
+            await asyncio.wait_for(asyncio.gather(*together, run_to_result(session, "o", other)), 20)
+            await asyncio.wait_for(run_to_result(session, "later", plan), 20)
+        finally:
+            await session.close()
+    sent = [held for r in servicer.requests for held in r.plan_contexts]
+    forgotten = [key for r in servicer.requests for key in r.forget_plan_contexts]
+    starts = [call.start for call in servicer.calls if call.HasField("start")]
+    print(f"plan contexts sent: {[(held.key, len(held.text)) for held in sent]}; forgotten: {forgotten}")
+    assert [held.text for held in sent] == [plan, other, plan], "once for the six, again after all ended"
+    assert len({held.key for held in sent}) == 3, "a key is never given to another context"
+    assert sorted(forgotten[:2]) == sorted(held.key for held in sent[:2]), "let go once no call used it"
+    assert all(not start.plan_context and start.plan_context_key for start in starts)
+    assert sum(len(r.SerializeToString()) for r in servicer.requests) < 3 * len(plan) + 20_000
+    assert len(provider.prompts) == 8
+    assert sum(plan in prompt for prompt in provider.prompts) == 7, "every call still has its plan"
+    assert sum(other in prompt for prompt in provider.prompts) == 1
 
 
 async def test_a_stream_reopened_while_the_old_one_closes_is_the_sessions_own() -> None:

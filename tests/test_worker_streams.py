@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+import pytest
 
 from fakes.messages_api import FakeMessagesAPI
 from stack import start
@@ -37,8 +39,8 @@ def open_stream(
         while True:
             yield await outbox.get()
 
-    def send(*calls: worker_pb2.SubtaskCall) -> None:
-        outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls))
+    def send(*calls: worker_pb2.SubtaskCall, **fields: Any) -> None:
+        outbox.put_nowait(worker_pb2.ExecuteSubtasksRequest(calls=calls, **fields))
 
     return stub.ExecuteSubtasks(requests()), send
 
@@ -85,6 +87,43 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
     assert not any(r.HasField("output") and r.output.HasField("result") for r in replies[2]), "cancelled"
     assert info.in_flight == 0
     assert messages < sum(len(r) for r in replies.values()), "replies ready together share a message"
+
+
+async def test_starts_name_the_plan_contexts_sent_on_the_stream_and_their_number_is_bounded() -> None:
+    worker = start(
+        "worker",
+        "swarm-worker",
+        ["--provider", "simulated", "--sim-latency-ms", "0", "--max-concurrency", "1", "--worker-id", "w"],
+    )
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            call, send = open_stream(worker_pb2_grpc.WorkerServiceStub(channel))
+            named, unknown = start_call(1, "named"), start_call(2, "unknown")
+            named.start.plan_context_key, unknown.start.plan_context_key = "p1", "never sent"
+            send(named, plan_contexts=[worker_pb2.PlanContext(key="p1", text="The plan: 1. named")])
+            send(unknown)
+            replies: dict[int, list[worker_pb2.SubtaskReply]] = defaultdict(list)
+            async with asyncio.timeout(20):
+                async for response in call:
+                    for reply in response.replies:
+                        replies[reply.call_id].append(reply)
+                    if replies[2] and any(r.output.HasField("result") for r in replies[1]):
+                        break
+            # Held at once: more than twice the worker's capacity, and a margin, is a caller gone wrong.
+            too_many = [worker_pb2.PlanContext(key=f"k{i}", text="The plan") for i in range(19)]
+            send(plan_contexts=too_many)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(20):
+                    async for _ in call:
+                        pass
+    finally:
+        worker.stop()
+    assert replies[1][-1].output.HasField("result"), "a start that names a context sent before it runs"
+    assert [r.WhichOneof("kind") for r in replies[2]] == ["error"]
+    assert replies[2][0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "never sent" in replies[2][0].error.message
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "plan contexts" in (ended.value.details() or "")
 
 
 async def test_batches_take_everything_ready_and_end_at_none() -> None:

@@ -38,8 +38,20 @@ class CallFailed(Exception):
         self.failure = failure
 
 
-class DuplicateCall(Exception):
+class StreamMisused(Exception):
+    """The caller broke the stream's rules: the stream ends with `code`."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DuplicateCall(StreamMisused):
     """A start reused the id of a call still running on the stream: the caller has lost track."""
+
+
+class TooManyPlanContexts(StreamMisused):
+    """The caller sent more plan contexts than its calls could use and forgot none."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _window_s(request: worker_pb2.ExecuteSubtaskRequest) -> float:
@@ -47,8 +59,11 @@ def _window_s(request: worker_pb2.ExecuteSubtaskRequest) -> float:
     return request.delta_window.ToNanoseconds() / 1e9 if request.HasField("delta_window") else 0.0
 
 
-def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | None = None) -> Assignment:
-    """The request as an assignment; a direct caller's trace headers may come as call metadata."""
+def _assignment(
+    request: worker_pb2.ExecuteSubtaskRequest, context: Context | None = None, plan_context: str | None = None
+) -> Assignment:
+    """The request as an assignment; a direct caller's trace headers may come as call metadata,
+    and a stream's start may name a plan context sent before it (`plan_context`)."""
     trace_context = dict(request.trace_context)
     if not trace_context and context is not None:
         metadata = context.invocation_metadata() or ()
@@ -67,7 +82,7 @@ def _assignment(request: worker_pb2.ExecuteSubtaskRequest, context: Context | No
         deadline=deadline,
         max_tokens=request.max_tokens or DEFAULT_ANSWER_MAX_TOKENS,
         trace_context=trace_context,
-        plan_context=request.plan_context,
+        plan_context=request.plan_context if plan_context is None else plan_context,
         cache_shared_prefix=request.cache_shared_prefix,
     )
 
@@ -81,14 +96,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._unexpected = Throttle()
 
     def _admit(
-        self, request: worker_pb2.ExecuteSubtaskRequest, *, direct: bool, context: Context | None = None
+        self,
+        request: worker_pb2.ExecuteSubtaskRequest,
+        *,
+        direct: bool,
+        context: Context | None = None,
+        plan_contexts: dict[str, str] | None = None,
     ) -> tuple[Assignment, Slot]:
-        """The request as an assignment, and the slot it holds; a refusal raises CallFailed."""
+        """The request as an assignment, and the slot it holds; a refusal raises CallFailed.
+        `plan_contexts`: those sent on the stream, by key, which a start may name."""
+        plan_context = None
+        if request.plan_context_key:
+            plan_context = (plan_contexts or {}).get(request.plan_context_key)
+            if plan_context is None:
+                raise CallFailed(
+                    CallFailure(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"plan_context_key {request.plan_context_key!r} names no plan context sent on this stream",
+                    )
+                )
         if not request.subtask.id:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "subtask.id is required"))
         if request.max_tokens < 0:
             raise CallFailed(CallFailure(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must not be negative"))
-        assignment = _assignment(request, context)
+        assignment = _assignment(request, context, plan_context)
         try:
             return assignment, self._worker.claim(assignment, direct=direct)
         except RefusedAssignment as refused:
@@ -191,9 +222,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         to add theirs and the stream reads no more requests, so HTTP/2 flow control holds the
         caller back. A start that reuses the id of a running call ends the stream
         (INVALID_ARGUMENT): replies to the two could not be told apart, and the first would run on
-        unseen."""
+        unseen. So do more plan contexts held at once than the worker's calls could use
+        (RESOURCE_EXHAUSTED); a start naming a plan context the stream never sent is refused on
+        its own (INVALID_ARGUMENT)."""
         outbox = Outbox(self._worker.worker_id, self._stream_queue)
         running: dict[int, asyncio.Task[None]] = {}
+        # The plan contexts the starts name, by key. The caller forgets each once no call of its
+        # uses it, so it holds no more than it has calls running, and a margin for those on their way.
+        plan_contexts: dict[str, str] = {}
+        most_contexts = 2 * self._worker.max_concurrency + 16
 
         def ended(call_id: int, slot: Slot, task: asyncio.Task[None]) -> None:
             slot.release()  # a call cancelled before it began never reached `execute`
@@ -206,6 +243,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         async def read() -> None:
             try:
                 async for request in requests:
+                    for sent in request.plan_contexts:
+                        if len(plan_contexts) >= most_contexts and sent.key not in plan_contexts:
+                            raise TooManyPlanContexts(
+                                f"more than {most_contexts} plan contexts held on this stream at once"
+                            )
+                        plan_contexts[sent.key] = sent.text
                     for call in request.calls:
                         if call.HasField("start"):
                             if call.call_id in running:
@@ -213,7 +256,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                     f"call_id {call.call_id} is already running on this stream"
                                 )
                             try:
-                                assignment, slot = self._admit(call.start, direct=False)
+                                assignment, slot = self._admit(
+                                    call.start, direct=False, plan_contexts=plan_contexts
+                                )
                             except CallFailed as refused:
                                 error = refused.failure.to_proto()
                                 await outbox.reply(worker_pb2.SubtaskReply(call_id=call.call_id, error=error))
@@ -226,6 +271,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                             task.cancel()
                     for window in request.delta_windows:
                         outbox.set_window(window.swarm_id, window.window.ToNanoseconds() / 1e9)
+                    for key in request.forget_plan_contexts:
+                        plan_contexts.pop(key, None)
             finally:
                 outbox.finish()  # the caller closed the stream: nothing more is wanted
 
@@ -234,8 +281,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             async for replies in outbox.messages():
                 yield worker_pb2.ExecuteSubtasksResponse(replies=replies)
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
-            if isinstance(failure, DuplicateCall):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(failure))
+            if isinstance(failure, StreamMisused):
+                await context.abort(failure.code, str(failure))
             if failure is not None and not isinstance(failure, grpc.aio.AbortError):
                 raise failure
         finally:
