@@ -27,7 +27,7 @@ from swarm.v1 import orchestrator_pb2
 from swarm_common import logs, telemetry
 from swarm_common.config import split_host_port
 from swarm_common.providers import ProviderConfigError, make_provider
-from swarm_common.serving import Service
+from swarm_common.serving import Service, tune_collector
 from swarm_common.tls import ClientTls, ServerTls
 
 
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     settings = OrchestratorSettings.from_command_line(arguments)
     try:
+        tune_collector()
         asyncio.run(serve(settings))
     except (StoreError, telemetry.MetricsUnavailable) as error:
         print(f"swarm-orchestrator: {error}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -15,6 +16,20 @@ from grpc_reflection.v1alpha import reflection
 from swarm_common.call_guard import CallGuard
 from swarm_common.config import split_host_port
 from swarm_common.tls import ServerTls
+
+# Allocations of container objects between two collections of the youngest generation. Python's
+# default (700) is reached every few events here: a swarm's events, messages and tasks are many,
+# short-lived and almost never in cycles, so a collection found little and cost the dispatch
+# benchmark about 5% of its throughput.
+YOUNG_COLLECTION_EVERY = 50_000
+
+
+def tune_collector() -> None:
+    """Before serving: what the process made to start is out of every later collection's way, and
+    young collections are rarer."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, middle, old)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common import logs, telemetry
 from swarm_common.providers import make_provider
-from swarm_common.serving import Service
+from swarm_common.serving import Service, tune_collector
 from worker_service.servicer import WorkerServicer
 from worker_service.settings import WorkerSettings
 from worker_service.worker import Worker, WorkerLimits
@@ -78,6 +78,7 @@ async def _serve(settings: WorkerSettings, log: logging.Logger) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = WorkerSettings.from_command_line(argv)
     try:
+        tune_collector()
         asyncio.run(serve(settings))
     except ValueError as error:  # ProviderConfigError too: a setting that cannot work
         print(f"swarm-worker: {error}", file=sys.stderr)
