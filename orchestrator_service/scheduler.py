@@ -256,7 +256,8 @@ class Scheduler:
         number = first_attempt
         began = time.monotonic()
         logs.bind(subtask_id=subtask.id)  # this runs as a task of its own (the swarm's TaskGroup)
-        for failures in range(1, self.policy.max_attempts + 1):
+        failures = refusals = 0
+        while True:
             grant = await shared.budget.grant_attempt(subtask, shared.plan_context) if shared.budget else None
             queued_at = time.monotonic()
             try:
@@ -280,12 +281,19 @@ class Scheduler:
                 return outcome
             number = max(number, outcome.attempt.number) + 1
             error = outcome.error
-            will_retry = error.retryable and failures < self.policy.max_attempts
+            # A worker that refused the start as full (another orchestrator took the slot this one
+            # counted free, as while a replica joins) never called the model: the subtask waits
+            # for a slot instead, for as long as an attempt may take, and loses no attempt.
+            refused = error.reason == WORKER_BUSY and time.monotonic() - began < self.policy.subtask_timeout_s
+            if refused:
+                refusals += 1
+            else:
+                failures += 1
+            will_retry = error.retryable and (refused or failures < self.policy.max_attempts)
             self._failed(job, outcome, will_retry)
             if not will_retry:
                 raise SubtaskFailed(subtask.id, outcome.attempt.number, error.message)
-            await asyncio.sleep(self.policy.backoff(failures))
-        raise AssertionError("unreachable: the last attempt either returns or raises")
+            await asyncio.sleep(self.policy.backoff(refusals if refused else failures))
 
     def _failed(self, job: _Job, failed: Failed, will_retry: bool) -> None:
         attempt = failed.attempt

@@ -231,6 +231,39 @@ async def test_a_busy_worker_that_leaves_dns_and_comes_back_keeps_its_slots_coun
     assert not failures(events), "no subtask was sent to a worker with no free slot"
 
 
+async def test_a_start_refused_by_a_full_worker_waits_for_a_slot_and_costs_no_attempt() -> None:
+    """Two orchestrators that do not know of each other share a worker of one slot, as replicas do
+    for a moment while one joins: the second one's start is refused as busy while the first holds
+    the slot. With one attempt per subtask, that refusal must not fail its swarm."""
+    one_attempt = ["--max-attempts", "1", "--sim-latency-ms", "50"]
+    with stack(
+        workers=1, sim_latency_ms=1500, worker_args=["--max-concurrency", "1"], orchestrator_args=one_attempt
+    ) as running:
+        second = start(
+            "orchestrator-2", "swarm-orchestrator", [*running.orchestrator_args, "--db", ":memory:"]
+        )
+        try:
+            async with (
+                AsyncSwarmClient(running.target) as first_client,
+                AsyncSwarmClient(second.address) as second_client,
+            ):
+                holding: list[events_pb2.SwarmEvent] = []
+                first_run = first_client.run(IDEA, 2)
+                async for event in first_run:  # until the first swarm holds the worker's slot
+                    holding.append(event)
+                    if event.HasField("subtask_started"):
+                        break
+                second_events = [event async for event in second_client.run(IDEA, 1)]
+                holding += [event async for event in first_run]
+        finally:
+            second.stop()
+    refused = failures(second_events)
+    print(f"starts refused as busy, and waited out: {[f.error for f in refused]}")
+    assert refused and all(f.will_retry and "RESOURCE_EXHAUSTED" in f.error for f in refused)
+    assert_completed(second_events, 1)
+    assert_completed(holding, 2)
+
+
 async def test_cancelling_a_swarm_stops_its_worker_calls_and_frees_capacity_for_others() -> None:
     fast_planning = ["--sim-latency-ms", "50"]  # only the workers' answers are slow
     with stack(
