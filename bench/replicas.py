@@ -85,7 +85,9 @@ def _throughput(server: PostgresServer, pairs: int) -> dict[str, Any]:
 
 async def _takeover(owner: Process, watcher_target: str) -> float:
     """Starts a swarm at `owner`, SIGKILLs it mid-swarm, and returns the seconds until the replica
-    at `watcher_target` is seen to resume it."""
+    at `watcher_target` is seen to resume it. Returns once the swarm has ended there, so that the
+    next round's swarm finds the workers free: the replica that took over counts itself alone
+    until it sees the next owner, and the two would share the workers' slots."""
     async with (
         grpc.aio.insecure_channel(owner.address) as to_owner,
         grpc.aio.insecure_channel(watcher_target) as to_watcher,
@@ -100,15 +102,21 @@ async def _takeover(owner: Process, watcher_target: str) -> float:
             orchestrator_pb2.WatchSwarmRequest(swarm_id=swarm_id), timeout=SWARM_TIMEOUT_S
         )
         killed = 0.0
+        took: float | None = None
         async for response in watch:
             kind = response.event.WhichOneof("kind")
             if kind == "subtask_completed" and not killed:
                 owner.signal(signal.SIGKILL)
                 killed = time.monotonic()
-            elif kind == "swarm_resumed" and killed:
-                watch.cancel()
-                return time.monotonic() - killed
-        raise RuntimeError(f"swarm {swarm_id} ended without a takeover")
+            elif kind == "swarm_resumed" and killed and took is None:
+                took = time.monotonic() - killed
+            elif kind in ("swarm_completed", "swarm_failed", "swarm_cancelled"):
+                if took is None:
+                    raise RuntimeError(f"swarm {swarm_id} ended ({kind}) without a takeover")
+                if kind != "swarm_completed":
+                    raise RuntimeError(f"swarm {swarm_id} was taken over but ended {kind}")
+                return took
+        raise RuntimeError(f"the watch of swarm {swarm_id} ended before the swarm did")
 
 
 def _takeovers(server: PostgresServer, rounds: int) -> dict[str, Any]:
