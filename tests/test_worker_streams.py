@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from fakes.messages_api import FakeMessagesAPI
-from stack import start
+from stack import Process, start
 from swarm.v1 import worker_pb2, worker_pb2_grpc
 from swarm_common.batches import batches
 from swarm_common.status import WORKER_BUSY
@@ -45,12 +45,13 @@ def open_stream(
     return stub.ExecuteSubtasks(requests()), send
 
 
+def simulated_worker(*args: str) -> Process:
+    """A worker process with the simulated provider, id "w", and `args`."""
+    return start("worker", "swarm-worker", ["--provider", "simulated", "--worker-id", "w", *args])
+
+
 async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capacity() -> None:
-    worker = start(
-        "worker",
-        "swarm-worker",
-        ["--provider", "simulated", "--sim-latency-ms", "1500", "--max-concurrency", "3", "--worker-id", "w"],
-    )
+    worker = simulated_worker("--sim-latency-ms", "1500", "--max-concurrency", "3")
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
@@ -90,11 +91,7 @@ async def test_one_stream_runs_many_subtasks_cancels_one_and_refuses_beyond_capa
 
 
 async def test_starts_name_the_plan_contexts_sent_on_the_stream_and_their_number_is_bounded() -> None:
-    worker = start(
-        "worker",
-        "swarm-worker",
-        ["--provider", "simulated", "--sim-latency-ms", "0", "--max-concurrency", "1", "--worker-id", "w"],
-    )
+    worker = simulated_worker("--sim-latency-ms", "0", "--max-concurrency", "1")
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             call, send = open_stream(worker_pb2_grpc.WorkerServiceStub(channel))
@@ -187,11 +184,7 @@ async def test_a_delta_window_gathers_the_text_of_each_subtask_and_of_the_stream
     sends its text in about ten pieces, the two subtasks share messages, and each text is the
     model's, whole and in order, as the same subtask gives it with no window; ExecuteSubtask
     gathers the same way."""
-    worker = start(
-        "worker",
-        "swarm-worker",
-        ["--provider", "simulated", "--sim-latency-ms", "1000", "--sim-chunks", "100", "--worker-id", "w"],
-    )
+    worker = simulated_worker("--sim-latency-ms", "1000", "--sim-chunks", "100")
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerServiceStub(channel)
