@@ -495,12 +495,15 @@ class Scheduler:
                 trace_context=telemetry.carrier(),  # the worker's span continues this attempt's
             )
             request.deadline.FromNanoseconds(int((time.time() + timeout) * 1e9))
+            plan_context = job.shared.plan_context
+            if not worker.plan_contexts:  # a worker that predates plans sent once gets each start's
+                request.plan_context, plan_context = plan_context, ""
             chunks: list[str] = []
             response: worker_pb2.ExecuteSubtaskResponse | None = None
             with self.delta_windows.streaming(log.swarm_id) as window_s:
                 request.delta_window.FromNanoseconds(round(window_s * 1e9))
                 outputs = watched(
-                    worker.session.execute(request, plan_context=job.shared.plan_context),
+                    worker.session.execute(request, plan_context=plan_context),
                     Bounds(timeout, self.policy.no_progress_timeout_s),
                 )
                 try:

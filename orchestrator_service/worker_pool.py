@@ -152,6 +152,8 @@ class PoolWorker:
     removed: bool = False
     last_pick: int = 0
     provider: str = ""
+    # It takes a swarm's plan once per stream; one that predates that is sent each start's plan.
+    plan_contexts: bool = False
     watcher: asyncio.Task[None] | None = None
     # The reading of the TLS files its channel was made with.
     tls_version: int = 0
@@ -404,6 +406,7 @@ class WorkerPool:
         worker.worker_id = info.worker_id or worker.address
         worker.capacity = max(1, info.max_concurrency)
         worker.provider = info.provider
+        worker.plan_contexts = info.plan_contexts
         worker.reachable = True
         if first:
             log.info(

@@ -17,7 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from orchestrator_service.watchdog import Bounds, watched
 from orchestrator_service.worker_pool import WORKER_SERVICE, PoolWorker, WorkerPool
 from orchestrator_service.worker_session import SubtaskCallFailed, WorkerSession
+from stack import start
 from swarm.v1 import worker_pb2, worker_pb2_grpc
+from swarm_checks import assert_completed
+from swarm_client import AsyncSwarmClient
 from swarm_common.providers import Provider, StreamRequest, Usage
 from swarm_common.providers.simulated import SimulatedProvider, SimulatedSettings
 from swarm_common.status import WORKER_BUSY
@@ -184,6 +187,58 @@ async def test_a_plan_goes_to_the_worker_once_for_the_calls_that_share_it_and_is
     assert len(provider.prompts) == 8
     assert sum(plan in prompt for prompt in provider.prompts) == 7, "every call still has its plan"
     assert sum(other in prompt for prompt in provider.prompts) == 1
+
+
+class PredatingPlanContexts(RecordingServicer):
+    """A worker from before plans went once per stream: it does not say it takes them."""
+
+    async def GetWorkerInfo(
+        self, request: worker_pb2.GetWorkerInfoRequest, context: Any
+    ) -> worker_pb2.GetWorkerInfoResponse:
+        info = await super().GetWorkerInfo(request, context)
+        info.ClearField("plan_contexts")
+        return info
+
+
+async def test_a_worker_that_predates_plans_sent_once_gets_each_starts_plan_whole() -> None:
+    provider = RecordingPrompts(SimulatedSettings(latency_ms=20, chunks=2))
+    servicer = PredatingPlanContexts(
+        Worker(provider, worker_id="w", max_concurrency=4, default_model="claude-sonnet-5-5")
+    )
+    server = grpc.aio.server()
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set(WORKER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    orchestrator = start(
+        "orchestrator",
+        "swarm-orchestrator",
+        [
+            "--provider",
+            "simulated",
+            "--sim-latency-ms",
+            "0",
+            "--workers",
+            f"127.0.0.1:{port}",
+            "--db",
+            ":memory:",
+        ],
+    )
+    try:
+        async with AsyncSwarmClient(orchestrator.address) as client:
+            events = [event async for event in client.run("Plan a street party", 3)]
+    finally:
+        orchestrator.stop()
+        await server.stop(0)
+    assert_completed(events, 3)
+    starts = [call.start for call in servicer.calls if call.HasField("start")]
+    assert len(starts) == 3
+    assert all(start.plan_context.startswith("The plan: 3 subtasks") for start in starts)
+    assert not any(start.plan_context_key for start in starts), "no key it would not understand"
+    assert not any(request.plan_contexts for request in servicer.requests)
+    assert all("The plan: 3 subtasks" in prompt for prompt in provider.prompts)
 
 
 async def test_a_stream_reopened_while_the_old_one_closes_is_the_sessions_own() -> None:

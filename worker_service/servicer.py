@@ -301,4 +301,5 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             default_model=self._worker.default_model,
             direct_slots=self._worker.limits.direct_slots,
             direct_in_flight=self._worker.direct_in_flight,
+            plan_contexts=True,
         )
