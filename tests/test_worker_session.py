@@ -89,10 +89,16 @@ class RecordingPrompts(SimulatedProvider):
 
 @asynccontextmanager
 async def worker_server(
-    provider: Provider, capacity: int = 4
+    provider: Provider,
+    capacity: int = 4,
+    *,
+    servicer_type: type[RecordingServicer] = RecordingServicer,
+    default_model: str = "m",
 ) -> AsyncIterator[tuple[str, RecordingServicer]]:
-    """A worker served on 127.0.0.1, with its health, and its servicer."""
-    servicer = RecordingServicer(Worker(provider, worker_id="w", max_concurrency=capacity, default_model="m"))
+    """A worker served on 127.0.0.1, with its health, and its servicer (of `servicer_type`)."""
+    servicer = servicer_type(
+        Worker(provider, worker_id="w", max_concurrency=capacity, default_model=default_model)
+    )
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -202,36 +208,17 @@ class PredatingPlanContexts(RecordingServicer):
 
 async def test_a_worker_that_predates_plans_sent_once_gets_each_starts_plan_whole() -> None:
     provider = RecordingPrompts(SimulatedSettings(latency_ms=20, chunks=2))
-    servicer = PredatingPlanContexts(
-        Worker(provider, worker_id="w", max_concurrency=4, default_model="claude-sonnet-5-5")
-    )
-    server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set(WORKER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    orchestrator = start(
-        "orchestrator",
-        "swarm-orchestrator",
-        [
-            "--provider",
-            "simulated",
-            "--sim-latency-ms",
-            "0",
-            "--workers",
-            f"127.0.0.1:{port}",
-            "--db",
-            ":memory:",
-        ],
-    )
-    try:
-        async with AsyncSwarmClient(orchestrator.address) as client:
-            events = [event async for event in client.run("Plan a street party", 3)]
-    finally:
-        orchestrator.stop()
-        await server.stop(0)
+    # The orchestrator's own default model, which a worker refuses unless it is its default too.
+    async with worker_server(
+        provider, servicer_type=PredatingPlanContexts, default_model="claude-sonnet-5-5"
+    ) as (address, servicer):
+        simulated = ["--provider", "simulated", "--sim-latency-ms", "0", "--db", ":memory:"]
+        orchestrator = start("orchestrator", "swarm-orchestrator", [*simulated, "--workers", address])
+        try:
+            async with AsyncSwarmClient(orchestrator.address) as client:
+                events = [event async for event in client.run("Plan a street party", 3)]
+        finally:
+            orchestrator.stop()
     assert_completed(events, 3)
     starts = [call.start for call in servicer.calls if call.HasField("start")]
     assert len(starts) == 3
