@@ -326,11 +326,7 @@ class Orchestrator:
 
     def _hand_over(self, swarm: Swarm) -> None:
         """The swarm stops here and writes nothing more; another orchestrator runs it on."""
-        if self._swarms.get(swarm.id) is swarm:
-            del self._swarms[swarm.id]
-        key = (swarm.spec.tenant, swarm.spec.request_id)
-        if self._by_request_id.get(key) is swarm:
-            del self._by_request_id[key]
+        self._forget(swarm)
         swarm.log.hand_over()
         swarm.suspend()
         log.warning("swarm handed over: another orchestrator holds its lease", extra={"swarm_id": swarm.id})
@@ -530,6 +526,10 @@ class Orchestrator:
         except StoreError:
             return  # the orchestrator is stopping for it (`store_failed`)
         # Durable now, so the store answers for it from here on.
+        self._forget(swarm)
+
+    def _forget(self, swarm: Swarm) -> None:
+        """The swarm leaves memory (not another one since started under its id or request id)."""
         if self._swarms.get(swarm.id) is swarm:
             del self._swarms[swarm.id]
         key = (swarm.spec.tenant, swarm.spec.request_id)
