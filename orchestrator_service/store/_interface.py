@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from swarm.v1 import events_pb2, orchestrator_pb2
 
@@ -192,6 +192,44 @@ def compose_view(
     view.update_time.FromNanoseconds(update_ns)
     view.subtasks.extend(subtasks)
     return view
+
+
+# The columns of a stored swarm's row that `stored_view` reads, in its order; SQLite's and
+# PostgreSQL's tables alike.
+VIEW_COLUMNS = "view, last_sequence, update_ns"
+
+
+def stored_view(
+    row: Sequence[Any], subtasks: Iterable[orchestrator_pb2.SubtaskStatus] = ()
+) -> orchestrator_pb2.Swarm:
+    """The GetSwarm view from a row of VIEW_COLUMNS and the subtasks' statuses."""
+    view, last_sequence, update_ns = row
+    return compose_view(
+        orchestrator_pb2.Swarm.FromString(bytes(view)),
+        last_sequence=int(last_sequence),
+        update_ns=int(update_ns),
+        subtasks=subtasks,
+    )
+
+
+def listing_query(
+    mark: str, *, limit: int, state: int, after: Cursor | None, tenant: str
+) -> tuple[str, list[int | str]]:
+    """ListSwarms' query of VIEW_COLUMNS, newest first, and its parameters; `mark` is the
+    driver's placeholder ("?" or "%s")."""
+    where = [f"tenant = {mark}"]
+    parameters: list[int | str] = [tenant]
+    if state:
+        where.append(f"state = {mark}")
+        parameters.append(state)
+    if after is not None:
+        where.append(f"(create_ns, swarm_id) < ({mark}, {mark})")
+        parameters += [after.create_ns, after.swarm_id]
+    query = (
+        f"SELECT {VIEW_COLUMNS} FROM swarms WHERE {' AND '.join(where)} "
+        f"ORDER BY create_ns DESC, swarm_id DESC LIMIT {mark}"
+    )
+    return query, [*parameters, limit]
 
 
 class _Readable(Protocol):

@@ -40,13 +40,15 @@ from orchestrator_service.store._interface import (
     EVENTS_PAGE,
     FIRST_EPOCH,
     TERMINAL_KINDS,
+    VIEW_COLUMNS,
     Claim,
     Cursor,
     Entry,
     LeaseLost,
     Renewal,
     StoreError,
-    compose_view,
+    listing_query,
+    stored_view,
 )
 from swarm.v1 import events_pb2, orchestrator_pb2
 
@@ -165,7 +167,6 @@ $$;
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
-_VIEW_COLUMNS = "view, last_sequence, update_ns"
 
 
 def is_postgres(db: str) -> bool:
@@ -361,7 +362,7 @@ class PostgresStore:
         return [events_pb2.SwarmEvent.FromString(blob) for (blob,) in rows]
 
     async def get_swarm(self, swarm_id: str, *, with_subtasks: bool = True) -> orchestrator_pb2.Swarm | None:
-        rows = await self._fetch(f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE swarm_id = %s", [swarm_id])
+        rows = await self._fetch(f"SELECT {VIEW_COLUMNS} FROM swarms WHERE swarm_id = %s", [swarm_id])
         if not rows:
             return None
         subtasks = (
@@ -369,24 +370,13 @@ class PostgresStore:
             if with_subtasks
             else []
         )
-        return _view(rows[0], [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
+        return stored_view(rows[0], [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
 
     async def list_swarms(
         self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        where: list[str] = ["tenant = %s"]
-        parameters: list[int | str] = [tenant]
-        if state:
-            where.append("state = %s")
-            parameters.append(state)
-        if after is not None:
-            where.append("(create_ns, swarm_id) < (%s, %s)")
-            parameters += [after.create_ns, after.swarm_id]
-        query = (
-            f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE {' AND '.join(where)} "
-            "ORDER BY create_ns DESC, swarm_id DESC LIMIT %s"
-        )
-        return [_view(row, []) for row in await self._fetch(query, [*parameters, limit])]
+        query, parameters = listing_query("%s", limit=limit, state=state, after=after, tenant=tenant)
+        return [stored_view(row) for row in await self._fetch(query, parameters)]
 
     async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
         rows = await self._fetch(
@@ -642,13 +632,3 @@ WITH expired AS (
 )
 DELETE FROM swarms WHERE swarm_id IN (SELECT swarm_id FROM expired) RETURNING swarm_id
 """
-
-
-def _view(row: tuple[Any, ...], subtasks: list[orchestrator_pb2.SubtaskStatus]) -> orchestrator_pb2.Swarm:
-    view, last_sequence, update_ns = row
-    return compose_view(
-        orchestrator_pb2.Swarm.FromString(bytes(view)),
-        last_sequence=int(last_sequence),
-        update_ns=int(update_ns),
-        subtasks=subtasks,
-    )

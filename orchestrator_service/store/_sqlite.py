@@ -20,11 +20,13 @@ from typing import TypeVar
 
 from orchestrator_service.store._interface import (
     FIRST_EPOCH,
+    VIEW_COLUMNS,
     Cursor,
     Entry,
     OneOrchestrator,
     StoreError,
-    compose_view,
+    listing_query,
+    stored_view,
 )
 from orchestrator_service.store._sqlite_writer import Writer, WriteStats
 from swarm.v1 import events_pb2, orchestrator_pb2
@@ -78,7 +80,6 @@ DROP INDEX swarms_by_request;
 {TENANT_INDEXES}
 """,
 }
-_VIEW_COLUMNS = "view, last_sequence, update_ns"
 
 
 class SqliteStore(OneOrchestrator):
@@ -123,7 +124,7 @@ class SqliteStore(OneOrchestrator):
 
     async def get_swarm(self, swarm_id: str, *, with_subtasks: bool = True) -> orchestrator_pb2.Swarm | None:
         def read(db: sqlite3.Connection) -> tuple[tuple[bytes, int, int] | None, list[tuple[bytes]]]:
-            row = db.execute(f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE swarm_id = ?", (swarm_id,)).fetchone()
+            row = db.execute(f"SELECT {VIEW_COLUMNS} FROM swarms WHERE swarm_id = ?", (swarm_id,)).fetchone()
             if row is None or not with_subtasks:
                 return row, []
             query = "SELECT status FROM subtasks WHERE swarm_id = ? ORDER BY position"
@@ -132,25 +133,14 @@ class SqliteStore(OneOrchestrator):
         row, subtasks = await self._read(read)
         if row is None:
             return None
-        return _view(row, [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
+        return stored_view(row, [orchestrator_pb2.SubtaskStatus.FromString(blob) for (blob,) in subtasks])
 
     async def list_swarms(
         self, *, limit: int, state: int = 0, after: Cursor | None = None, tenant: str = ""
     ) -> list[orchestrator_pb2.Swarm]:
-        where: list[str] = ["tenant = ?"]
-        parameters: list[int | str] = [tenant]
-        if state:
-            where.append("state = ?")
-            parameters.append(state)
-        if after is not None:
-            where.append("(create_ns, swarm_id) < (?, ?)")
-            parameters += [after.create_ns, after.swarm_id]
-        query = (
-            f"SELECT {_VIEW_COLUMNS} FROM swarms WHERE {' AND '.join(where)} "
-            "ORDER BY create_ns DESC, swarm_id DESC LIMIT ?"
-        )
-        rows = await self._read(lambda db: db.execute(query, (*parameters, limit)).fetchall())
-        return [_view(row, []) for row in rows]
+        query, parameters = listing_query("?", limit=limit, state=state, after=after, tenant=tenant)
+        rows = await self._read(lambda db: db.execute(query, parameters).fetchall())
+        return [stored_view(row) for row in rows]
 
     async def find_request(self, request_id: str, *, tenant: str = "") -> str | None:
         query = "SELECT swarm_id FROM swarms WHERE tenant = ? AND request_id = ? ORDER BY create_ns LIMIT 1"
@@ -404,15 +394,3 @@ def _delete_finished(db: sqlite3.Connection, ended_before_ns: int, limit: int) -
     for table in ("events", "subtasks", "swarms"):
         db.executemany(f"DELETE FROM {table} WHERE swarm_id = ?", expired)
     return len(expired)
-
-
-def _view(
-    row: tuple[bytes, int, int], subtasks: list[orchestrator_pb2.SubtaskStatus]
-) -> orchestrator_pb2.Swarm:
-    view, last_sequence, update_ns = row
-    return compose_view(
-        orchestrator_pb2.Swarm.FromString(view),
-        last_sequence=last_sequence,
-        update_ns=update_ns,
-        subtasks=subtasks,
-    )
