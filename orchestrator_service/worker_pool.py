@@ -391,7 +391,7 @@ class WorkerPool:
     def share_with(self, orchestrators: int) -> None:
         """`orchestrators` (this one included) send work to these workers: each takes an even share
         of every worker's capacity, so that together they do not pass it. A worker refuses what
-        would (`worker_busy`), which is then retried, but that costs an attempt."""
+        would (`worker_busy`); the subtask tries again, and the refusal costs it no attempt."""
         orchestrators = max(1, orchestrators)
         if orchestrators == self._orchestrators:
             return
